@@ -1,0 +1,19 @@
+"""Shared test helpers: the numerics policy of DESIGN.md §6."""
+
+import pytest
+import torch
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Relative RMS error ||actual - expected|| / ||expected||, computed in float64; NaN never passes."""
+    a, e = actual.detach().double(), expected.detach().double()
+    assert torch.isfinite(a).all(), "result contains NaN or inf"
+    return ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A fresh, seeded-from-entropy generator per test; its seed is printed on failure."""
+    seed = torch.seed() % (2**31)
+    print(f"generator seed: {seed}")
+    return torch.Generator().manual_seed(seed)
