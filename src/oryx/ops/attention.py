@@ -1,0 +1,164 @@
+"""Causal softmax attention over selected query rows, in pure PyTorch.
+
+Oryx computes attention outputs only for the tokens whose mode is attention, but over *all* earlier keys (the KV
+cache holds every token). So the cost must follow the number of selected rows, not T²: the selected rows of each
+sequence are gathered into blocks of ``QUERY_BLOCK`` rows, and each block scores only against the keys up to its
+last row's position. Unselected rows are zeros and cost nothing.
+
+``count_score_elements()`` measures that work honestly: every q·k score the implementation computes (per query row,
+key and head, masked ones included) is added to the counters that are open.
+
+The torch backend is registered with ``dispatch`` as op ``"causal_attention"``; a backend function is called as
+``fn(q, k, v, query_mask=, key_mask=, scale=)`` on checked inputs with ``scale`` resolved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from oryx.ops import dispatch
+from oryx.ops.scalar_decay import check_floating, state_dtype
+
+Tensor = torch.Tensor
+
+QUERY_BLOCK = 128  # rows per block; a block pays for keys up to its last row, so small blocks waste little
+
+
+@dataclass
+class ScoreCounter:
+    """Running total of the q·k score elements computed (one per query row, key and head)."""
+
+    value: int = 0
+
+
+_open_counters: list[ScoreCounter] = []
+
+
+@contextmanager
+def count_score_elements() -> Iterator[ScoreCounter]:
+    """Count the score elements that attention computes inside the ``with`` block (torch backend only)."""
+    counter = ScoreCounter()
+    _open_counters.append(counter)
+    try:
+        yield counter
+    finally:
+        _open_counters.remove(counter)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, key_mask: Tensor | None, scale: float) -> Tensor:
+    """Softmax attention of one block of query rows over a prefix of the keys.
+
+    q: [..., H, R, D], rows at absolute key positions ``positions`` [R]; k: [..., H, L, D] and v: [..., H, L, Dv],
+    keys 0..L−1; key_mask: [..., L] bool (False = padding) or None. Returns [..., H, R, Dv]; a row without any
+    allowed key gets zeros.
+    """
+    scores = (q @ k.transpose(-1, -2)) * scale  # [..., H, R, L]
+    for counter in _open_counters:
+        counter.value += scores.numel()
+    allowed = torch.arange(k.shape[-2], device=q.device) <= positions[:, None]  # [R, L]
+    if key_mask is not None:
+        allowed = allowed & key_mask[..., None, None, :]  # [..., 1, R, L]
+    # Fully masked rows would be softmax over all −inf (NaN): give them finite scores, then zero their weights.
+    empty = ~allowed.any(-1, keepdim=True)
+    probs = scores.masked_fill(~allowed, float("-inf")).masked_fill(empty, 0.0).softmax(-1).masked_fill(empty, 0.0)
+    return probs @ v
+
+
+def _torch_backend(
+    q: Tensor, k: Tensor, v: Tensor, query_mask: Tensor | None, key_mask: Tensor | None, scale: float
+) -> Tensor:
+    B, Tq, H, _ = q.shape
+    Tk, Dv = k.shape[1], v.shape[-1]
+    offset = Tk - Tq  # absolute key position of query row 0
+    out_dtype, dtype = q.dtype, state_dtype(q.dtype)
+    qh, kh, vh = (x.to(dtype).transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
+
+    if query_mask is None:
+        # Every row: blocks of consecutive rows, batched over B; rows [i0, i1) need keys up to offset + i1.
+        blocks = []
+        for i0 in range(0, Tq, QUERY_BLOCK):
+            end = offset + min(i0 + QUERY_BLOCK, Tq)
+            positions = torch.arange(offset + i0, end, device=q.device)
+            mask = None if key_mask is None else key_mask[:, :end]
+            blocks.append(_attend(qh[:, :, i0 : end - offset], kh[:, :, :end], vh[:, :, :end], positions, mask, scale))
+        return torch.cat(blocks, dim=2).transpose(1, 2).to(out_dtype)
+
+    # Selected rows only: per sequence, gather them (in order) into blocks, then scatter the results back.
+    batch_index, row_index, outs = [], [], []
+    for b in range(B):
+        rows = query_mask[b].nonzero().squeeze(-1)
+        for s in range(0, rows.numel(), QUERY_BLOCK):
+            block_rows = rows[s : s + QUERY_BLOCK]
+            end = offset + int(block_rows[-1]) + 1
+            mask = None if key_mask is None else key_mask[b, :end]
+            o = _attend(
+                qh[b].index_select(1, block_rows), kh[b, :, :end], vh[b, :, :end], offset + block_rows, mask, scale
+            )  # [H, R, Dv]
+            outs.append(o.transpose(0, 1))
+            batch_index.append(torch.full_like(block_rows, b))
+            row_index.append(block_rows)
+    o = q.new_zeros(B, Tq, H, Dv, dtype=dtype)
+    if outs:
+        o = o.index_put((torch.cat(batch_index), torch.cat(row_index)), torch.cat(outs))
+    return o.to(out_dtype)
+
+
+dispatch.register("causal_attention", "torch", _torch_backend)
+
+
+def _check_mask(name: str, mask: Tensor | None, expected: list[int], what: str) -> None:
+    if mask is None:
+        return
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} has dtype {mask.dtype}; it must be a bool tensor ({what})")
+    if list(mask.shape) != expected:
+        raise ValueError(f"{name} has shape {list(mask.shape)} but expected {expected} ({what})")
+
+
+def causal_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    query_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Causal softmax attention of the selected query rows over every valid key at or before them.
+
+    Args:
+        q: [B, Tq, H, D]; row i sits at absolute key position Tk − Tq + i (the queries are the last Tq positions,
+            which is how a cached continuation calls it).
+        k: [B, Tk, H, D] with Tk ≥ Tq.
+        v: [B, Tk, H, Dv].
+        query_mask: [B, Tq] bool, the rows to compute (None = all). Unselected rows are zeros and cost nothing.
+        key_mask: [B, Tk] bool, False marks padding keys, never attended (None = all valid).
+        scale: defaults to D**-0.5.
+        backend: "auto", "torch" or a registered fast backend (see ``oryx.ops.dispatch``).
+
+    Returns:
+        o [B, Tq, H, Dv] in q's dtype; zeros for unselected rows and for rows without any valid key.
+    """
+    check_floating(q=q, k=k, v=v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, T, H, D], got shape {list(t.shape)}")
+    B, Tq, H, D = q.shape
+    Tk = k.shape[1]
+    if k.shape[0] != B or k.shape[2:] != q.shape[2:]:
+        raise ValueError(f"k has shape {list(k.shape)} but q has {list(q.shape)}; k must be [B, Tk, H, D]")
+    if Tk < Tq:
+        raise ValueError(
+            f"k has shape {list(k.shape)} but q has {list(q.shape)}: {Tk} keys for {Tq} query rows; "
+            "the queries are the last Tq key positions, so Tk ≥ Tq"
+        )
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v has shape {list(v.shape)} but k has {list(k.shape)}; v must be [B, Tk, H, Dv]")
+    _check_mask("query_mask", query_mask, [B, Tq], "rows to compute")
+    _check_mask("key_mask", key_mask, [B, Tk], "valid keys")
+    impl = dispatch.resolve("causal_attention", q, backend).fn
+    return impl(q, k, v, query_mask=query_mask, key_mask=key_mask, scale=D**-0.5 if scale is None else scale)
