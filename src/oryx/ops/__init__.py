@@ -1,9 +1,10 @@
 """Token-mixing ops: the linear recurrences, causal softmax attention and the short causal conv.
 
-Conventions follow flash-linear-attention: layout [B, T, H, D], log-space decay ``g`` [B, T, H], ``beta``
-[B, T, H], recurrent state [B, H, K, V] accumulated in float32, ``initial_state=None, output_final_state=False``,
-return ``(o, final_state)``. Each op runs on its pure-PyTorch reference (backend ``"torch"``) unless a faster
-registered backend supports the inputs (see ``oryx.ops.dispatch``).
+Conventions follow flash-linear-attention: layout [B, T, H, D], log-space decay ``g`` [B, T, H],
+``beta`` [B, T, H], recurrent state [B, H, K, V] accumulated in float32,
+``initial_state=None, output_final_state=False``, return ``(o, final_state)``. Each op runs on its
+pure-PyTorch reference (backend ``"torch"``) unless a faster registered backend supports the inputs
+(see ``oryx.ops.dispatch``).
 """
 
 from oryx.ops.attention import causal_attention, count_score_elements
@@ -37,4 +38,4 @@ __all__ = [
 ]
 
 # Last, so that optional fast backends can register against the ops above (import-safe on CPU).
-import oryx.ops.backends  # noqa: E402, F401
+import oryx.ops.backends  # noqa: F401

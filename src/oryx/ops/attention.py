@@ -1,15 +1,15 @@
 """Causal softmax attention over selected query rows, in pure PyTorch.
 
-Oryx computes attention outputs only for the tokens whose mode is attention, but over *all* earlier keys (the KV
-cache holds every token). So the cost must follow the number of selected rows, not T²: the selected rows of each
-sequence are gathered into blocks of ``QUERY_BLOCK`` rows, and each block scores only against the keys up to its
-last row's position. Unselected rows are zeros and cost nothing.
+Oryx computes attention outputs only for the tokens whose mode is attention, but over *all* earlier keys
+(the KV cache holds every token). So the cost must follow the number of selected rows, not T²: the
+selected rows of each sequence are gathered into blocks of ``QUERY_BLOCK`` rows, and each block scores only
+against the keys up to its last row's position. Unselected rows are zeros and cost nothing.
 
-``count_score_elements()`` measures that work honestly: every q·k score the implementation computes (per query row,
-key and head, masked ones included) is added to the counters that are open.
+``count_score_elements()`` measures that work honestly: every q·k score the implementation computes (per query
+row, key and head, masked ones included) is added to the counters that are open.
 
-The torch backend is registered with ``dispatch`` as op ``"causal_attention"``; a backend function is called as
-``fn(q, k, v, query_mask=, key_mask=, scale=)`` on checked inputs with ``scale`` resolved.
+The torch backend is registered with ``dispatch`` as op ``"causal_attention"``; a backend function is called
+as ``fn(q, k, v, query_mask=, key_mask=, scale=)`` on checked inputs with ``scale`` resolved.
 """
 
 from __future__ import annotations
@@ -49,12 +49,14 @@ def count_score_elements() -> Iterator[ScoreCounter]:
         _open_counters.remove(counter)
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, key_mask: Tensor | None, scale: float) -> Tensor:
+def _attend(
+    q: Tensor, k: Tensor, v: Tensor, positions: Tensor, key_mask: Tensor | None, scale: float
+) -> Tensor:
     """Softmax attention of one block of query rows over a prefix of the keys.
 
-    q: [..., H, R, D], rows at absolute key positions ``positions`` [R]; k: [..., H, L, D] and v: [..., H, L, Dv],
-    keys 0..L−1; key_mask: [..., L] bool (False = padding) or None. Returns [..., H, R, Dv]; a row without any
-    allowed key gets zeros.
+    q: [..., H, R, D], rows at absolute key positions ``positions`` [R];
+    k: [..., H, L, D] and v: [..., H, L, Dv], keys 0..L−1; key_mask: [..., L] bool (False = padding) or None.
+    Returns [..., H, R, Dv]; a row without any allowed key gets zeros.
     """
     scores = (q @ k.transpose(-1, -2)) * scale  # [..., H, R, L]
     for counter in _open_counters:
@@ -62,9 +64,14 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, key_mask: Tensor
     allowed = torch.arange(k.shape[-2], device=q.device) <= positions[:, None]  # [R, L]
     if key_mask is not None:
         allowed = allowed & key_mask[..., None, None, :]  # [..., 1, R, L]
-    # Fully masked rows would be softmax over all −inf (NaN): give them finite scores, then zero their weights.
+    # A fully masked row would be a softmax over all −inf (NaN): score it finitely, then zero its weights.
     empty = ~allowed.any(-1, keepdim=True)
-    probs = scores.masked_fill(~allowed, float("-inf")).masked_fill(empty, 0.0).softmax(-1).masked_fill(empty, 0.0)
+    probs = (
+        scores.masked_fill(~allowed, float("-inf"))
+        .masked_fill(empty, 0.0)
+        .softmax(-1)
+        .masked_fill(empty, 0.0)
+    )
     return probs @ v
 
 
@@ -84,7 +91,9 @@ def _torch_backend(
             end = offset + min(i0 + QUERY_BLOCK, Tq)
             positions = torch.arange(offset + i0, end, device=q.device)
             mask = None if key_mask is None else key_mask[:, :end]
-            blocks.append(_attend(qh[:, :, i0 : end - offset], kh[:, :, :end], vh[:, :, :end], positions, mask, scale))
+            blocks.append(
+                _attend(qh[:, :, i0 : end - offset], kh[:, :, :end], vh[:, :, :end], positions, mask, scale)
+            )
         return torch.cat(blocks, dim=2).transpose(1, 2).to(out_dtype)
 
     # Selected rows only: per sequence, gather them (in order) into blocks, then scatter the results back.
@@ -96,7 +105,12 @@ def _torch_backend(
             end = offset + int(block_rows[-1]) + 1
             mask = None if key_mask is None else key_mask[b, :end]
             o = _attend(
-                qh[b].index_select(1, block_rows), kh[b, :, :end], vh[b, :, :end], offset + block_rows, mask, scale
+                qh[b].index_select(1, block_rows),
+                kh[b, :, :end],
+                vh[b, :, :end],
+                offset + block_rows,
+                mask,
+                scale,
             )  # [H, R, Dv]
             outs.append(o.transpose(0, 1))
             batch_index.append(torch.full_like(block_rows, b))
@@ -131,11 +145,11 @@ def causal_attention(
     """Causal softmax attention of the selected query rows over every valid key at or before them.
 
     Args:
-        q: [B, Tq, H, D]; row i sits at absolute key position Tk − Tq + i (the queries are the last Tq positions,
-            which is how a cached continuation calls it).
+        q: [B, Tq, H, D]; row i sits at absolute key position Tk − Tq + i (the queries are the last Tq
+            positions, which is how a cached continuation calls it).
         k: [B, Tk, H, D] with Tk ≥ Tq.
         v: [B, Tk, H, Dv].
-        query_mask: [B, Tq] bool, the rows to compute (None = all). Unselected rows are zeros and cost nothing.
+        query_mask: [B, Tq] bool, the rows to compute (None = all); unselected rows are zeros, cost nothing.
         key_mask: [B, Tk] bool, False marks padding keys, never attended (None = all valid).
         scale: defaults to D**-0.5.
         backend: "auto", "torch" or a registered fast backend (see ``oryx.ops.dispatch``).
@@ -147,7 +161,7 @@ def causal_attention(
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [B, T, H, D], got shape {list(t.shape)}")
-    B, Tq, H, D = q.shape
+    B, Tq, _, D = q.shape
     Tk = k.shape[1]
     if k.shape[0] != B or k.shape[2:] != q.shape[2:]:
         raise ValueError(f"k has shape {list(k.shape)} but q has {list(q.shape)}; k must be [B, Tk, H, D]")

@@ -1,10 +1,10 @@
-"""Short depthwise causal convolution over time (the "ShortConv" on Oryx's shared keys and values), in PyTorch.
+"""Short depthwise causal convolution over time (the "ShortConv" on Oryx's shared keys and values).
 
     y[b, t, c] = Σ_{i<W} weight[c, i] · x[b, t − (W−1) + i, c]
 
-(causal-conv1d's convention: the last tap multiplies the current input). Inputs before the first token come from
-``initial_state`` [B, C, W−1], the last W−1 inputs of the previous call, or are zeros. No bias and no activation:
-callers add SiLU where the design wants it.
+(causal-conv1d's convention: the last tap multiplies the current input). Inputs before the first token come
+from ``initial_state`` [B, C, W−1], the last W−1 inputs of the previous call, or are zeros. No bias and no
+activation: callers add SiLU where the design wants it.
 
 The torch backend is registered with ``dispatch`` as op ``"causal_conv1d"``; a backend function is called as
 ``fn(x, weight, initial_state=, output_final_state=)`` on checked inputs.
@@ -30,14 +30,14 @@ def causal_conv1d_step(x: Tensor, weight: Tensor, state: Tensor) -> tuple[Tensor
 def _torch_backend(
     x: Tensor, weight: Tensor, initial_state: Tensor | None, output_final_state: bool
 ) -> tuple[Tensor, Tensor | None]:
-    B, T, C = x.shape
+    B, _, C = x.shape
     W = weight.shape[-1]
     history = x.new_zeros(B, C, W - 1) if initial_state is None else initial_state.to(x.dtype)
     # Prepend the history so the window of every output is complete; a depthwise conv without padding then
     # yields exactly T causal outputs.
     xp = torch.cat([history, x.transpose(1, 2)], dim=-1)  # [B, C, W − 1 + T]
     y = F.conv1d(xp, weight.to(x.dtype)[:, None, :], groups=C).transpose(1, 2)
-    # The last W−1 inputs, which reach back into the history when T < W − 1 (slice from the start: W = 1 is empty).
+    # The last W−1 inputs, reaching into the history when T < W − 1 (sliced from the start: W = 1 is empty).
     final_state = xp[..., xp.shape[-1] - (W - 1) :] if output_final_state else None
     return y, final_state
 
@@ -69,11 +69,14 @@ def causal_conv1d(
         raise ValueError(f"x must be [B, T, C] with T ≥ 1, got shape {list(x.shape)}")
     B, _, C = x.shape
     if weight.dim() != 2 or weight.shape[0] != C or weight.shape[1] == 0:
-        raise ValueError(f"weight has shape {list(weight.shape)} but x has {list(x.shape)}; weight must be [C, W]")
+        raise ValueError(
+            f"weight has shape {list(weight.shape)} but x has {list(x.shape)}; weight must be [C, W]"
+        )
     expected = [B, C, weight.shape[1] - 1]
     if initial_state is not None and list(initial_state.shape) != expected:
         raise ValueError(
-            f"initial_state has shape {list(initial_state.shape)} but x and weight give [B, C, W−1] = {expected}"
+            f"initial_state has shape {list(initial_state.shape)} but x and weight give [B, C, W-1] = "
+            f"{expected}"
         )
     impl = dispatch.resolve("causal_conv1d", x, backend).fn
     return impl(x, weight, initial_state=initial_state, output_final_state=output_final_state)

@@ -13,9 +13,9 @@ Three implementations, equal up to rounding:
 - ``gated_delta_rule_recurrent``: ``gated_delta_step`` looped over T, the decoding path;
 - ``gated_delta_step``: one token.
 
-The torch backend is registered with ``dispatch`` as op ``"gated_delta_rule"``; a backend function is called as
-``fn(q, k, v, g, beta, scale=, initial_state=, output_final_state=, chunk_size=)`` on checked inputs with ``scale``
-resolved.
+The torch backend is registered with ``dispatch`` as op ``"gated_delta_rule"``; a backend function is called
+as ``fn(q, k, v, g, beta, scale=, initial_state=, output_final_state=, chunk_size=)`` on checked inputs with
+``scale`` resolved.
 """
 
 from __future__ import annotations
@@ -66,7 +66,11 @@ def gated_delta_rule_recurrent(
 ) -> tuple[Tensor, Tensor | None]:
     """``gated_delta_step`` looped over T (shapes as in ``gated_delta_rule``)."""
     B, T, H, K = q.shape
-    state = q.new_zeros(B, H, K, v.shape[-1], dtype=state_dtype(q.dtype)) if initial_state is None else initial_state
+    state = (
+        q.new_zeros(B, H, K, v.shape[-1], dtype=state_dtype(q.dtype))
+        if initial_state is None
+        else initial_state
+    )
     outs = []
     for t in range(T):
         o_t, state = gated_delta_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state, scale)
@@ -87,18 +91,18 @@ def gated_delta_rule_chunked(
 ) -> tuple[Tensor, Tensor | None]:
     """Chunked gated delta rule in the WY/UT representation. Shapes as in ``gated_delta_rule``.
 
-    Within a chunk that starts from state S_0, with G_i the cumulative log-decay since the chunk start, the state is
+    Within a chunk that starts from state S_0, with G_i the cumulative log-decay since the chunk start,
     S_i = exp(G_i) S_0 + Σ_{j≤i} exp(G_i − G_j) k_j u_jᵀ, where the "pseudo-values"
-    u_j = β_j (v_j − exp(G_j) S_0ᵀ k_j − Σ_{i<j} exp(G_j − G_i) (k_j·k_i) u_i) are what each step really writes.
-    That is a unit lower-triangular system (I + A) U = βV − (β exp(G) K) S_0, whose solution splits into a part
-    independent of S_0 (solved for all chunks at once) and a part linear in S_0: U = U' − W S_0.
+    u_j = β_j (v_j − exp(G_j) S_0ᵀ k_j − Σ_{i<j} exp(G_j − G_i) (k_j·k_i) u_i) are what each step writes.
+    That is a unit lower-triangular system (I + A) U = βV − (β exp(G) K) S_0, whose solution splits into a
+    part independent of S_0 (solved for all chunks at once) and a part linear in S_0: U = U' − W S_0.
     Only the last product needs the incoming state, so the chunk-to-chunk loop is cheap: O(T·K·V) overall.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype = state_dtype(q.dtype)
     scale = resolve_scale(scale, K)
-    # [B, H, N, C, D] and [B, H, N, C]; padded steps have g = 0 and k = v = β = 0, so they leave the state unchanged.
+    # [B, H, N, C, D] and [B, H, N, C]; padded steps have g = 0 and k = v = β = 0: they leave the state as is.
     qc, kc, vc = (to_chunks(x, chunk_size, dtype) for x in (q, k, v))
     gc, bc = (to_chunks(x, chunk_size, dtype) for x in (g, beta))
     decay = segsum(gc).exp()  # [B, H, N, C, C]: exp(G_i − G_j) below the diagonal, 0 above
@@ -111,7 +115,9 @@ def gated_delta_rule_chunked(
 
     # 2. Solve (I + A) [U', W] = [β V, β exp(G) K] once for every chunk (the WY/UT transform).
     rhs = torch.cat([bc[..., None] * vc, (bc * decay_from_start)[..., None] * kc], dim=-1)
-    u_free, w = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True).split([V, K], dim=-1)
+    u_free, w = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True).split(
+        [V, K], dim=-1
+    )
 
     # 3. Causal, decayed query-key weights inside each chunk (diagonal included: o_i reads S_i, after step i).
     scores = (qc @ kc.transpose(-1, -2)) * decay

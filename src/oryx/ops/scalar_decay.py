@@ -13,8 +13,9 @@ Three implementations, equal up to rounding:
 - ``scalar_decay_step``: one token.
 
 This module also holds the helpers that the gated delta rule reuses (input checks, chunking, ``segsum``).
-The torch backend is registered with ``dispatch`` as op ``"scalar_decay_rule"``; a backend function is called as
-``fn(q, k, v, g, scale=, initial_state=, output_final_state=, chunk_size=)`` on checked inputs with ``scale`` resolved.
+The torch backend is registered with ``dispatch`` as op ``"scalar_decay_rule"``; a backend function is called
+as ``fn(q, k, v, g, scale=, initial_state=, output_final_state=, chunk_size=)`` on checked inputs with
+``scale`` resolved.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from oryx.ops import dispatch
 Tensor = torch.Tensor
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Helpers shared with the gated delta rule
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _dims(t: Tensor | torch.Size) -> str:
@@ -37,17 +38,23 @@ def _dims(t: Tensor | torch.Size) -> str:
 
 
 def check_floating(**tensors: Tensor | None) -> None:
-    """TypeError for any non-floating-point tensor (integer ids passed by mistake, masks in the wrong slot)."""
+    """TypeError for any non-floating-point tensor (token ids passed by mistake, masks in the wrong slot)."""
     for name, t in tensors.items():
         if t is not None and not t.is_floating_point():
             raise TypeError(f"{name} has dtype {t.dtype}, but the ops need floating-point tensors")
 
 
 def check_linear_inputs(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Tensor | None, chunk_size: int, **per_head: Tensor
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    initial_state: Tensor | None,
+    chunk_size: int,
+    **per_head: Tensor,
 ) -> None:
-    """Validate the inputs of a linear recurrence: q, k [B, T, H, K], v [B, T, H, V], g (and ``per_head``) [B, T, H],
-    initial_state [B, H, K, V]. Raises ValueError naming the tensor and both shapes."""
+    """Validate the inputs of a linear recurrence: q, k [B, T, H, K], v [B, T, H, V], g and ``per_head``
+    [B, T, H], initial_state [B, H, K, V]. Raises ValueError naming the tensor and both shapes."""
     check_floating(q=q, k=k, v=v, g=g, initial_state=initial_state, **per_head)
     if q.dim() != 4:
         raise ValueError(f"q must be 4-D [B, T, H, K], got shape {_dims(q)}")
@@ -60,7 +67,9 @@ def check_linear_inputs(
         raise ValueError(f"v has shape {_dims(v)} but q has [{B}, {T}, {H}, ...]; v must be [B, T, H, V]")
     for name, t in {"g": g, **per_head}.items():
         if t.shape != q.shape[:3]:
-            raise ValueError(f"{name} has shape {_dims(t)} but q has [{B}, {T}, {H}, ...]; {name} must be [B, T, H]")
+            raise ValueError(
+                f"{name} has shape {_dims(t)} but q has [{B}, {T}, {H}, ...]; {name} must be [B, T, H]"
+            )
     expected = [B, H, K, v.shape[-1]]
     if initial_state is not None and list(initial_state.shape) != expected:
         raise ValueError(
@@ -101,9 +110,9 @@ def from_chunks(x: Tensor, length: int, dtype: torch.dtype) -> Tensor:
 def segsum(g: Tensor) -> Tensor:
     """Pairwise log-decays within a chunk: out[..., i, j] = g_{j+1} + ... + g_i for i ≥ j, −inf for i < j.
 
-    g: [..., C] -> [..., C, C]. Summing each segment directly (not as G_i − G_j from a cumulative sum) avoids
-    cancellation, and masking *before* ``exp`` keeps the upper triangle at exp(−inf) = 0 instead of overflowing to
-    inf, which would poison gradients even when masked afterwards (DESIGN.md §8).
+    g: [..., C] -> [..., C, C]. Summing each segment directly (not as G_i − G_j from a cumulative sum)
+    avoids cancellation, and masking *before* ``exp`` keeps the upper triangle at exp(−inf) = 0 instead of
+    overflowing to inf, which would poison gradients even when masked afterwards (DESIGN.md §8).
     """
     C = g.shape[-1]
     x = g.unsqueeze(-1).expand(*g.shape, C)  # x[..., i, j] = g_i
@@ -114,9 +123,9 @@ def segsum(g: Tensor) -> Tensor:
     return out.masked_fill(~lower, float("-inf"))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Implementations
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def scalar_decay_step(
@@ -146,7 +155,11 @@ def scalar_decay_rule_recurrent(
 ) -> tuple[Tensor, Tensor | None]:
     """``scalar_decay_step`` looped over T (shapes as in ``scalar_decay_rule``)."""
     B, T, H, K = q.shape
-    state = q.new_zeros(B, H, K, v.shape[-1], dtype=state_dtype(q.dtype)) if initial_state is None else initial_state
+    state = (
+        q.new_zeros(B, H, K, v.shape[-1], dtype=state_dtype(q.dtype))
+        if initial_state is None
+        else initial_state
+    )
     outs = []
     for t in range(T):
         o_t, state = scalar_decay_step(q[:, t], k[:, t], v[:, t], g[:, t], state, scale)
@@ -171,12 +184,16 @@ def scalar_decay_rule_chunked(
     B, T, H, K = q.shape
     dtype = state_dtype(q.dtype)
     scale = resolve_scale(scale, K)
-    # [B, H, N, C, D] and [B, H, N, C]; padded steps have g = 0 and k = v = 0, so they leave the state unchanged.
+    # [B, H, N, C, D] and [B, H, N, C]; padded steps have g = 0 and k = v = 0: they leave the state as is.
     qc, kc, vc = (to_chunks(x, chunk_size, dtype) for x in (q, k, v))
     gc = to_chunks(g, chunk_size, dtype)
     decay = segsum(gc).exp()  # [B, H, N, C, C]: exp(G_i − G_j) below the diagonal, 0 above
-    decay_from_start = gc.cumsum(-1).exp()  # [B, H, N, C]: exp(G_i), what the incoming state has decayed by at i
-    decay_to_end = decay[..., -1, :]  # [B, H, N, C]: exp(G_C − G_j), what a write at j has decayed by at chunk end
+    decay_from_start = gc.cumsum(
+        -1
+    ).exp()  # [B, H, N, C]: exp(G_i), what the incoming state has decayed by at i
+    decay_to_end = decay[
+        ..., -1, :
+    ]  # [B, H, N, C]: exp(G_C − G_j), what a write at j has decayed by at chunk end
 
     # 1. Outputs from inside the chunk (the diagonal blocks): (Q Kᵀ ∘ decay) V.
     scores = (qc @ kc.transpose(-1, -2)) * decay
@@ -186,7 +203,9 @@ def scalar_decay_rule_chunked(
     chunk_writes = (kc * decay_to_end[..., None]).transpose(-1, -2) @ vc  # [B, H, N, K, V]
 
     # 3. Pass the state from chunk to chunk (sequential over N = T/C chunks, so O(T) overall).
-    state = q.new_zeros(B, H, K, v.shape[-1], dtype=dtype) if initial_state is None else initial_state.to(dtype)
+    state = (
+        q.new_zeros(B, H, K, v.shape[-1], dtype=dtype) if initial_state is None else initial_state.to(dtype)
+    )
     incoming = []
     for n in range(qc.shape[2]):
         incoming.append(state)
