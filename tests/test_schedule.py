@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
+import oryx
 from oryx import ATTN, LINEAR
+from oryx import schedule as schedule_module
 from oryx.schedule import GRAMMAR, Chunks, Fixed, Schedule, Spans, Tail, attention_fraction, parse
 
 
@@ -26,6 +28,11 @@ def pieces(total: int, gen: torch.Generator) -> list[tuple[int, int]]:
         out.append((start, n))
         start += n
     return out
+
+
+def test_mode_constants_match_the_package():
+    assert (schedule_module.ATTN, schedule_module.LINEAR) == (oryx.ATTN, oryx.LINEAR) == (0, 1)
+    assert oryx.schedule.parse is parse
 
 
 # --- each kind against an independent loop

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Generator, Tensor
 
-from oryx import ATTN, LINEAR
+from oryx.configuration import ATTN, LINEAR  # not `from oryx`: oryx/__init__ imports this module early
 
 __all__ = ["GRAMMAR", "Chunks", "Fixed", "Schedule", "Spans", "Tail", "attention_fraction", "parse"]
 
