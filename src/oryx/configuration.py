@@ -1,0 +1,176 @@
+"""`OryxConfig`: one config for Oryx (`tg`, `tm`) and the single-mixer baselines built from the same parts.
+
+Presets are named `<family>-<size>`: family ∈ {oryx-tg, oryx-tm, transformer, mamba2, gdn}, size ∈ {tiny, small,
+medium} (CPU work) or the paper's {130m, 380m, 810m, 1.4b} (layers × width 12×768, 24×1024, 24×1536, 24×2048,
+GPT-2 vocabulary; paper-notes §2.2).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+ATTN, LINEAR = 0, 1
+VARIANTS = ("tg", "tm", "transformer", "mamba2", "gdn")
+FAMILY_TO_VARIANT = {"oryx-tg": "tg", "oryx-tm": "tm", "transformer": "transformer", "mamba2": "mamba2", "gdn": "gdn"}
+GPT2_VOCAB = 50257
+
+# size -> (num_hidden_layers, hidden_size, head_dim)
+SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (2, 128, 64),
+    "small": (4, 256, 64),
+    "medium": (6, 512, 128),
+    "130m": (12, 768, 128),
+    "380m": (24, 1024, 128),
+    "810m": (24, 1536, 128),
+    "1.4b": (24, 2048, 128),
+}
+# Transformer++ baselines keep GPT-3's head structure (paper-notes §4).
+TRANSFORMER_HEAD_DIM = {"130m": 64, "380m": 64, "810m": 96, "1.4b": 128}
+
+
+class OryxConfig(PreTrainedConfig):
+    """Configuration of an Oryx model or of one of its single-mixer baselines.
+
+    Args:
+        variant: "tg" (attention + Gated DeltaNet), "tm" (attention + Mamba-2), or a baseline: "transformer",
+            "mamba2", "gdn".
+        vocab_size, hidden_size, num_hidden_layers, max_position_embeddings: as in transformers.
+        head_dim: per-head width of q, k, v (128 in the paper); num_heads = hidden_size // head_dim.
+        intermediate_size: SwiGLU hidden width. None picks ≈ 8D/3 for Oryx and, for the baselines, the width that
+            matches Oryx's active parameters per layer (paper-notes §2.2).
+        conv_size: width of the short causal depthwise conv on the shared keys and values.
+        default_mode: the mode used when `modes=None` (0 = attention, 1 = linear). Baselines have one mode.
+        chunk_size: chunk length of the chunked linear-recurrence algorithm (a numerical detail, not the mode chunk).
+        mamba_head_dim, mamba_d_state, mamba_expand: the Mamba-2 baseline's shape (64, 128, 2).
+        gdn_num_heads, gdn_head_dim_v: the Gated DeltaNet baseline's shape (default ≈ 0.75·D/128 heads, value
+            width 256, i.e. 1.5× Oryx's recurrent state as in the paper).
+    """
+
+    model_type = "oryx"
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+
+    def __init__(
+        self,
+        variant: str = "tg",
+        vocab_size: int = GPT2_VOCAB,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        head_dim: int = 128,
+        intermediate_size: int | None = None,
+        max_position_embeddings: int = 2048,
+        conv_size: int = 4,
+        rope_theta: float = 10000.0,
+        rms_norm_eps: float = 1e-6,
+        default_mode: int | None = None,
+        initializer_range: float = 0.02,
+        chunk_size: int = 64,
+        mamba_head_dim: int = 64,
+        mamba_d_state: int = 128,
+        mamba_expand: int = 2,
+        gdn_num_heads: int | None = None,
+        gdn_head_dim_v: int = 256,
+        tie_word_embeddings: bool = True,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        **kwargs: Any,
+    ):
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if hidden_size % head_dim:
+            raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of head_dim ({head_dim})")
+        if head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
+        self.variant = variant
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.head_dim = head_dim
+        self.num_heads = hidden_size // head_dim
+        self.max_position_embeddings = max_position_embeddings
+        self.conv_size = conv_size
+        self.rope_theta = rope_theta
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        self.chunk_size = chunk_size
+        self.mamba_head_dim = mamba_head_dim
+        self.mamba_d_state = mamba_d_state
+        self.mamba_expand = mamba_expand
+        self.gdn_num_heads = gdn_num_heads or max(1, round(0.75 * hidden_size / 128))
+        self.gdn_head_dim_v = gdn_head_dim_v
+        self.default_mode = self._check_default_mode(variant, default_mode)
+        self.intermediate_size = intermediate_size or self._matched_intermediate_size()
+        super().__init__(
+            tie_word_embeddings=tie_word_embeddings,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            **kwargs,
+        )
+
+    @property
+    def is_oryx(self) -> bool:
+        """True for the two multi-mixer variants, False for the single-mixer baselines."""
+        return self.variant in ("tg", "tm")
+
+    @property
+    def supported_modes(self) -> tuple[int, ...]:
+        if self.is_oryx:
+            return (ATTN, LINEAR)
+        return (ATTN,) if self.variant == "transformer" else (LINEAR,)
+
+    @staticmethod
+    def _check_default_mode(variant: str, default_mode: int | None) -> int:
+        only = {"transformer": ATTN, "mamba2": LINEAR, "gdn": LINEAR}.get(variant)
+        if default_mode is None:
+            return ATTN if only is None else only
+        if default_mode not in (ATTN, LINEAR):
+            raise ValueError(f"default_mode must be 0 (attention) or 1 (linear), got {default_mode!r}")
+        if only is not None and default_mode != only:
+            raise ValueError(
+                f"variant {variant!r} has a single mixer (mode {only}); default_mode {default_mode} is invalid"
+            )
+        return default_mode
+
+    def _matched_intermediate_size(self) -> int:
+        """≈ 8D/3 for Oryx; for a baseline, the width giving the same active parameters per layer as Oryx."""
+        d = self.hidden_size
+        oryx_mlp = _round_to(8 * d / 3, 8)
+        if self.is_oryx:
+            return oryx_mlp
+        from oryx.layers.mixers import mixer_parameter_count  # local import: layers depend on this module
+
+        oryx = OryxConfig(
+            variant="tg", hidden_size=d, num_hidden_layers=1, head_dim=self.head_dim, conv_size=self.conv_size
+        )
+        target = mixer_parameter_count(oryx, mode=ATTN) + 3 * d * oryx_mlp
+        return max(8, _round_to((target - mixer_parameter_count(self)) / (3 * d), 8))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> OryxConfig:
+        """Build a preset config, e.g. `OryxConfig.from_preset("oryx-tg-130m", vocab_size=8192)`."""
+        family, _, size = name.rpartition("-")
+        if family not in FAMILY_TO_VARIANT or size not in SIZES:
+            raise ValueError(
+                f"unknown preset {name!r}; presets are <family>-<size> with family in "
+                f"{sorted(FAMILY_TO_VARIANT)} and size in {list(SIZES)}: {', '.join(preset_names())}"
+            )
+        layers, width, head_dim = SIZES[size]
+        variant = FAMILY_TO_VARIANT[family]
+        if variant == "transformer":
+            head_dim = TRANSFORMER_HEAD_DIM.get(size, head_dim)
+        fields: dict[str, Any] = dict(variant=variant, hidden_size=width, num_hidden_layers=layers, head_dim=head_dim)
+        if size in TRANSFORMER_HEAD_DIM:
+            fields.update(vocab_size=GPT2_VOCAB, max_position_embeddings=2048)
+        fields.update(overrides)
+        return cls(**fields)
+
+
+def preset_names() -> list[str]:
+    return [f"{family}-{size}" for family in FAMILY_TO_VARIANT for size in SIZES]
+
+
+def _round_to(x: float, multiple: int) -> int:
+    return round(x / multiple) * multiple

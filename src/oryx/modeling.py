@@ -1,0 +1,321 @@
+"""Oryx models in the transformers layout: config → block → `OryxModel` → `OryxForCausalLM`.
+
+A block is pre-norm: h = x + mixer(norm(x)); out = h + SwiGLU(norm(h)). The mixer is the Oryx multi-mixer (or a
+baseline's single mixer); `modes` [B, T] (0 = attention, 1 = linear) is the same for every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
+
+from oryx.cache import OryxCache
+from oryx.configuration import ATTN, LINEAR, OryxConfig
+from oryx.layers.common import RMSNorm, SwiGLU
+from oryx.layers.mixers import MixContext, build_mixer
+
+# transformers renamed the output's cache field from `past_key_values` to `cache` during 5.x; generation looks for
+# the name its version knows, so the cache is returned under that one (the other stays None).
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+@dataclass
+class OryxOutput(ModelOutput):
+    """Output of `OryxForCausalLM` (and, without loss/logits, of `OryxModel`); the cache is under `CACHE_FIELD`."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    cache: OryxCache | None = None
+    past_key_values: OryxCache | None = None
+
+
+class OryxBlock(GradientCheckpointingLayer):
+    def __init__(self, config: OryxConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.mixer_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mixer = build_mixer(config)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, hidden: torch.Tensor, ctx: MixContext, cache: OryxCache | None = None) -> torch.Tensor:
+        state = None if cache is None else cache.layers[self.layer_idx]
+        hidden = hidden + self.mixer(self.mixer_norm(hidden), ctx, state)
+        return hidden + self.mlp(self.mlp_norm(hidden))
+
+
+class OryxPreTrainedModel(PreTrainedModel):
+    config_class = OryxConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["OryxBlock"]
+    _is_stateful = True  # the recurrent state cannot be cropped: generate() refuses assisted decoding
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Normal(0, 0.02) matrices, residual-output projections scaled by 1/sqrt(2·layers) (GPT-2), Mamba-style
+        decay parameters, unit norms."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            residual_out = getattr(module, "_is_residual_output", False)
+            init.normal_(
+                module.weight, mean=0.0, std=std / (2 * self.config.num_hidden_layers) ** 0.5 if residual_out else std
+            )
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+        elif hasattr(module, "reset_special_parameters"):
+            module.reset_special_parameters()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generation uses OryxCache, created in prepare_inputs_for_generation
+
+
+class OryxModel(OryxPreTrainedModel):
+    def __init__(self, config: OryxConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(OryxBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        for block in self.layers:
+            for name in ("o_proj", "out_proj"):
+                if hasattr(block.mixer, name):
+                    getattr(block.mixer, name)._is_residual_output = True
+            block.mlp.down_proj._is_residual_output = True
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        modes: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: OryxCache | None = None,
+        use_cache: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> OryxOutput:
+        hidden = self._embed(input_ids, inputs_embeds)
+        B, T = hidden.shape[:2]
+        if cache is None and use_cache:
+            cache = OryxCache(self.config)
+        if cache is not None:
+            if not isinstance(cache, OryxCache):
+                raise TypeError(
+                    f"cache must be an OryxCache (got {type(cache).__name__}); pass None to start a new one"
+                )
+            cache.check_compatible(self.config, B)
+        past = 0 if cache is None else cache.get_seq_length()
+        if past + T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {past + T} (cached {past} + new {T}) exceeds max_position_embeddings "
+                f"{self.config.max_position_embeddings}; shorten the input or raise max_position_embeddings"
+            )
+        ctx = self._context(modes, attention_mask, cache, B, T, hidden.device)
+        for block in self.layers:
+            hidden = block(hidden, ctx, cache)
+        if cache is not None:
+            cache.advance(
+                ctx.pad_mask if ctx.pad_mask is not None else torch.ones(B, T, dtype=torch.bool, device=hidden.device)
+            )
+        return OryxOutput(last_hidden_state=self.norm(hidden), **{CACHE_FIELD: cache})
+
+    def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is not None:
+            return inputs_embeds
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {list(input_ids.shape)}")
+        if input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
+            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        return self.embed_tokens(input_ids)
+
+    def _context(self, modes, attention_mask, cache: OryxCache | None, B: int, T: int, device) -> MixContext:
+        """Validate modes and padding; derive rotary positions and the valid-key mask (cached keys included)."""
+        modes = self._check_modes(modes, B, T, device)
+        past = 0 if cache is None else cache.get_seq_length()
+        pad_mask = _new_token_mask(attention_mask, B, T, past, device)
+        first = (
+            torch.zeros(B, dtype=torch.long, device=device)
+            if cache is None or cache.num_real is None
+            else cache.num_real
+        )
+        if pad_mask is None:
+            positions = first[:, None] + torch.arange(T, device=device)
+        else:
+            positions = first[:, None] + (pad_mask.long().cumsum(1) - 1).clamp_min(0)
+        key_mask = None
+        cached_mask = None if cache is None else cache.key_mask
+        if pad_mask is not None or (cached_mask is not None and not bool(cached_mask.all())):
+            new = pad_mask if pad_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
+            key_mask = new if cached_mask is None else torch.cat([cached_mask, new], dim=1)
+        attn_rows = modes == ATTN if pad_mask is None else (modes == ATTN) & pad_mask
+        has_attn = bool(attn_rows.any())
+        has_linear = bool((modes == LINEAR).any()) or not has_attn
+        return MixContext(modes, positions, pad_mask, key_mask, attn_rows, has_attn, has_linear)
+
+    def _check_modes(self, modes, B: int, T: int, device) -> torch.Tensor:
+        if modes is None:
+            return torch.full((B, T), self.config.default_mode, dtype=torch.long, device=device)
+        if not isinstance(modes, torch.Tensor):
+            raise TypeError(
+                f"modes must be a [batch, length] integer tensor (0 = attention, 1 = linear), got "
+                f"{type(modes).__name__}; build one with oryx.schedule.parse(spec).modes(batch, length)"
+            )
+        if modes.dtype.is_floating_point or modes.dtype.is_complex or modes.dtype == torch.bool:
+            raise TypeError(f"modes must be an integer tensor (0 = attention, 1 = linear), got dtype {modes.dtype}")
+        if tuple(modes.shape) != (B, T):
+            raise ValueError(f"modes has shape {list(modes.shape)} but input_ids has {[B, T]}")
+        allowed = self.config.supported_modes
+        bad = ~torch.isin(modes, torch.tensor(allowed, device=modes.device))
+        if bool(bad.any()):
+            value = modes[bad][0].item()
+            raise ValueError(
+                f"modes contains {value}; variant {self.config.variant!r} accepts only {list(allowed)} "
+                f"(0 = attention, 1 = linear)"
+            )
+        return modes.to(device=device, dtype=torch.long)
+
+
+def _new_token_mask(attention_mask, B: int, T: int, past: int, device) -> torch.Tensor | None:
+    """The padding mask of the new tokens [B, T] (None if all are real), from a [B, T] or [B, past + T] mask."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in (T, past + T):
+        raise ValueError(
+            f"attention_mask has shape {list(attention_mask.shape)}; expected [{B}, {T}] (new tokens) "
+            f"or [{B}, {past + T}] (cached + new)"
+        )
+    mask = attention_mask[:, -T:].to(device=device, dtype=torch.bool)
+    return None if bool(mask.all()) else mask
+
+
+class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
+    """Oryx language model: `OryxModel` + tied LM head. `forward(input_ids, modes=..., labels=...)`,
+    `generate(input_ids, schedule="tail:attn=64", ...)`."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: OryxConfig):
+        super().__init__(config)
+        self.model = OryxModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        modes: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        cache: OryxCache | None = None,
+        past_key_values: OryxCache | None = None,
+        use_cache: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        **kwargs: Any,
+    ) -> OryxOutput:
+        """Logits [B, T, V] (or the last `logits_to_keep`) and, with `labels`, the next-token loss (labels are shifted
+        inside; -100 is ignored). `cache`/`past_key_values` (the same thing) continues from an earlier call."""
+        cache = cache if cache is not None else past_key_values
+        out = self.model(
+            input_ids=input_ids,
+            modes=modes,
+            attention_mask=attention_mask,
+            cache=cache,
+            use_cache=use_cache,
+            inputs_embeds=inputs_embeds,
+        )
+        hidden = out.last_hidden_state if not logits_to_keep else out.last_hidden_state[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            if labels.shape != out.last_hidden_state.shape[:2]:
+                raise ValueError(
+                    f"labels has shape {list(labels.shape)} but input_ids has {list(out.last_hidden_state.shape[:2])}"
+                )
+            if logits_to_keep:
+                raise ValueError("labels need the logits of every position; do not pass logits_to_keep with labels")
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return OryxOutput(loss=loss, logits=logits, **{CACHE_FIELD: out.get(CACHE_FIELD, None)})
+
+    # --- generation -------------------------------------------------------------------------------------------
+    def generate(self, inputs: torch.Tensor | None = None, schedule: Any = None, **kwargs: Any):
+        """transformers' `generate` plus `schedule`: a spec string or `oryx.schedule.Schedule` giving the mode of
+        every prompt and generated token by absolute position (e.g. "tail:attn=64": linear prefill, attention for the
+        last 64 prompt tokens and all generated ones). Without a schedule every token uses `config.default_mode`."""
+        from oryx.schedule import parse
+
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        if input_ids is None:
+            raise ValueError("generate needs input_ids (the prompt)")
+        if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
+            raise ValueError(
+                "assisted/speculative decoding needs a croppable cache; Oryx's recurrent state cannot be "
+                "rewound. Use greedy, sampling or beam search."
+            )
+        return super().generate(
+            input_ids,
+            oryx_schedule=None if schedule is None else parse(schedule),
+            oryx_prompt_length=input_ids.shape[1],
+            **kwargs,
+        )
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        cache: OryxCache | None = None,
+        past_key_values: OryxCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        use_cache: bool = True,
+        oryx_schedule: Any = None,
+        oryx_prompt_length: int | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        cache = cache if cache is not None else past_key_values
+        if use_cache and cache is None:
+            cache = OryxCache(self.config)
+        seen = cache.get_seq_length() if cache is not None else 0
+        new_ids = input_ids[:, seen:]
+        modes = None
+        if oryx_schedule is not None:
+            modes = oryx_schedule.modes(
+                new_ids.shape[0], new_ids.shape[1], offset=seen, prompt_length=oryx_prompt_length
+            ).to(new_ids.device)
+        return {
+            "input_ids": new_ids,
+            "modes": modes,
+            "attention_mask": attention_mask,
+            "cache": cache,
+            "use_cache": use_cache,
+        }
