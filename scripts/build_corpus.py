@@ -146,10 +146,7 @@ def _read_r_lazyload(base: str) -> dict[str, object]:
         index = convert(fh.read())
     with open(base + ".rdb", "rb") as fh:
         blob = fh.read()
-    return {
-        name: convert(unpack(blob[int(off) : int(off) + int(n)]))
-        for name, (off, n) in index["variables"].items()
-    }
+    return {name: convert(unpack(blob[int(off) : int(off) + int(n)])) for name, (off, n) in index["variables"].items()}
 
 
 def austen(root: str) -> Iterator[RawDoc]:
@@ -195,8 +192,7 @@ def check_no_leak(splits: dict[str, list[RawDoc]]) -> None:
 def write_split(path: Path, docs: list[RawDoc]) -> None:
     """Write one split as xz-compressed JSON lines, atomically."""
     payload = "".join(
-        json.dumps({"source": d.source, "title": d.title, "text": d.text}, ensure_ascii=False) + "\n"
-        for d in docs
+        json.dumps({"source": d.source, "title": d.title, "text": d.text}, ensure_ascii=False) + "\n" for d in docs
     ).encode("utf-8")
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_bytes(lzma.compress(payload, preset=9 | lzma.PRESET_EXTREME))
@@ -206,9 +202,7 @@ def write_split(path: Path, docs: list[RawDoc]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
-    parser.add_argument(
-        "--austen", default="auto", help="'auto' (apt-get download), 'none', or an extracted root"
-    )
+    parser.add_argument("--austen", default="auto", help="'auto' (apt-get download), 'none', or an extracted root")
     args = parser.parse_args()
 
     docs = [*shakespeare(), *kjv()]
