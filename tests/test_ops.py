@@ -21,6 +21,15 @@ TOL = 1e-5
 B, H, K, V = 2, 2, 16, 32
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: intra-op threads only add barrier overhead, badly so on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Independent float64 references
 # ------------------------------------------------------------------------------------------------------------
@@ -439,6 +448,8 @@ def test_bad_attention_and_conv_inputs_raise_clear_errors(gen):
         ops.causal_attention(q, k, k, query_mask=torch.ones(2, 5, dtype=torch.long))
     with pytest.raises(TypeError, match=r"q has dtype torch.int64"):
         ops.causal_attention(q.long(), k, k)
+    with pytest.raises(ValueError, match=r"at least one query row"):
+        ops.causal_attention(q[:, :0], k, k)
     x, w = torch.randn(2, 7, 6, generator=gen), torch.randn(6, 4, generator=gen)
     with pytest.raises(ValueError, match=r"weight has shape \[5, 4\] but x has \[2, 7, 6\]"):
         ops.causal_conv1d(x, w[:5])

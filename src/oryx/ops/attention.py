@@ -49,9 +49,7 @@ def count_score_elements() -> Iterator[ScoreCounter]:
         _open_counters.remove(counter)
 
 
-def _attend(
-    q: Tensor, k: Tensor, v: Tensor, positions: Tensor, key_mask: Tensor | None, scale: float
-) -> Tensor:
+def _attend(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, key_mask: Tensor | None, scale: float) -> Tensor:
     """Softmax attention of one block of query rows over a prefix of the keys.
 
     q: [..., H, R, D], rows at absolute key positions ``positions`` [R];
@@ -66,12 +64,7 @@ def _attend(
         allowed = allowed & key_mask[..., None, None, :]  # [..., 1, R, L]
     # A fully masked row would be a softmax over all −inf (NaN): score it finitely, then zero its weights.
     empty = ~allowed.any(-1, keepdim=True)
-    probs = (
-        scores.masked_fill(~allowed, float("-inf"))
-        .masked_fill(empty, 0.0)
-        .softmax(-1)
-        .masked_fill(empty, 0.0)
-    )
+    probs = scores.masked_fill(~allowed, float("-inf")).masked_fill(empty, 0.0).softmax(-1).masked_fill(empty, 0.0)
     return probs @ v
 
 
@@ -91,9 +84,7 @@ def _torch_backend(
             end = offset + min(i0 + QUERY_BLOCK, Tq)
             positions = torch.arange(offset + i0, end, device=q.device)
             mask = None if key_mask is None else key_mask[:, :end]
-            blocks.append(
-                _attend(qh[:, :, i0 : end - offset], kh[:, :, :end], vh[:, :, :end], positions, mask, scale)
-            )
+            blocks.append(_attend(qh[:, :, i0 : end - offset], kh[:, :, :end], vh[:, :, :end], positions, mask, scale))
         return torch.cat(blocks, dim=2).transpose(1, 2).to(out_dtype)
 
     # Selected rows only: per sequence, gather them (in order) into blocks, then scatter the results back.
@@ -163,6 +154,8 @@ def causal_attention(
             raise ValueError(f"{name} must be 4-D [B, T, H, D], got shape {list(t.shape)}")
     B, Tq, _, D = q.shape
     Tk = k.shape[1]
+    if Tq == 0:
+        raise ValueError(f"q has shape {list(q.shape)}: there must be at least one query row")
     if k.shape[0] != B or k.shape[2:] != q.shape[2:]:
         raise ValueError(f"k has shape {list(k.shape)} but q has {list(q.shape)}; k must be [B, Tk, H, D]")
     if Tk < Tq:
