@@ -69,14 +69,11 @@ def causal_conv1d(
         raise ValueError(f"x must be [B, T, C] with T ≥ 1, got shape {list(x.shape)}")
     B, _, C = x.shape
     if weight.dim() != 2 or weight.shape[0] != C or weight.shape[1] == 0:
-        raise ValueError(
-            f"weight has shape {list(weight.shape)} but x has {list(x.shape)}; weight must be [C, W]"
-        )
+        raise ValueError(f"weight has shape {list(weight.shape)} but x has {list(x.shape)}; weight must be [C, W]")
     expected = [B, C, weight.shape[1] - 1]
     if initial_state is not None and list(initial_state.shape) != expected:
         raise ValueError(
-            f"initial_state has shape {list(initial_state.shape)} but x and weight give [B, C, W-1] = "
-            f"{expected}"
+            f"initial_state has shape {list(initial_state.shape)} but x and weight give [B, C, W-1] = {expected}"
         )
     impl = dispatch.resolve("causal_conv1d", x, backend).fn
     return impl(x, weight, initial_state=initial_state, output_final_state=output_final_state)

@@ -66,11 +66,7 @@ def gated_delta_rule_recurrent(
 ) -> tuple[Tensor, Tensor | None]:
     """``gated_delta_step`` looped over T (shapes as in ``gated_delta_rule``)."""
     B, T, H, K = q.shape
-    state = (
-        q.new_zeros(B, H, K, v.shape[-1], dtype=state_dtype(q.dtype))
-        if initial_state is None
-        else initial_state
-    )
+    state = q.new_zeros(B, H, K, v.shape[-1], dtype=state_dtype(q.dtype)) if initial_state is None else initial_state
     outs = []
     for t in range(T):
         o_t, state = gated_delta_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state, scale)
@@ -115,9 +111,7 @@ def gated_delta_rule_chunked(
 
     # 2. Solve (I + A) [U', W] = [β V, β exp(G) K] once for every chunk (the WY/UT transform).
     rhs = torch.cat([bc[..., None] * vc, (bc * decay_from_start)[..., None] * kc], dim=-1)
-    u_free, w = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True).split(
-        [V, K], dim=-1
-    )
+    u_free, w = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True).split([V, K], dim=-1)
 
     # 3. Causal, decayed query-key weights inside each chunk (diagonal included: o_i reads S_i, after step i).
     scores = (qc @ kc.transpose(-1, -2)) * decay

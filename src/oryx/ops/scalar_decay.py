@@ -67,14 +67,10 @@ def check_linear_inputs(
         raise ValueError(f"v has shape {_dims(v)} but q has [{B}, {T}, {H}, ...]; v must be [B, T, H, V]")
     for name, t in {"g": g, **per_head}.items():
         if t.shape != q.shape[:3]:
-            raise ValueError(
-                f"{name} has shape {_dims(t)} but q has [{B}, {T}, {H}, ...]; {name} must be [B, T, H]"
-            )
+            raise ValueError(f"{name} has shape {_dims(t)} but q has [{B}, {T}, {H}, ...]; {name} must be [B, T, H]")
     expected = [B, H, K, v.shape[-1]]
     if initial_state is not None and list(initial_state.shape) != expected:
-        raise ValueError(
-            f"initial_state has shape {_dims(initial_state)} but q and v give [B, H, K, V] = {expected}"
-        )
+        raise ValueError(f"initial_state has shape {_dims(initial_state)} but q and v give [B, H, K, V] = {expected}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
@@ -155,11 +151,7 @@ def scalar_decay_rule_recurrent(
 ) -> tuple[Tensor, Tensor | None]:
     """``scalar_decay_step`` looped over T (shapes as in ``scalar_decay_rule``)."""
     B, T, H, K = q.shape
-    state = (
-        q.new_zeros(B, H, K, v.shape[-1], dtype=state_dtype(q.dtype))
-        if initial_state is None
-        else initial_state
-    )
+    state = q.new_zeros(B, H, K, v.shape[-1], dtype=state_dtype(q.dtype)) if initial_state is None else initial_state
     outs = []
     for t in range(T):
         o_t, state = scalar_decay_step(q[:, t], k[:, t], v[:, t], g[:, t], state, scale)
@@ -188,12 +180,8 @@ def scalar_decay_rule_chunked(
     qc, kc, vc = (to_chunks(x, chunk_size, dtype) for x in (q, k, v))
     gc = to_chunks(g, chunk_size, dtype)
     decay = segsum(gc).exp()  # [B, H, N, C, C]: exp(G_i − G_j) below the diagonal, 0 above
-    decay_from_start = gc.cumsum(
-        -1
-    ).exp()  # [B, H, N, C]: exp(G_i), what the incoming state has decayed by at i
-    decay_to_end = decay[
-        ..., -1, :
-    ]  # [B, H, N, C]: exp(G_C − G_j), what a write at j has decayed by at chunk end
+    decay_from_start = gc.cumsum(-1).exp()  # [B, H, N, C]: exp(G_i), what the incoming state has decayed by at i
+    decay_to_end = decay[..., -1, :]  # [B, H, N, C]: exp(G_C − G_j), what a write at j has decayed by at chunk end
 
     # 1. Outputs from inside the chunk (the diagonal blocks): (Q Kᵀ ∘ decay) V.
     scores = (qc @ kc.transpose(-1, -2)) * decay
@@ -203,9 +191,7 @@ def scalar_decay_rule_chunked(
     chunk_writes = (kc * decay_to_end[..., None]).transpose(-1, -2) @ vc  # [B, H, N, K, V]
 
     # 3. Pass the state from chunk to chunk (sequential over N = T/C chunks, so O(T) overall).
-    state = (
-        q.new_zeros(B, H, K, v.shape[-1], dtype=dtype) if initial_state is None else initial_state.to(dtype)
-    )
+    state = q.new_zeros(B, H, K, v.shape[-1], dtype=dtype) if initial_state is None else initial_state.to(dtype)
     incoming = []
     for n in range(qc.shape[2]):
         incoming.append(state)
