@@ -6,7 +6,6 @@ baseline's single mixer); `modes` [B, T] (0 = attention, 1 = linear) is the same
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,28 +14,16 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from oryx.cache import OryxCache
 from oryx.configuration import ATTN, LINEAR, OryxConfig
 from oryx.layers.common import RMSNorm, SwiGLU
 from oryx.layers.mixers import MixContext, build_mixer
 
-# transformers renamed the output's cache field from `past_key_values` to `cache` during 5.x; generation looks for
-# the name its version knows, so the cache is returned under that one (the other stays None).
+# transformers renamed the outputs' cache field from `past_key_values` to `cache` during 5.x; generation looks for
+# the name its version knows, so the cache is returned under that one.
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
-@dataclass
-class OryxOutput(ModelOutput):
-    """Output of `OryxForCausalLM` (and, without loss/logits, of `OryxModel`); the cache is under `CACHE_FIELD`."""
-
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    last_hidden_state: torch.Tensor | None = None
-    cache: OryxCache | None = None
-    past_key_values: OryxCache | None = None
 
 
 class OryxBlock(GradientCheckpointingLayer):
@@ -111,7 +98,7 @@ class OryxModel(OryxPreTrainedModel):
         use_cache: bool | None = None,
         inputs_embeds: torch.Tensor | None = None,
         **kwargs: Any,
-    ) -> OryxOutput:
+    ) -> BaseModelOutputWithPast:
         hidden = self._embed(input_ids, inputs_embeds)
         B, T = hidden.shape[:2]
         if cache is None and use_cache:
@@ -135,7 +122,7 @@ class OryxModel(OryxPreTrainedModel):
             cache.advance(
                 ctx.pad_mask if ctx.pad_mask is not None else torch.ones(B, T, dtype=torch.bool, device=hidden.device)
             )
-        return OryxOutput(last_hidden_state=self.norm(hidden), **{CACHE_FIELD: cache})
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), **{CACHE_FIELD: cache})
 
     def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):
@@ -244,7 +231,7 @@ class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         **kwargs: Any,
-    ) -> OryxOutput:
+    ) -> CausalLMOutputWithPast:
         """Logits [B, T, V] (or the last `logits_to_keep`) and, with `labels`, the next-token loss (labels are shifted
         inside; -100 is ignored). `cache`/`past_key_values` (the same thing) continues from an earlier call."""
         cache = cache if cache is not None else past_key_values
@@ -267,7 +254,7 @@ class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
             if logits_to_keep:
                 raise ValueError("labels need the logits of every position; do not pass logits_to_keep with labels")
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return OryxOutput(loss=loss, logits=logits, **{CACHE_FIELD: out.get(CACHE_FIELD, None)})
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: out.get(CACHE_FIELD)})
 
     # --- generation -------------------------------------------------------------------------------------------
     def generate(self, inputs: torch.Tensor | None = None, schedule: Any = None, **kwargs: Any):
