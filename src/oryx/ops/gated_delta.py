@@ -92,7 +92,8 @@ def gated_delta_rule_chunked(
     u_j = β_j (v_j − exp(G_j) S_0ᵀ k_j − Σ_{i<j} exp(G_j − G_i) (k_j·k_i) u_i) are what each step writes.
     That is a unit lower-triangular system (I + A) U = βV − (β exp(G) K) S_0, whose solution splits into a
     part independent of S_0 (solved for all chunks at once) and a part linear in S_0: U = U' − W S_0.
-    Only the last product needs the incoming state, so the chunk-to-chunk loop is cheap: O(T·K·V) overall.
+    Only the last product needs the incoming state, so the loop over chunks costs O(T·K·V); the rest is
+    chunk-parallel, O(T·C·(C + K + V)).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
