@@ -297,6 +297,9 @@ def test_bad_inputs_give_clear_errors(tmp_path, gpt2):
     (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{"text": \n')
     with pytest.raises(ValueError, match=r"broken.jsonl:2: not valid JSON"):
         load_tokens(tmp_path / "broken.jsonl", gpt2, cache_dir=cache)
+    (tmp_path / "notes.md").write_text("# markdown")
+    with pytest.raises(ValueError, match=r"notes.md: unsupported file type; use .txt, .jsonl or .bin"):
+        load_tokens(tmp_path / "notes.md", gpt2, cache_dir=cache)
     with pytest.raises(ValueError, match="pass a tokenizer"):
         load_tokens(tmp_path / "rows.jsonl")
     (tmp_path / "odd.bin").write_bytes(b"\x01\x02\x03")
