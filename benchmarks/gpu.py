@@ -1,0 +1,345 @@
+"""GPU benchmarks of Oryx's fast paths, each printed beside anchors measured in the same run, with ratios.
+
+    python benchmarks/gpu.py mixer    # mixer core, forward+backward and forward only (prefill), bf16
+    python benchmarks/gpu.py decode   # one decoding step, batch 16, contexts 2k..128k
+    python benchmarks/gpu.py generate # end-to-end generate tokens/s of the 130m presets, per mode
+    python benchmarks/gpu.py all --json out.json
+
+Mixer core = what the Oryx mixer computes between its projections: the linear recurrence over all tokens, attention
+over the attention-mode rows (every key before them), and the per-token select. H = 8 heads of 128, 65,536 tokens per
+batch (B = 65536 / T), p ∈ {25%, 2.5%} of the 128-token chunks in attention (exactly that share of the batch's chunks,
+placed at random). Anchors: SDPA causal attention over all rows, flex_attention restricted to the same query chunks,
+and fla's chunked kernels called directly. Times are medians over CUDA-event-timed repeats after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from oryx import ops
+from oryx.ops.backends import flex
+
+H, D, TOKENS, CHUNK = 8, 128, 65536, 128
+DEV = "cuda"
+DT = torch.bfloat16
+
+
+def median_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 15, inner: int = 1) -> float:
+    """Median milliseconds of ``fn`` per call; ``inner`` calls per timed sample (amortises event overhead and shows
+    host-side overhead when the GPU would idle between small launches)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        stop.record()
+        stop.synchronize()
+        samples.append(start.elapsed_time(stop) / inner)
+    return statistics.median(samples)
+
+
+def chunk_rows(B: int, T: int, p: float, gen: torch.Generator) -> torch.Tensor:
+    """[B, T] bool: exactly round(p · all chunks) of the batch's 128-token chunks, at random, are attention rows."""
+    n = B * T // CHUNK
+    chosen = torch.zeros(n, dtype=torch.bool)
+    chosen[torch.randperm(n, generator=gen)[: max(1, round(p * n))]] = True
+    return chosen.view(B, T // CHUNK).repeat_interleave(CHUNK, dim=1).to(DEV)
+
+
+def linear_inputs(variant: str, B: int, T: int, gen: torch.Generator, grad: bool) -> list[torch.Tensor]:
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(DEV)
+
+    q, k = (F.normalize(rnd(B, T, H, D), dim=-1).to(DT) for _ in range(2))
+    g = (-F.softplus(rnd(B, T, H)) * 0.3).to(DT)
+    tensors = [q, k, rnd(B, T, H, D).to(DT), g]
+    if variant == "tg":
+        tensors.append(torch.rand(B, T, H, generator=gen).to(DEV, DT))
+    return [t.requires_grad_(grad) for t in tensors]
+
+
+def linear_op(variant: str) -> Callable:
+    return ops.gated_delta_rule if variant == "tg" else ops.scalar_decay_rule
+
+
+def fla_direct(variant: str) -> Callable:
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    if variant == "tg":
+        return lambda q, k, v, g, beta: chunk_gated_delta_rule(q, k, v, g, beta)
+    return lambda q, k, v, g: chunk_simple_gla(q, k, v, g=g)
+
+
+def fwd_bwd(forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) -> Callable[[], None]:
+    """One forward and backward with a fixed random output gradient (gradients returned, never accumulated)."""
+    grad = torch.randn_like(forward())
+
+    def step() -> None:
+        torch.autograd.grad(forward(), inputs, grad)
+
+    return step
+
+
+def bench_mixer(lengths: list[int], rows: list[float], gen: torch.Generator) -> list[dict]:
+    results = []
+    for T in lengths:
+        results.append(mixer_point(T, rows, gen))
+        print_mixer_row(results[-1], rows)
+        torch.cuda.empty_cache()
+    return results
+
+
+def mixer_point(T: int, rows: list[float], gen: torch.Generator) -> dict:
+    """All mixer timings at one length (the tensors are freed when this returns)."""
+    B = TOKENS // T
+    qa, ka, va = (torch.randn(B, T, H, D, generator=gen).to(DEV, DT).requires_grad_() for _ in range(3))
+    heads = [x.transpose(1, 2) for x in (qa, ka, va)]  # [B, H, T, D] views for SDPA / flex
+
+    def sdpa():
+        return F.scaled_dot_product_attention(*heads, is_causal=True)
+
+    row = {"T": T, "B": B}
+    row["sdpa_fwd"] = median_ms(sdpa)
+    row["sdpa_fwdbwd"] = median_ms(fwd_bwd(sdpa, [qa, ka, va]))
+    for p in rows:
+        attn_rows = chunk_rows(B, T, p, gen)
+        mask = flex.block_mask(attn_rows, None, B, T, T, torch.device(DEV))
+
+        def flex_only(mask=mask):
+            return flex._flex()(*heads, block_mask=mask)
+
+        def attention(attn_rows=attn_rows):
+            return ops.causal_attention(qa, ka, va, query_mask=attn_rows)
+
+        row[f"flex{p:g}_fwd"] = median_ms(flex_only)
+        row[f"flex{p:g}_fwdbwd"] = median_ms(fwd_bwd(flex_only, [qa, ka, va]))
+        row[f"attn{p:g}_fwdbwd"] = median_ms(fwd_bwd(attention, [qa, ka, va]))
+        for variant in ("tg", "tm"):
+            lin = linear_inputs(variant, B, T, gen, grad=True)
+            op = linear_op(variant)
+            if f"{variant}_lin_fwdbwd" not in row:
+                fla = fla_direct(variant)
+                with torch.no_grad():
+                    row[f"{variant}_fla_fwd"] = median_ms(lambda fla=fla, lin=lin: fla(*lin))
+                    row[f"{variant}_lin_fwd"] = median_ms(lambda op=op, lin=lin: op(*lin))
+                row[f"{variant}_lin_fwdbwd"] = median_ms(fwd_bwd(lambda op=op, lin=lin: op(*lin)[0], lin))
+
+            def core(op=op, lin=lin, attention=attention, attn_rows=attn_rows):
+                return torch.where(attn_rows[..., None, None], attention(), op(*lin)[0])
+
+            with torch.no_grad():
+                row[f"{variant}_core{p:g}_fwd"] = median_ms(core)
+            row[f"{variant}_core{p:g}_fwdbwd"] = median_ms(fwd_bwd(core, [qa, ka, va, *lin]))
+    return row
+
+
+def print_mixer_row(r: dict, rows: list[float]) -> None:
+    T = r["T"]
+    print(f"\n== mixer core, T={T}, B={r['B']}, H={H}, D={D}, bf16 (ms) ==")
+    print(f"  SDPA causal           fwd {r['sdpa_fwd']:7.3f}   fwd+bwd {r['sdpa_fwdbwd']:7.3f}")
+    for p in rows:
+        print(
+            f"  flex {p:>5.1%} chunks     fwd {r[f'flex{p:g}_fwd']:7.3f}   fwd+bwd {r[f'flex{p:g}_fwdbwd']:7.3f}"
+            f"   | oryx causal_attention fwd+bwd {r[f'attn{p:g}_fwdbwd']:7.3f}"
+        )
+    for v, name in (("tg", "GDN"), ("tm", "SSD/simple_gla")):
+        print(
+            f"  [{v}] fla chunk {name} fwd {r[f'{v}_fla_fwd']:7.3f} | oryx linear fwd {r[f'{v}_lin_fwd']:7.3f}"
+            f"  fwd+bwd {r[f'{v}_lin_fwdbwd']:7.3f}"
+        )
+        lin, sdpa = r[f"{v}_lin_fwdbwd"], r["sdpa_fwdbwd"]
+        for p in rows:
+            core = r[f"{v}_core{p:g}_fwdbwd"]
+            budget = 1.2 * (lin + p * sdpa)
+            print(
+                f"  [{v}] core {p:>5.1%} fwd+bwd {core:7.3f}  target ≤ 1.2·(lin + {p:g}·SDPA) = {budget:7.3f}"
+                f"  ratio {core / (lin + p * sdpa):5.2f}  vs SDPA {core / sdpa:5.2f}×"
+            )
+        fla_fwd = r[f"{v}_fla_fwd"]
+        for p in rows:
+            core = r[f"{v}_core{p:g}_fwd"]
+            anchor = fla_fwd + p * r["sdpa_fwd"]
+            print(
+                f"  [{v}] prefill {p:>5.1%} fwd {core:7.3f}  anchor fla fwd + {p:g}·SDPA fwd = {anchor:7.3f}"
+                f"  ratio {core / anchor:5.2f} (target ≤ 1.3 at 2.5%)"
+            )
+
+
+def bench_decode(contexts: list[int], gen: torch.Generator, batch: int = 16) -> list[dict]:
+    """One token for ``batch`` sequences. Attention: SDPA over the KV cache (anchor) and our causal_attention. Linear:
+    fla's fused recurrent step (anchor), our op eagerly and replayed from a CUDA graph, plus the KV append that a
+    linear-mode token still owes the cache (into a preallocated cache, and by torch.cat as OryxCache does today)."""
+    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+
+    def rnd(*shape, dtype=DT):
+        return torch.randn(*shape, generator=gen).to(DEV, dtype)
+
+    q, k = (F.normalize(rnd(batch, 1, H, D), dim=-1) for _ in range(2))
+    v, g, beta = rnd(batch, 1, H, D), (-F.softplus(rnd(batch, 1, H))), torch.rand(batch, 1, H, generator=gen).to(DEV)
+    beta = beta.to(DT)
+    state = rnd(batch, H, D, D, dtype=torch.float32)
+
+    def fla_step():
+        return fused_recurrent_gated_delta_rule(q, k, v, g, beta=beta, initial_state=state, output_final_state=True)
+
+    def oryx_step():
+        return ops.gated_delta_rule(q, k, v, g, beta, initial_state=state, output_final_state=True)
+
+    def ssd_step():
+        return ops.scalar_decay_rule(q, k, v, g, initial_state=state, output_final_state=True)
+
+    oryx_step()  # compile / tune outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            oryx_step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        oryx_step()
+
+    linear = {
+        "fla_step": median_ms(fla_step, inner=50),
+        "oryx_gdn_step": median_ms(oryx_step, inner=50),
+        "oryx_gdn_step_graph": median_ms(graph.replay, inner=50),
+        "oryx_ssd_step": median_ms(ssd_step, inner=50),
+    }
+    results = []
+    for L in contexts:
+        k_cache, v_cache = rnd(batch, L + 1, H, D), rnd(batch, L + 1, H, D)
+        qh = q.transpose(1, 2)
+        kh, vh = k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+        row = {"context": L, **linear}
+        row["sdpa_decode"] = median_ms(lambda qh=qh, kh=kh, vh=vh: F.scaled_dot_product_attention(qh, kh, vh), inner=20)
+        row["oryx_attn_decode"] = median_ms(lambda kc=k_cache, vc=v_cache: ops.causal_attention(q, kc, vc), inner=20)
+
+        def append_prealloc(kc=k_cache, vc=v_cache, L=L):
+            kc[:, L : L + 1] = k
+            vc[:, L : L + 1] = v
+
+        def append_cat(kc=k_cache[:, :L], vc=v_cache[:, :L]):
+            return torch.cat([kc, k], 1), torch.cat([vc, v], 1)
+
+        row["append_prealloc"] = median_ms(append_prealloc, inner=20)
+        row["append_cat"] = median_ms(append_cat, inner=5, repeats=7)
+        row["oryx_linear_decode"] = row["oryx_gdn_step_graph"] + row["append_prealloc"]
+        results.append(row)
+        del k_cache, v_cache, kh, vh
+        torch.cuda.empty_cache()
+    print_decode(results)
+    return results
+
+
+def print_decode(results: list[dict]) -> None:
+    print(f"\n== decode one token, batch 16, H={H}, D={D}, bf16 (ms) ==")
+    first = results[0]
+    print(
+        f"  linear step (context-free): fla fused recurrent GDN {first['fla_step']:.4f} | oryx GDN eager "
+        f"{first['oryx_gdn_step']:.4f}, CUDA graph {first['oryx_gdn_step_graph']:.4f} | oryx SSD eager "
+        f"{first['oryx_ssd_step']:.4f}"
+    )
+    print(f"  {'context':>8} {'SDPA':>8} {'oryx attn':>10} {'KV append':>10} {'cat append':>11} {'oryx linear':>12}")
+    for r in results:
+        print(
+            f"  {r['context']:>8} {r['sdpa_decode']:8.4f} {r['oryx_attn_decode']:10.4f} {r['append_prealloc']:10.4f}"
+            f" {r['append_cat']:11.4f} {r['oryx_linear_decode']:12.4f}"
+        )
+    last = results[-1]
+    flat = last["oryx_linear_decode"] / first["oryx_linear_decode"]
+    speedup = last["oryx_attn_decode"] / last["oryx_linear_decode"]
+    print(
+        f"  linear decode t({last['context']})/t({first['context']}) = {flat:.2f} (target ≤ 1.25); attention / linear "
+        f"at {last['context']} = {speedup:.1f}× (target ≥ 10×)"
+    )
+
+
+def bench_generate(gen: torch.Generator, prompt: int = 512, new: int = 128) -> list[dict]:
+    from oryx import OryxConfig, OryxForCausalLM
+
+    results = []
+    for variant in ("tg", "tm"):
+        config = OryxConfig.from_preset(f"oryx-{variant}-130m")
+        model = OryxForCausalLM(config).to(DEV, DT).eval()
+        ids = torch.randint(0, config.vocab_size, (1, prompt), generator=gen).to(DEV)
+        for schedule in ("linear", "attn", "tail:attn=64"):
+
+            def run(model=model, ids=ids, schedule=schedule):
+                with torch.no_grad():
+                    model.generate(ids, schedule=schedule, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+
+            run()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            run()
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            row = {"variant": variant, "schedule": schedule, "prompt": prompt, "new": new, "tok_s": new / seconds}
+            print(f"  generate oryx-{variant}-130m schedule={schedule:<13} {row['tok_s']:8.1f} tokens/s (batch 1)")
+            results.append(row)
+    return results
+
+
+def environment() -> dict:
+    import triton
+
+    try:
+        import fla
+
+        fla_version = fla.__version__
+    except ImportError:
+        fla_version = None
+    # The device machine gets the working tree without .git: the command passes the commit in ORYX_COMMIT.
+    commit = os.environ.get("ORYX_COMMIT")
+    if commit is None:
+        with contextlib.suppress(OSError):
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+    return {
+        "card": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "fla": fla_version,
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": (commit or "").strip() or None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["mixer", "decode", "generate", "all"])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--rows", type=float, nargs="+", default=[0.25, 0.025], help="shares of chunks in attention")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192, 32768, 131072])
+    parser.add_argument("--json", default=None, help="write the raw numbers here")
+    args = parser.parse_args()
+    gen = torch.Generator().manual_seed(0)
+    out = {"env": environment()}
+    print(json.dumps(out["env"]))
+    if args.what in ("mixer", "all"):
+        out["mixer"] = bench_mixer(args.lengths, args.rows, gen)
+    if args.what in ("decode", "all"):
+        out["decode"] = bench_decode(args.contexts, gen)
+    if args.what in ("generate", "all"):
+        out["generate"] = bench_generate(gen)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""Helpers shared by the fast backends: call-time availability checks (never at import)."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.cache
+def importable(*modules: str) -> bool:
+    """Whether every named module can be imported (looked up once per process, on the first call that asks)."""
+    return all(importlib.util.find_spec(name) is not None for name in modules)
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will want gradients through any of ``tensors`` from this call."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

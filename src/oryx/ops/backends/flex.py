@@ -1,0 +1,152 @@
+"""Causal attention of the selected query rows on CUDA: block-sparse ``flex_attention``, or SDPA for a few rows.
+
+Work follows the attention-mode rows: query rows are grouped in blocks of ``BLOCK`` (128) and a block that holds no
+selected row is given no key block at all, so it costs nothing, forward and backward. A block that holds at least one
+selected row attends, for every one of its rows, over every key block at or before its last row; key blocks wholly
+before the block's first row (and free of padding) are "full" blocks that skip the mask function. The rows of an active
+block that are not selected are computed too and then replaced by exact zeros, which is what the reference returns, so
+token-granular switches stay exact (the mixer then picks per token). A row with no valid key at all is zero as well.
+
+With at most ``FEW_ROWS`` query rows (decoding, short continuations) the block mask would cost more than the
+attention: those calls go to ``scaled_dot_product_attention`` over the whole cache with an explicit mask (none at all
+for one row without padding, which lets SDPA pick its flash kernel).
+
+Backend contract (``oryx.ops.attention``): ``fn(q, k, v, query_mask=, key_mask=, scale=)`` with q [B, Tq, H, D],
+k [B, Tk, H, D], v [B, Tk, H, Dv], row i of q at key position Tk − Tq + i; returns [B, Tq, H, Dv] in q's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from oryx.ops import dispatch
+from oryx.ops.backends._common import FAST_DTYPES, importable
+
+Tensor = torch.Tensor
+
+BLOCK = 128  # flex block size for queries and keys (also the training mix's chunk: a chunk maps to one block)
+FEW_ROWS = 16  # up to this many query rows, SDPA with a dense [Tq, Tk] mask is cheaper than building a block mask
+
+_compiled_flex: Callable | None = None
+
+
+def _flex() -> Callable:
+    """``flex_attention`` compiled once per process, on first use (the eager version materialises all scores)."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex
+
+
+def _pad_rows(mask: Tensor, length: int, value: bool) -> Tensor:
+    """[B, T] bool -> [B, length] (length ≥ T), filled with ``value``."""
+    return F.pad(mask, (0, length - mask.shape[1]), value=value)
+
+
+def _blocks_to_indices(blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """[B, Nq, Nk] bool -> (count [B, 1, Nq], indices [B, 1, Nq, Nk]) int32, listed blocks first (in key order)."""
+    count = blocks.sum(-1, dtype=torch.int32)
+    indices = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return count[:, None], indices[:, None]
+
+
+def block_mask(query_mask: Tensor | None, key_mask: Tensor | None, B: int, Tq: int, Tk: int, device: torch.device):
+    """The ``BlockMask`` of causal attention restricted to the query blocks that hold a selected row.
+
+    query_mask [B, Tq] and key_mask [B, Tk] bool or None; row i sits at key position Tk − Tq + i.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    offset = Tk - Tq
+    nq, nk = -(-Tq // BLOCK), -(-Tk // BLOCK)
+    starts = torch.arange(nq, device=device) * BLOCK
+    first_row = offset + starts  # key position of each query block's first and last row
+    last_row = offset + torch.clamp(starts + BLOCK, max=Tq) - 1
+    key_start = torch.arange(nk, device=device) * BLOCK
+    visible = key_start[None, :] <= last_row[:, None]  # [Nq, Nk]: some key of block j is at or before a row
+    before = key_start[None, :] + BLOCK - 1 <= first_row[:, None]  # all of block j is before every row
+    if query_mask is None:
+        active = torch.ones(B, nq, dtype=torch.bool, device=device)
+    else:
+        active = _pad_rows(query_mask, nq * BLOCK, False).view(B, nq, BLOCK).any(-1)
+    if key_mask is None:
+        any_key = all_keys = torch.ones(B, nk, dtype=torch.bool, device=device)
+    else:
+        padded = _pad_rows(key_mask, nk * BLOCK, True).view(B, nk, BLOCK)
+        any_key, all_keys = _pad_rows(key_mask, nk * BLOCK, False).view(B, nk, BLOCK).any(-1), padded.all(-1)
+    live = active[:, :, None] & any_key[:, None, :]  # [B, Nq, Nk]: blocks of only padding keys are skipped
+    full = live & before & all_keys[:, None, :]
+    partial = live & visible & ~full
+
+    if key_mask is None:
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return kv_idx <= q_idx + offset
+
+    else:
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx + offset) & key_mask[b, kv_idx]
+
+    return BlockMask.from_kv_blocks(
+        *_blocks_to_indices(partial),
+        *_blocks_to_indices(full),
+        BLOCK_SIZE=BLOCK,
+        mask_mod=mask_mod,
+        seq_lengths=(Tq, Tk),
+    )
+
+
+def _rows_with_keys(key_mask: Tensor, Tq: int) -> Tensor:
+    """[B, Tk] -> [B, Tq]: whether query row i has any valid key at or before its position Tk − Tq + i."""
+    return key_mask.cumsum(1, dtype=torch.int32)[:, key_mask.shape[1] - Tq :] > 0
+
+
+def _sdpa_rows(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, scale: float) -> Tensor:
+    """All Tq (few) rows through SDPA with an explicit causal/padding mask; [B, H, T, D] in and out."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    mask = None
+    if Tq > 1 or key_mask is not None:
+        positions = torch.arange(Tk - Tq, Tk, device=q.device)
+        mask = torch.arange(Tk, device=q.device)[None, :] <= positions[:, None]  # [Tq, Tk]
+        if key_mask is not None:
+            mask = mask & key_mask[:, None, :]  # [B, Tq, Tk]
+            # A row without any valid key would be a softmax over nothing (NaN); let it see everything, then the
+            # caller zeros it.
+            mask = mask | ~mask.any(-1, keepdim=True)
+            mask = mask[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _flex_backend(
+    q: Tensor, k: Tensor, v: Tensor, query_mask: Tensor | None, key_mask: Tensor | None, scale: float
+) -> Tensor:
+    B, Tq = q.shape[:2]
+    Tk = k.shape[1]
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
+    if Tq <= FEW_ROWS:
+        o = _sdpa_rows(qh, kh, vh, key_mask, scale)
+    else:
+        mask = block_mask(query_mask, key_mask, B, Tq, Tk, q.device)
+        o = _flex()(qh, kh, vh, block_mask=mask, scale=scale)
+    o = o.transpose(1, 2)
+    keep = query_mask
+    if key_mask is not None:
+        has_key = _rows_with_keys(key_mask, Tq)
+        keep = has_key if keep is None else keep & has_key
+    # Exact zeros (not products with 0, which would keep a NaN) for unselected rows and rows without keys.
+    if keep is None:
+        return o
+    return torch.where(keep[:, :, None, None], o, torch.zeros((), dtype=o.dtype, device=o.device))
+
+
+def _supports(x: Tensor) -> bool:
+    return x.is_cuda and x.dtype in FAST_DTYPES and importable("triton")
+
+
+dispatch.register("causal_attention", "flex", _flex_backend, supports=_supports, priority=10)

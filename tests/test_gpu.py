@@ -1,0 +1,267 @@
+"""The CUDA fast paths (oryx.ops.backends) against the pure-PyTorch reference, on the same inputs (DESIGN.md §4, §6).
+
+Every check feeds one set of fresh random inputs to the fast backend and to the torch reference computed in float64 from
+the same values (bf16 inputs upcast exactly), then compares outputs, final states and gradients by relative RMS error.
+Skipped without CUDA; the fla checks also without fla-core. Run on a GPU machine with ``pytest -m gpu -s
+tests/test_gpu.py`` (``-s`` prints every measured error; benchmarks/RESULTS.md records a run).
+
+Tolerances, per path and dtype (measured on an H100; the numbers printed by a run are the evidence):
+- fla (gated delta, scalar decay), float32: fla's kernels use TF32 tensor-core dots for float32 inputs, so float32 is
+  *not* exact there: ≤ 5e-3. bfloat16: ≤ 2e-2 for values and gradients (dg/dβ sum many bf16 products).
+- flex / SDPA attention, float32: ≤ 1e-5 (IEEE float32 dots). bfloat16: ≤ 1e-2.
+- Unselected attention rows must be exact zeros, values and gradients (compared with ==, not a tolerance).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import rel_err
+
+from oryx import ops
+from oryx.ops import dispatch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+DEV = "cuda"
+LINEAR_TOL = {torch.float32: 5e-3, torch.bfloat16: 2e-2}
+ATTN_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def needs_fla() -> None:
+    pytest.importorskip("triton")
+    pytest.importorskip("fla")
+
+
+def check(name: str, fast: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    err = rel_err(fast, ref)
+    print(f"  {name:<36} rel err {err:.2e}  (tol {tol:.0e})")
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.0e}"
+
+
+def leaves(*tensors: torch.Tensor | None, dtype: torch.dtype) -> tuple[list, list]:
+    """The same values twice: fast-path leaves in ``dtype`` on CUDA, and float64 reference leaves."""
+    fast = [None if t is None else t.to(DEV, dtype).requires_grad_() for t in tensors]
+    ref = [None if t is None else t.to(DEV, dtype).double().requires_grad_() for t in tensors]
+    return fast, ref
+
+
+def linear_inputs(op: str, B: int, T: int, H: int, K: int, gen: torch.Generator, state: bool):
+    q = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
+    k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
+    v = torch.randn(B, T, H, K, generator=gen)
+    # Gates from near 1 to very small (log-decay down to about −8), as the design's extreme-gate checks ask.
+    g = -F.softplus(2 * torch.randn(B, T, H, generator=gen)) * torch.rand(B, T, H, generator=gen) * 3
+    h0 = torch.randn(B, H, K, K, generator=gen) * 0.5 if state else None
+    if op == "gated_delta_rule":
+        return [q, k, v, g, torch.rand(B, T, H, generator=gen)], h0
+    return [q, k, v, g], h0
+
+
+def run_linear(op: str, tensors, h0, backend: str):
+    return getattr(ops, op)(*tensors, initial_state=h0, output_final_state=True, backend=backend)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Dispatch
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_auto_picks_fast_backends_on_cuda_and_env_forces_torch(monkeypatch):
+    x = torch.zeros(1, 4, 2, 128, device=DEV)
+    assert dispatch.resolve("causal_attention", x).name == "flex"
+    if dispatch._REGISTRY["gated_delta_rule"]["fla"].supports(x):
+        assert dispatch.resolve("gated_delta_rule", x).name == "fla"
+        assert dispatch.resolve("scalar_decay_rule", x).name == "fla"
+    assert dispatch.resolve("gated_delta_rule", x.cpu()).name == "torch"
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    for op in ("gated_delta_rule", "scalar_decay_rule", "causal_attention"):
+        assert dispatch.resolve(op, x).name == "torch"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Linear recurrences (fla)
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ["gated_delta_rule", "scalar_decay_rule"])
+@pytest.mark.parametrize(("B", "T", "state"), [(2, 257, True), (3, 100, False)])
+def test_linear_chunked_values_and_gradients(op, dtype, B, T, state, gen):
+    """Training path: fla's chunked kernels (on Hopper with Triton < 3.7.1: its backward with the guard lifted)."""
+    needs_fla()
+    tensors, h0 = linear_inputs(op, B, T, 4, 128, gen, state)
+    (fast, ref) = leaves(*tensors, h0, dtype=dtype)
+    o, s = run_linear(op, fast[:-1], fast[-1], "fla")
+    o_ref, s_ref = run_linear(op, ref[:-1], ref[-1], "torch")
+    do = torch.randn(o.shape, generator=gen).to(DEV)
+    ds = torch.randn(s.shape, generator=gen).to(DEV)
+    ((o.float() * do).sum() + (s * ds).sum()).backward()
+    ((o_ref * do.double()).sum() + (s_ref * ds.double()).sum()).backward()
+    print(f"\n{op} {dtype} B={B} T={T} initial_state={state}")
+    tol = LINEAR_TOL[dtype]
+    check("o", o, o_ref, tol)
+    check("final state", s, s_ref, tol)
+    names = [*["dq", "dk", "dv", "dg", "dbeta"][: len(tensors)], "dh0"]
+    for name, a, b in zip(names, fast, ref, strict=True):
+        if a is not None:
+            check(name, a.grad, b.grad, tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ["gated_delta_rule", "scalar_decay_rule"])
+@pytest.mark.parametrize("T", [1, 37])
+def test_linear_inference_fused_recurrent(op, dtype, T, gen):
+    """Decoding and short continuations without gradients: fla's fused recurrent kernels, from a given state."""
+    needs_fla()
+    tensors, h0 = linear_inputs(op, 16, T, 4, 128, gen, state=True)
+    with torch.no_grad():
+        o, s = run_linear(op, [t.to(DEV, dtype) for t in tensors], h0.to(DEV), "fla")
+        o_ref, s_ref = run_linear(op, [t.to(DEV, dtype).double() for t in tensors], h0.to(DEV).double(), "torch")
+    print(f"\n{op} {dtype} fused recurrent T={T}")
+    check("o", o, o_ref, LINEAR_TOL[dtype])
+    check("final state", s, s_ref, LINEAR_TOL[dtype])
+
+
+def test_linear_training_with_head_dim_64_stays_correct(gen):
+    """Head dim 64 is the tile fla miscompiles on Hopper with Triton < 3.7.1: gradients must still be right."""
+    needs_fla()
+    tensors, h0 = linear_inputs("gated_delta_rule", 2, 130, 2, 64, gen, state=True)
+    fast, ref = leaves(*tensors, h0, dtype=torch.float32)
+    o, s = run_linear("gated_delta_rule", fast[:-1], fast[-1], "fla")
+    o_ref, s_ref = run_linear("gated_delta_rule", ref[:-1], ref[-1], "torch")
+    do = torch.randn(o.shape, generator=gen).to(DEV)
+    ((o * do).sum() + s.sum()).backward()
+    ((o_ref * do.double()).sum() + s_ref.sum()).backward()
+    print("\ngated_delta_rule float32 K=64 training")
+    check("o", o, o_ref, LINEAR_TOL[torch.float32])
+    check("final state", s, s_ref, LINEAR_TOL[torch.float32])
+    for name, a, b in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], fast, ref, strict=True):
+        check(name, a.grad, b.grad, LINEAR_TOL[torch.float32])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Attention over selected rows (flex_attention / SDPA)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def query_mask(kind: str, B: int, T: int, gen: torch.Generator) -> torch.Tensor | None:
+    if kind == "all":
+        return None
+    if kind == "none":
+        return torch.zeros(B, T, dtype=torch.bool)
+    if kind == "tokens":  # token-granular switches: partially selected blocks everywhere
+        return torch.rand(B, T, generator=gen) < 0.3
+    # the training mix: 128-token chunks in attention with probability 1/4 (at least one)
+    chunks = torch.rand(B, -(-T // 128), generator=gen) < 0.25
+    chunks[:, 0] = True
+    return chunks.repeat_interleave(128, dim=1)[:, :T]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("Tq", "Tk", "kind", "padded"),
+    [
+        (300, 300, "tokens", False),
+        (300, 300, "chunks", False),
+        (300, 300, "all", True),
+        (200, 457, "tokens", True),  # cached continuation with left padding in the cache
+        (129, 129, "none", False),
+        (5, 300, "tokens", True),  # a few rows: SDPA with a dense mask
+        (1, 300, "all", False),  # one decoding row: SDPA without a mask
+    ],
+)
+def test_attention_values_gradients_and_exact_zero_rows(dtype, Tq, Tk, kind, padded, gen):
+    B, H, D = 2, 4, 128
+    q, k, v = (torch.randn(B, T, H, D, generator=gen) for T in (Tq, Tk, Tk))
+    qm = query_mask(kind, B, Tq, gen)
+    km = None
+    if padded:
+        km = torch.ones(B, Tk, dtype=torch.bool)
+        km[0, : Tk // 2] = False  # row 0 is left-padded; its first query rows may see no key at all
+    qm_d = None if qm is None else qm.to(DEV)
+    km_d = None if km is None else km.to(DEV)
+    fast, ref = leaves(q, k, v, dtype=dtype)
+    o = ops.causal_attention(*fast, query_mask=qm_d, key_mask=km_d, backend="flex")
+    o_ref = ops.causal_attention(*ref, query_mask=qm_d, key_mask=km_d, backend="torch")
+    do = torch.randn(o.shape, generator=gen).to(DEV)
+    (o.float() * do).sum().backward()
+    (o_ref * do.double()).sum().backward()
+    print(f"\nattention {dtype} Tq={Tq} Tk={Tk} rows={kind} padded={padded}")
+    tol = ATTN_TOL[dtype]
+    if o_ref.norm() > 0:
+        check("o", o, o_ref, tol)
+        for name, a, b in zip(["dq", "dk", "dv"], fast, ref, strict=True):
+            check(name, a.grad, b.grad, tol)
+    if qm is not None:
+        # Unselected rows: exact zeros in the output and in the query gradient.
+        assert torch.equal(o[~qm_d], torch.zeros_like(o[~qm_d]))
+        assert torch.equal(fast[0].grad[~qm_d], torch.zeros_like(fast[0].grad[~qm_d]))
+
+
+def test_block_mask_gives_work_only_to_selected_query_blocks():
+    """Attention work follows the attention rows: a query block without a selected row gets no key block."""
+    from oryx.ops.backends.flex import BLOCK, block_mask
+
+    B, T = 2, 16 * BLOCK
+    chunks = torch.zeros(B, T // BLOCK, dtype=torch.bool, device=DEV)
+    chunks[0, [3, 9]] = True
+    chunks[1, 15] = True
+    mask = block_mask(chunks.repeat_interleave(BLOCK, dim=1), None, B, T, T, torch.device(DEV))
+    blocks = (mask.kv_num_blocks + mask.full_kv_num_blocks)[:, 0]  # [B, Nq]
+    expected = torch.zeros(B, T // BLOCK, dtype=blocks.dtype, device=DEV)
+    expected[0, 3], expected[0, 9], expected[1, 15] = 4, 10, 16  # causal: block i sees key blocks 0..i
+    assert torch.equal(blocks, expected)
+    assert int(mask.kv_num_blocks.sum()) == 3  # only the diagonal blocks evaluate the mask function
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The Oryx mixer and model on the fast paths
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["tg", "tm"])
+def test_model_forward_backward_and_cached_decoding_match_reference(variant, gen, monkeypatch):
+    """A small Oryx model (fp32) with the training mix: loss gradients on the fast paths ≈ reference; cached decoding
+    token by token with switches ≈ the full forward (fused recurrent steps + SDPA rows)."""
+    needs_fla()
+    from oryx import OryxConfig, OryxForCausalLM
+    from oryx.cache import OryxCache
+    from oryx.schedule import parse
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    config = OryxConfig(variant=variant, vocab_size=512, hidden_size=256, num_hidden_layers=2)
+    model = OryxForCausalLM(config).to(DEV)
+    B, T = 2, 300
+    ids = torch.randint(0, 512, (B, T), generator=gen).to(DEV)
+    modes = parse("chunks:size=128,p_attn=0.5").modes(B, T, generator=gen).to(DEV)
+    modes[:, 200:203] = 0  # a 3-token attention span inside a linear chunk
+    modes[:, 250] = 1 - modes[:, 250]
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, modes=modes, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_fast, grads_fast = loss_and_grads()
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    loss_ref, grads_ref = loss_and_grads()
+    monkeypatch.delenv(dispatch.ENV_VAR)
+    print(f"\nmodel {variant} fp32 T={T} training mix")
+    check("loss", loss_fast, loss_ref, 1e-3)
+    flat_fast = torch.cat([g.flatten() for g in grads_fast.values()])
+    flat_ref = torch.cat([grads_ref[n].flatten() for n in grads_fast])
+    check("all parameter gradients", flat_fast, flat_ref, LINEAR_TOL[torch.float32])
+
+    with torch.no_grad():
+        full = model(ids[:, :160], modes=modes[:, :160]).logits
+        cache = OryxCache(config)
+        pieces = [model(ids[:, :100], modes=modes[:, :100], cache=cache).logits]
+        pieces += [model(ids[:, t : t + 1], modes=modes[:, t : t + 1], cache=cache).logits for t in range(100, 160)]
+    check("cached decoding vs full forward", torch.cat(pieces, 1), full, 1e-3)
