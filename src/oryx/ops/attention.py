@@ -3,7 +3,8 @@
 Oryx computes attention outputs only for the tokens whose mode is attention, but over *all* earlier keys
 (the KV cache holds every token). So the cost must follow the number of selected rows, not T²: the
 selected rows of each sequence are gathered into blocks of ``QUERY_BLOCK`` rows, and each block scores only
-against the keys up to its last row's position. Unselected rows are zeros and cost nothing.
+against the keys up to its last row's position. Unselected rows are zeros and cost nothing. Plain causal
+self-attention (every row, no padding) is one fused ``scaled_dot_product_attention`` call.
 
 ``count_score_elements()`` measures that work honestly: every q·k score the implementation computes (per query
 row, key and head, masked ones included) is added to the counters that are open.
@@ -19,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from oryx.ops import dispatch
 from oryx.ops.scalar_decay import check_floating, state_dtype
@@ -56,16 +58,15 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, key_mask: Tensor
     k: [..., H, L, D] and v: [..., H, L, Dv], keys 0..L−1; key_mask: [..., L] bool (False = padding) or None.
     Returns [..., H, R, Dv]; a row without any allowed key gets zeros.
     """
-    scores = (q @ k.transpose(-1, -2)) * scale  # [..., H, R, L]
     for counter in _open_counters:
-        counter.value += scores.numel()
+        counter.value += q[..., 0].numel() * k.shape[-2]
     allowed = torch.arange(k.shape[-2], device=q.device) <= positions[:, None]  # [R, L]
     if key_mask is not None:
         allowed = allowed & key_mask[..., None, None, :]  # [..., 1, R, L]
-    # A fully masked row would be a softmax over all −inf (NaN): score it finitely, then zero its weights.
+    # A row without any allowed key would be a softmax over all −inf (NaN): let it see every key, then zero it.
     empty = ~allowed.any(-1, keepdim=True)
-    probs = scores.masked_fill(~allowed, float("-inf")).masked_fill(empty, 0.0).softmax(-1).masked_fill(empty, 0.0)
-    return probs @ v
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty, scale=scale)
+    return out.masked_fill(empty, 0.0)
 
 
 def _torch_backend(
@@ -77,6 +78,12 @@ def _torch_backend(
     out_dtype, dtype = q.dtype, state_dtype(q.dtype)
     qh, kh, vh = (x.to(dtype).transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
 
+    if query_mask is None and key_mask is None and Tq == Tk:
+        # Plain causal self-attention: one fused call (which skips the blocks above the diagonal).
+        for counter in _open_counters:
+            counter.value += B * H * Tq * (Tq + 1) // 2
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+        return out.transpose(1, 2).to(out_dtype)
     if query_mask is None:
         # Every row: blocks of consecutive rows, batched over B; rows [i0, i1) need keys up to offset + i1.
         blocks = []

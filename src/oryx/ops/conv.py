@@ -13,7 +13,6 @@ The torch backend is registered with ``dispatch`` as op ``"causal_conv1d"``; a b
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from oryx.ops import dispatch
 from oryx.ops.scalar_decay import check_floating
@@ -30,15 +29,16 @@ def causal_conv1d_step(x: Tensor, weight: Tensor, state: Tensor) -> tuple[Tensor
 def _torch_backend(
     x: Tensor, weight: Tensor, initial_state: Tensor | None, output_final_state: bool
 ) -> tuple[Tensor, Tensor | None]:
-    B, _, C = x.shape
+    B, T, C = x.shape
     W = weight.shape[-1]
-    history = x.new_zeros(B, C, W - 1) if initial_state is None else initial_state.to(x.dtype)
-    # Prepend the history so the window of every output is complete; a depthwise conv without padding then
-    # yields exactly T causal outputs.
-    xp = torch.cat([history, x.transpose(1, 2)], dim=-1)  # [B, C, W − 1 + T]
-    y = F.conv1d(xp, weight.to(x.dtype)[:, None, :], groups=C).transpose(1, 2)
+    history = x.new_zeros(B, W - 1, C) if initial_state is None else initial_state.to(x.dtype).transpose(1, 2)
+    # Prepend the history so the window of every output is complete, then sum the W shifted, weighted copies:
+    # for the short widths used here this is much faster than a grouped conv1d, whose CPU backward is slow.
+    xp = torch.cat([history, x], dim=1)  # [B, W − 1 + T, C]
+    w = weight.to(x.dtype)
+    y = sum(xp[:, i : i + T] * w[:, i] for i in range(W))
     # The last W−1 inputs, reaching into the history when T < W − 1 (sliced from the start: W = 1 is empty).
-    final_state = xp[..., xp.shape[-1] - (W - 1) :] if output_final_state else None
+    final_state = xp[:, xp.shape[1] - (W - 1) :].transpose(1, 2) if output_final_state else None
     return y, final_state
 
 
