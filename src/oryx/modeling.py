@@ -157,6 +157,8 @@ class OryxModel(OryxPreTrainedModel):
         attn_rows = modes == ATTN if pad_mask is None else (modes == ATTN) & pad_mask
         has_attn = bool(attn_rows.any())
         has_linear = bool((modes == LINEAR).any()) or not has_attn
+        if not has_linear:
+            attn_rows = None  # every row: attention can take its fused causal path
         return MixContext(modes, positions, pad_mask, key_mask, attn_rows, has_attn, has_linear)
 
     def _check_modes(self, modes, B: int, T: int, device) -> torch.Tensor:

@@ -33,14 +33,15 @@ class MixContext:
 
     modes [B, T] long; positions [B, T] long (rotary positions, from the padding mask); pad_mask [B, T] bool or None
     (True = real token); key_mask [B, Tc+T] bool or None (valid keys, cached ones included); attn_rows [B, T] bool
-    (rows whose output comes from attention); has_attn / has_linear: whether any row needs that mixer's output.
+    (rows whose output comes from attention) or None when every row does; has_attn / has_linear: whether any row
+    needs that mixer's output.
     """
 
     modes: torch.Tensor
     positions: torch.Tensor
     pad_mask: torch.Tensor | None
     key_mask: torch.Tensor | None
-    attn_rows: torch.Tensor
+    attn_rows: torch.Tensor | None
     has_attn: bool
     has_linear: bool
 
@@ -149,7 +150,7 @@ class OryxMixer(nn.Module):
         elif out_attn is None:
             o = out_linear
         else:
-            o = torch.where(ctx.attn_rows[..., None, None], out_attn, out_linear)
+            o = out_attn if ctx.attn_rows is None else torch.where(ctx.attn_rows[..., None, None], out_attn, out_linear)
         # 3. Shared gated norm and output projection (TM: RMSNorm(o ⊙ silu(g)); TG: RMSNorm_head(o) ⊙ silu(g)).
         gate = F.silu(self.g_proj(x))
         if self.variant == "tm":
