@@ -1,0 +1,183 @@
+"""`oryx eval`: evaluate a checkpoint. Subcommands:
+
+    oryx eval ppl RUN_OR_CHECKPOINT [--data prose:validation] [--schedule attn linear ...]
+    oryx eval switching RUN_OR_CHECKPOINT [--switch-at 128 256 384] [--out DIR]
+
+A checkpoint is a run folder (its latest checkpoint is used), a checkpoint folder, or any `save_pretrained` folder
+of an Oryx model with its tokenizer. More evaluations plug in through `SUBCOMMANDS`: an entry names the functions
+that add the subcommand's arguments and run it ("module:function"), imported only when `oryx eval` is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+# name -> (add_arguments(parser), run(args) -> int, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "ppl": (
+        "oryx.evaluation.cli:add_ppl_arguments",
+        "oryx.evaluation.cli:run_ppl",
+        "perplexity and bits per byte on a dataset under one or more schedules",
+    ),
+    "switching": (
+        "oryx.evaluation.cli:add_switching_arguments",
+        "oryx.evaluation.cli:run_switching",
+        "the switching curve: token-level perplexity against position (paper Figure 3)",
+    ),
+}
+
+
+def _function(path: str) -> Any:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = __doc__
+    sub = parser.add_subparsers(dest="eval_command", metavar="EVALUATION", required=True)
+    for name, (adder, _, help_text) in SUBCOMMANDS.items():
+        _function(adder)(sub.add_parser(name, help=help_text, description=help_text))
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(_function(SUBCOMMANDS[args.eval_command][1])(args) or 0)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="run folder, checkpoint folder or save_pretrained folder")
+    parser.add_argument("--data", default="prose:validation", help="prose:<split>, a .txt/.jsonl/.bin file or folder")
+    parser.add_argument("--text-field", default="text", help="JSONL key / dataset column of the text (default: text)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer spec or path (default: the checkpoint's)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the training length)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward (default: 8)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda (default: auto)")
+    parser.add_argument(
+        "--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto = bf16 on GPU, fp32 on CPU"
+    )
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
+
+
+def add_ppl_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_common(parser)
+    parser.add_argument(
+        "--schedule",
+        nargs="+",
+        default=None,
+        help="one or more schedules, e.g. attn linear 'chunks:size=128,p_attn=0.25' 'tail:attn=64' "
+        "(default: every mode the model has)",
+    )
+    parser.add_argument("--max-tokens", type=int, default=None, help="score at most this many targets (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of random schedules (chunks) (default: 0)")
+
+
+def add_switching_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_common(parser)
+    parser.add_argument(
+        "--switch-at", type=int, nargs="+", default=None, help="switch positions (default: L/4, L/2, 3L/4)"
+    )
+    parser.add_argument("--windows", type=int, default=64, help="sequences averaged (default: 64)")
+    parser.add_argument("--smooth", type=int, default=16, help="trailing moving average, in positions (default: 16)")
+    parser.add_argument("--out", default=None, help="output folder (default: <checkpoint>/switching)")
+
+
+def _load(args: argparse.Namespace):
+    """(model, tokenizer, folder, token stream, seq_len) for both subcommands."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from oryx.data import load_tokenizer, load_tokens
+    from oryx.training.checkpoint import load_pretrained
+
+    hf_logging.disable_progress_bar()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model, tokenizer, folder = load_pretrained(args.checkpoint, device)
+    if args.tokenizer is not None:
+        tokenizer = load_tokenizer(args.tokenizer)
+    tokens = load_tokens(args.data, tokenizer, text_field=args.text_field)
+    seq_len = args.seq_len or _training_length(folder) or 512
+    return model, tokenizer, folder, tokens, seq_len
+
+
+def _training_length(folder: Path) -> int | None:
+    """The seq_len the checkpoint was trained with, when it is one of our training checkpoints."""
+    import yaml
+
+    path = folder / "train_config.yaml"
+    return yaml.safe_load(path.read_text()).get("seq_len") if path.is_file() else None
+
+
+def run_ppl(args: argparse.Namespace) -> int:
+    from oryx.evaluation.perplexity import evaluate
+
+    try:
+        model, tokenizer, folder, tokens, seq_len = _load(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"oryx eval ppl: error: {err}", file=sys.stderr)
+        return 2
+    schedules = args.schedule or ["attn" if m == 0 else "linear" for m in model.config.supported_modes]
+    print(f"{folder}: {len(tokens):,} tokens of {args.data}, windows of {seq_len}")
+    print(f"{'schedule':<32}{'tokens':>10}{'loss':>9}{'ppl':>10}{'bits/tok':>10}{'bits/byte':>11}")
+    results = []
+    for spec in schedules:
+        try:
+            result = evaluate(
+                model,
+                tokens,
+                seq_len,
+                spec,
+                batch_size=args.batch_size,
+                max_tokens=args.max_tokens,
+                seed=args.seed,
+                tokenizer=tokenizer,
+                precision=args.precision,
+            )
+        except ValueError as err:
+            print(f"oryx eval ppl: error: {err}", file=sys.stderr)
+            return 2
+        results.append(result.to_dict())
+        bpb = "" if result.bits_per_byte is None else f"{result.bits_per_byte:.4f}"
+        print(
+            f"{result.schedule:<32}{result.tokens:>10,}{result.nll:>9.4f}{result.perplexity:>10.3f}"
+            f"{result.bits_per_token:>10.4f}{bpb:>11}"
+        )
+    if args.json:
+        payload = {"checkpoint": str(folder), "data": args.data, "seq_len": seq_len, "results": results}
+        Path(args.json).write_text(json.dumps(payload, indent=1))
+    return 0
+
+
+def run_switching(args: argparse.Namespace) -> int:
+    from oryx.evaluation.switching import switching_curves
+
+    try:
+        model, _, folder, tokens, seq_len = _load(args)
+        switch_at = args.switch_at or [seq_len // 4, seq_len // 2, 3 * seq_len // 4]
+        curves = switching_curves(
+            model,
+            tokens,
+            seq_len,
+            switch_at,
+            windows=args.windows,
+            batch_size=args.batch_size,
+            precision=args.precision,
+        )
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"oryx eval switching: error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else folder / "switching"
+    json_path, png_path = curves.save(out, args.smooth, title=f"{folder.name}: switching curve on {args.data}")
+    print(
+        f"{curves.windows} sequences of {seq_len} tokens; "
+        f"perplexity over the {args.smooth} positions after each switch:"
+    )
+    for name, values in curves.summary(args.smooth).items():
+        others = ", ".join(f"{k} {v:.2f}" for k, v in values.items() if k != "switch")
+        print(f"  {name:<24} {values['switch']:.2f}   (no switch: {others})")
+    print(f"wrote {png_path} and {json_path}")
+    return 0

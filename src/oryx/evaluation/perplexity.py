@@ -1,0 +1,152 @@
+"""Perplexity and bits per byte of a model on a token stream, under any mode schedule.
+
+The stream is cut as training cuts it (`oryx.data.PackedDataset`): window i is `tokens[i*T : i*T + T + 1]`, the
+model reads its first T tokens and predicts the last T. Consecutive windows therefore score the contiguous targets
+`tokens[1 : N*T + 1]`, each exactly once, each with the context since its window's start.
+
+Bits per byte divide the total negative log-likelihood (in bits) by the UTF-8 bytes of the decoded targets (special
+tokens such as `<|endoftext|>` decode to nothing, so they count no bytes), which makes models with different
+tokenizers comparable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from oryx.schedule import parse
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class PerplexityResult:
+    """Mean negative log-likelihood `nll` (nats per token) over `tokens` targets, and their UTF-8 `bytes`."""
+
+    schedule: str
+    tokens: int
+    nll: float
+    bytes: int | None = None
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll)
+
+    @property
+    def bits_per_token(self) -> float:
+        return self.nll / math.log(2)
+
+    @property
+    def bits_per_byte(self) -> float | None:
+        return None if not self.bytes else self.nll * self.tokens / math.log(2) / self.bytes
+
+    def to_dict(self) -> dict[str, float | int | str | None]:
+        return {
+            **asdict(self),
+            "perplexity": self.perplexity,
+            "bits_per_token": self.bits_per_token,
+            "bits_per_byte": self.bits_per_byte,
+        }
+
+
+def num_windows(num_tokens: int, seq_len: int, max_tokens: int | None = None) -> int:
+    """How many windows of `seq_len` targets fit in `num_tokens` tokens (at most `max_tokens` targets)."""
+    n = (num_tokens - 1) // seq_len
+    if max_tokens is not None:
+        n = min(n, max(1, max_tokens // seq_len))
+    return n
+
+
+def window(tokens, index: int, seq_len: int) -> np.ndarray:
+    """Window `index`: `seq_len + 1` tokens (inputs = all but the last, targets = all but the first)."""
+    return np.asarray(tokens[index * seq_len : index * seq_len + seq_len + 1], dtype=np.int64)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for precision "bf16" (or "auto" on GPU); no autocast otherwise."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def token_nll(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, modes: torch.Tensor, **kwargs
+) -> torch.Tensor:
+    """Per-token negative log-likelihood [B, T] (float32) of `targets` [B, T] given `inputs` [B, T] and `modes`."""
+    logits = model(inputs, modes=modes, **kwargs).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    tokens,
+    seq_len: int,
+    schedule: str = "attn",
+    *,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    seed: int = 0,
+    tokenizer=None,
+    precision: str = "fp32",
+    rank: int = 0,
+    world_size: int = 1,
+    reduce: Reduce | None = None,
+) -> PerplexityResult:
+    """Perplexity of `model` on the first `max_tokens` targets of `tokens` (all of them by default).
+
+    Args:
+        model: an `OryxForCausalLM` (or a DDP/FSDP-wrapped one); put in eval mode by the caller.
+        tokens: a 1-D token stream (numpy array or memmap, `oryx.data.load_tokens`).
+        seq_len: T, tokens of context per window.
+        schedule: mode schedule spec; `chunks` draws are seeded by `seed`, `tail:attn=N` treats each window as the
+            prompt (its last N tokens in attention).
+        batch_size: windows per forward.
+        tokenizer: if given, bytes (and so bits per byte) are counted from its decoding of the targets.
+        precision: "fp32", "bf16" or "auto" (bf16 on GPU).
+        rank, world_size, reduce: data-parallel evaluation: each rank scores an equal share of the windows and
+            `reduce` sums a tensor over ranks (every rank runs the same number of forwards, as FSDP requires).
+
+    Returns:
+        PerplexityResult over N·T targets (N windows, rounded down to a multiple of world_size).
+    """
+    spec = parse(schedule)
+    n = num_windows(len(tokens), seq_len, max_tokens)
+    n -= n % world_size
+    if n == 0:
+        raise ValueError(f"{len(tokens)} tokens are too few for one window of {seq_len + 1} per rank")
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    all_modes = spec.modes(n, seq_len, generator=generator, prompt_length=seq_len)  # [N, T], same on every rank
+    share = n // world_size
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # [nll sum, target count]
+    for start in range(rank * share, (rank + 1) * share, batch_size):
+        stop = min(start + batch_size, (rank + 1) * share)
+        batch = torch.from_numpy(np.stack([window(tokens, i, seq_len) for i in range(start, stop)])).to(device)
+        with autocast(device, precision):
+            nll = token_nll(model, batch[:, :-1], batch[:, 1:], all_modes[start:stop].to(device))
+        total += torch.stack([nll.double().sum(), torch.tensor(nll.numel(), dtype=torch.float64, device=device)])
+    if reduce is not None:
+        total = reduce(total)
+    count = int(total[1].item())
+    num_bytes = None
+    if tokenizer is not None:
+        targets = np.asarray(tokens[1 : n * seq_len + 1], dtype=np.int64).tolist()
+        num_bytes = len(tokenizer.decode(targets, skip_special_tokens=True).encode("utf-8"))
+    return PerplexityResult(schedule=str(spec), tokens=count, nll=float(total[0].item()) / count, bytes=num_bytes)
+
+
+def unigram_nll(train_tokens, eval_tokens, vocab_size: int) -> float:
+    """Mean NLL (nats) of `eval_tokens` under a unigram model of `train_tokens` with add-one smoothing: the
+    floor any trained language model must beat."""
+    counts = np.bincount(np.asarray(train_tokens), minlength=vocab_size).astype(np.float64) + 1.0
+    log_p = np.log(counts / counts.sum())
+    return float(-log_p[np.asarray(eval_tokens, dtype=np.int64)].mean())

@@ -1,0 +1,199 @@
+"""The switching curve (paper Figure 3): token-level perplexity against position, for each mode alone and for a
+switch between the modes at given positions, both ways.
+
+For a switch at p, tokens 0…p−1 run in one mode and p…L−1 in the other. Their prefix is exactly the no-switch run of
+the first mode, so it is computed once: each no-switch run goes through the sequence segment by segment with an
+`OryxCache`, and at every switch position a copy of the cache continues in the other mode. This also exercises what
+makes switching free in Oryx: both states advanced over every token (DESIGN §3.1).
+
+Curves are per-position means of the negative log-likelihood over many validation windows; `smoothed_perplexity`
+applies a trailing moving average (so a jump stays at or after its switch) and exponentiates.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from oryx.cache import OryxCache
+from oryx.configuration import ATTN, LINEAR
+from oryx.evaluation.perplexity import autocast, num_windows, token_nll, window
+
+MODE_NAME = {ATTN: "attn", LINEAR: "linear"}
+
+
+def curve_name(first: int, second: int | None = None, at: int | None = None) -> str:
+    """`attn`, `linear`, or e.g. `attn->linear@128` for a switch at position 128."""
+    if second is None:
+        return MODE_NAME[first]
+    return f"{MODE_NAME[first]}->{MODE_NAME[second]}@{at}"
+
+
+@dataclass
+class SwitchingCurves:
+    """Mean NLL per position of every curve, `nll[name]` of length `length` (position t predicts token t+1)."""
+
+    length: int
+    switch_at: list[int]
+    windows: int
+    nll: dict[str, np.ndarray]
+
+    def smoothed_perplexity(self, smooth: int) -> dict[str, np.ndarray]:
+        """exp of the trailing `smooth`-position moving average of each curve's NLL."""
+        return {name: np.exp(_trailing_mean(values, smooth)) for name, values in self.nll.items()}
+
+    def summary(self, span: int) -> dict[str, dict[str, float]]:
+        """For each switch: perplexity over the `span` positions after it, for the switch and both no-switch curves."""
+        out = {}
+        for at in self.switch_at:
+            window_ = slice(at, min(self.length, at + span))
+            for first, second in ((ATTN, LINEAR), (LINEAR, ATTN)):
+                out[curve_name(first, second, at)] = {
+                    "switch": float(np.exp(self.nll[curve_name(first, second, at)][window_].mean())),
+                    f"{MODE_NAME[first]}_only": float(np.exp(self.nll[curve_name(first)][window_].mean())),
+                    f"{MODE_NAME[second]}_only": float(np.exp(self.nll[curve_name(second)][window_].mean())),
+                }
+        return out
+
+    def to_json(self, smooth: int) -> dict:
+        return {
+            "length": self.length,
+            "switch_at": self.switch_at,
+            "windows": self.windows,
+            "smooth": smooth,
+            "positions": list(range(self.length)),
+            "nll": {name: values.round(6).tolist() for name, values in self.nll.items()},
+            "perplexity_smoothed": {n: v.round(4).tolist() for n, v in self.smoothed_perplexity(smooth).items()},
+            "after_switch": self.summary(max(1, smooth)),
+        }
+
+    def save(self, out_dir: str | Path, smooth: int, title: str = "") -> tuple[Path, Path]:
+        """Write `switching.json` and `switching.png` into `out_dir`; returns their paths."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        json_path, png_path = out / "switching.json", out / "switching.png"
+        json_path.write_text(json.dumps(self.to_json(smooth)))
+        plot(self, png_path, smooth, title)
+        return json_path, png_path
+
+
+def _trailing_mean(values: np.ndarray, window_size: int) -> np.ndarray:
+    """Mean of values[max(0, t−w+1) : t+1] for every t."""
+    csum = np.concatenate([[0.0], np.cumsum(values, dtype=np.float64)])
+    t = np.arange(1, len(values) + 1)
+    start = np.maximum(0, t - max(1, window_size))
+    return (csum[t] - csum[start]) / (t - start)
+
+
+@torch.no_grad()
+def switching_curves(
+    model: torch.nn.Module,
+    tokens,
+    length: int,
+    switch_at: list[int],
+    *,
+    windows: int = 64,
+    batch_size: int = 16,
+    precision: str = "fp32",
+) -> SwitchingCurves:
+    """Per-position NLL of attention-only, linear-only, and both switch directions at every position of `switch_at`.
+
+    Args:
+        model: an Oryx `OryxForCausalLM` (both modes), in eval mode.
+        tokens: 1-D token stream; the first `windows` windows of `length` targets are scored.
+        length: L, positions per sequence (the model's training length is a good choice).
+        switch_at: switch positions, each in (0, L).
+        windows: sequences averaged.
+
+    Returns:
+        SwitchingCurves with 2 + 2·len(switch_at) curves of length L.
+    """
+    config = model.config
+    if set(config.supported_modes) != {ATTN, LINEAR}:
+        raise ValueError(f"the switching curve needs both modes; variant {config.variant!r} has only one")
+    points = sorted(set(switch_at))
+    if not points or points[0] <= 0 or points[-1] >= length:
+        raise ValueError(f"switch positions must lie in (0, {length}), got {switch_at}")
+    n = num_windows(len(tokens), length, windows * length)
+    if n < windows:
+        raise ValueError(f"{len(tokens)} tokens give only {n} windows of {length + 1}; asked for {windows}")
+    device = next(model.parameters()).device
+    sums: dict[str, torch.Tensor] = {}
+
+    def add(name: str, start: int, nll: torch.Tensor) -> None:
+        sums.setdefault(name, torch.zeros(length, dtype=torch.float64, device=device))
+        sums[name][start : start + nll.shape[1]] += nll.double().sum(0)
+
+    for first in range(0, n, batch_size):
+        batch = [window(tokens, i, length) for i in range(first, min(n, first + batch_size))]
+        ids = torch.from_numpy(np.stack(batch)).to(device)  # [rows, L+1]
+        for base, other in ((ATTN, LINEAR), (LINEAR, ATTN)):
+            cache, start = OryxCache(config), 0
+            for stop in [*points, length]:
+                nll = _segment_nll(model, ids, base, start, stop, cache, precision)
+                add(curve_name(base), start, nll)
+                for at in points:  # every switch after this segment shares it as its prefix
+                    if at >= stop:
+                        add(curve_name(base, other, at), start, nll)
+                if stop < length:
+                    branch = copy.deepcopy(cache)
+                    add(
+                        curve_name(base, other, stop),
+                        stop,
+                        _segment_nll(model, ids, other, stop, length, branch, precision),
+                    )
+                start = stop
+    return SwitchingCurves(
+        length=length,
+        switch_at=points,
+        windows=n,
+        nll={name: (total / n).cpu().numpy() for name, total in sums.items()},
+    )
+
+
+def _segment_nll(
+    model: torch.nn.Module, ids: torch.Tensor, mode: int, start: int, stop: int, cache: OryxCache, precision: str
+) -> torch.Tensor:
+    """NLL [rows, stop − start] of positions start…stop−1 of `ids` [rows, L+1] in `mode`, continuing `cache`."""
+    modes = torch.full((ids.shape[0], stop - start), mode, dtype=torch.long, device=ids.device)
+    with autocast(ids.device, precision):
+        return token_nll(model, ids[:, start:stop], ids[:, start + 1 : stop + 1], modes, cache=cache)
+
+
+def plot(curves: SwitchingCurves, path: str | Path, smooth: int, title: str = "") -> None:
+    """Two panels (attention→linear, linear→attention): both no-switch curves and the switches, as in Figure 3."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ppl = curves.smoothed_perplexity(smooth)
+    x = np.arange(curves.length)
+    skip = min(curves.length // 8, max(smooth, 8))  # the first positions have little context and dwarf the rest
+    shown = np.concatenate([v[skip:] for v in ppl.values()])
+    low, high = np.percentile(shown, 0.5), np.percentile(shown, 99.5)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+    colors = plt.get_cmap("viridis")(np.linspace(0.15, 0.85, len(curves.switch_at)))
+    for ax, (first, second) in zip(axes, ((ATTN, LINEAR), (LINEAR, ATTN)), strict=True):
+        ax.plot(x, ppl[curve_name(ATTN)], color="tab:red", lw=1.6, label="attention only")
+        ax.plot(x, ppl[curve_name(LINEAR)], color="tab:blue", lw=1.6, label="linear only")
+        for at, color in zip(curves.switch_at, colors, strict=True):
+            ax.plot(x[at:], ppl[curve_name(first, second, at)][at:], color=color, lw=1.1, ls="--",
+                    label=f"switch at {at}")  # fmt: skip
+            ax.axvline(at, color=color, lw=0.6, ls=":")
+        ax.set_title(f"{MODE_NAME[first]} → {MODE_NAME[second]}")
+        ax.set_xlabel("token position")
+        ax.set_xlim(skip, curves.length - 1)
+        ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"perplexity (trailing mean of NLL over {smooth} positions)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title or f"switching curve ({curves.windows} validation sequences)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
