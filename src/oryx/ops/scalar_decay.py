@@ -193,9 +193,11 @@ def scalar_decay_rule_chunked(
     # 3. Pass the state from chunk to chunk (sequential over N = T/C chunks, so O(T) overall).
     state = q.new_zeros(B, H, K, v.shape[-1], dtype=dtype) if initial_state is None else initial_state.to(dtype)
     incoming = []
-    for n in range(qc.shape[2]):
+    # unbind once: indexing [:, :, n] inside the loop would make autograd add a full-size zero gradient per chunk.
+    chunk_decays = decay_from_start[..., -1, None, None].unbind(2)
+    for chunk_decay, writes in zip(chunk_decays, chunk_writes.unbind(2), strict=True):
         incoming.append(state)
-        state = decay_from_start[:, :, n, -1, None, None] * state + chunk_writes[:, :, n]
+        state = chunk_decay * state + writes
     incoming_states = torch.stack(incoming, dim=2)  # [B, H, N, K, V]
 
     # 4. Outputs from the state carried into each chunk, decayed to each position.
