@@ -95,6 +95,16 @@ def fwd_bwd(forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) -> 
     return step
 
 
+def mixer_keys(rows: list[float]) -> list[str]:
+    """Every key a mixer row can hold (a run cut short prints nan for the missing ones)."""
+    keys = ["sdpa_fwd", "sdpa_fwdbwd"]
+    for v in ("tg", "tm"):
+        keys += [f"{v}_lin_fwdbwd", f"{v}_fla_fwd", f"{v}_lin_fwd"]
+        keys += [f"{v}_core{p:g}_{s}" for p in rows for s in ("fwd", "fwdbwd")]
+    keys += [f"{a}{p:g}_{s}" for p in rows for a in ("attn", "flex") for s in ("fwd", "fwdbwd")]
+    return keys
+
+
 def bench_mixer(lengths: list[int], rows: list[float], gen: torch.Generator) -> list[dict]:
     results = []
     for T in lengths:
@@ -105,50 +115,59 @@ def bench_mixer(lengths: list[int], rows: list[float], gen: torch.Generator) -> 
 
 
 def mixer_point(T: int, rows: list[float], gen: torch.Generator) -> dict:
-    """All mixer timings at one length (the tensors are freed when this returns)."""
+    """All mixer timings at one length, most important first, each printed as soon as measured (the tensors are
+    freed when this returns)."""
     B = TOKENS // T
     qa, ka, va = (torch.randn(B, T, H, D, generator=gen).to(DEV, DT).requires_grad_() for _ in range(3))
     heads = [x.transpose(1, 2) for x in (qa, ka, va)]  # [B, H, T, D] views for SDPA / flex
+    row = {"T": T, "B": B}
+
+    def record(key: str, fn: Callable[[], object]) -> None:
+        row[key] = median_ms(fn)
+        print(f"    T={T} {key} {row[key]:.3f} ms", flush=True)
 
     def sdpa():
         return F.scaled_dot_product_attention(*heads, is_causal=True)
 
-    row = {"T": T, "B": B}
-    row["sdpa_fwd"] = median_ms(sdpa)
-    row["sdpa_fwdbwd"] = median_ms(fwd_bwd(sdpa, [qa, ka, va]))
+    record("sdpa_fwd", sdpa)
+    record("sdpa_fwdbwd", fwd_bwd(sdpa, [qa, ka, va]))
     for p in rows:
         attn_rows = chunk_rows(B, T, p, gen)
+
+        def attention(attn_rows=attn_rows):
+            return ops.causal_attention(qa, ka, va, query_mask=attn_rows)
+
+        for variant in ("tg", "tm"):
+            lin = linear_inputs(variant, B, T, gen, grad=True)
+            op = linear_op(variant)
+            if f"{variant}_lin_fwdbwd" not in row:
+                record(f"{variant}_lin_fwdbwd", fwd_bwd(lambda op=op, lin=lin: op(*lin)[0], lin))
+
+            def core(op=op, lin=lin, attention=attention, attn_rows=attn_rows):
+                return torch.where(attn_rows[..., None, None], attention(), op(*lin)[0])
+
+            record(f"{variant}_core{p:g}_fwdbwd", fwd_bwd(core, [qa, ka, va, *lin]))
+            with torch.no_grad():
+                if f"{variant}_fla_fwd" not in row:
+                    fla = fla_direct(variant)
+                    record(f"{variant}_fla_fwd", lambda fla=fla, lin=lin: fla(*lin))
+                    record(f"{variant}_lin_fwd", lambda op=op, lin=lin: op(*lin))
+                record(f"{variant}_core{p:g}_fwd", core)
+
         mask = flex.block_mask(attn_rows, None, B, T, T, torch.device(DEV))
 
         def flex_only(mask=mask):
             return flex._flex()(*heads, block_mask=mask)
 
-        def attention(attn_rows=attn_rows):
-            return ops.causal_attention(qa, ka, va, query_mask=attn_rows)
-
-        row[f"flex{p:g}_fwd"] = median_ms(flex_only)
-        row[f"flex{p:g}_fwdbwd"] = median_ms(fwd_bwd(flex_only, [qa, ka, va]))
-        row[f"attn{p:g}_fwdbwd"] = median_ms(fwd_bwd(attention, [qa, ka, va]))
-        for variant in ("tg", "tm"):
-            lin = linear_inputs(variant, B, T, gen, grad=True)
-            op = linear_op(variant)
-            if f"{variant}_lin_fwdbwd" not in row:
-                fla = fla_direct(variant)
-                with torch.no_grad():
-                    row[f"{variant}_fla_fwd"] = median_ms(lambda fla=fla, lin=lin: fla(*lin))
-                    row[f"{variant}_lin_fwd"] = median_ms(lambda op=op, lin=lin: op(*lin))
-                row[f"{variant}_lin_fwdbwd"] = median_ms(fwd_bwd(lambda op=op, lin=lin: op(*lin)[0], lin))
-
-            def core(op=op, lin=lin, attention=attention, attn_rows=attn_rows):
-                return torch.where(attn_rows[..., None, None], attention(), op(*lin)[0])
-
-            with torch.no_grad():
-                row[f"{variant}_core{p:g}_fwd"] = median_ms(core)
-            row[f"{variant}_core{p:g}_fwdbwd"] = median_ms(fwd_bwd(core, [qa, ka, va, *lin]))
+        record(f"attn{p:g}_fwdbwd", fwd_bwd(attention, [qa, ka, va]))
+        record(f"flex{p:g}_fwdbwd", fwd_bwd(flex_only, [qa, ka, va]))
+        with torch.no_grad():
+            record(f"flex{p:g}_fwd", flex_only)
     return row
 
 
 def print_mixer_row(r: dict, rows: list[float]) -> None:
+    r = {**dict.fromkeys(mixer_keys(rows), float("nan")), **r}
     T = r["T"]
     print(f"\n== mixer core, T={T}, B={r['B']}, H={H}, D={D}, bf16 (ms) ==")
     print(f"  SDPA causal           fwd {r['sdpa_fwd']:7.3f}   fwd+bwd {r['sdpa_fwdbwd']:7.3f}")
