@@ -81,6 +81,8 @@ def generate(
         streamer=streamer,
         return_dict_in_generate=True,
         pad_token_id=tokenizer.eos_token_id,
+        # ids past the tokenizer's (the vocabulary is padded for fast matmuls) have no text: never produce them
+        suppress_tokens=list(range(len(tokenizer), model.config.vocab_size)) or None,
         **sampling,
     )
     cache = getattr(out, CACHE_FIELD)

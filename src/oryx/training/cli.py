@@ -90,11 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
-    from transformers.utils import logging as hf_logging
-
     from oryx.training.trainer import TrainingDiverged, train  # heavy imports only once the config is good
-
-    hf_logging.disable_progress_bar()  # our own bar is enough; save/load bars would break it
 
     try:
         result = train(config, resume=resume, overwrite=args.overwrite)

@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 from oryx.configuration import OryxConfig
 from oryx.data import PackedDataset, load_tokenizer, load_tokens
@@ -235,6 +236,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
         TrainingDiverged: NaN/inf loss or gradient; the last good checkpoint is left as it was.
     """
     started = time.perf_counter()
+    hf_logging.disable_progress_bar()  # our bar is enough; save_pretrained's would break it
     config.check()
     if config.seed < 0:
         raise ConfigError(f"seed must be >= 0, got {config.seed}")
