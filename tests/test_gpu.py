@@ -5,11 +5,15 @@ the same values (bf16 inputs upcast exactly), then compares outputs, final state
 Skipped without CUDA; the fla checks also without fla-core. Run on a GPU machine with ``pytest -m gpu -s
 tests/test_gpu.py`` (``-s`` prints every measured error; benchmarks/RESULTS.md records a run).
 
-Tolerances, per path and dtype (measured on an H100; the numbers printed by a run are the evidence):
-- fla (gated delta, scalar decay), float32: fla's kernels use TF32 tensor-core dots for float32 inputs, so float32 is
-  *not* exact there: ≤ 5e-3. bfloat16: ≤ 2e-2 for values and gradients (dg/dβ sum many bf16 products).
-- flex / SDPA attention, float32: ≤ 1e-5 (IEEE float32 dots). bfloat16: ≤ 1e-2.
-- Unselected attention rows must be exact zeros, values and gradients (compared with ==, not a tolerance).
+Tolerances, per path and dtype (H100, torch 2.11, Triton 3.6, fla-core 0.6.0; benchmarks/RESULTS.md has the run):
+- flex / SDPA attention: float32 ≤ 1e-5 (measured ≤ 9e-7: IEEE float32), bfloat16 ≤ 1e-2 (measured ≤ 3.2e-3), values
+  and gradients. Unselected rows must be exact zeros, output and query gradient (compared with ==).
+- fla fused recurrent (decoding, short inference calls): float32 ≤ 1e-5 (measured ≤ 1.1e-7: no matrix units), bfloat16
+  ≤ 1e-2 (measured ≤ 1.7e-3).
+- fla chunked (training, prefill): float32 ≤ 5e-3, because Triton runs float32 dots as TF32 on Ampere and later;
+  bfloat16 ≤ 2e-2 (dg/dβ sum many bf16 products). Expected bounds, not yet measured: the first H100 runs ran out of
+  device time while fla compiled and tuned these kernels. Until they pass there, Hopper + Triton < 3.7.1 needs
+  ORYX_FLA_HOPPER_BACKWARD=1 to train on fla (these tests set it; see oryx/ops/backends/fla.py).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from conftest import rel_err
 
 from oryx import ops
 from oryx.ops import dispatch
+from oryx.ops.backends.fla import HOPPER_BACKWARD_ENV
 
 pytestmark = [
     pytest.mark.gpu,
@@ -31,6 +36,7 @@ pytestmark = [
 
 DEV = "cuda"
 LINEAR_TOL = {torch.float32: 5e-3, torch.bfloat16: 2e-2}
+RECURRENT_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 ATTN_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -98,9 +104,10 @@ def test_auto_picks_fast_backends_on_cuda_and_env_forces_torch(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op", ["gated_delta_rule", "scalar_decay_rule"])
 @pytest.mark.parametrize(("B", "T", "state"), [(2, 257, True), (3, 100, False)])
-def test_linear_chunked_values_and_gradients(op, dtype, B, T, state, gen):
+def test_linear_chunked_values_and_gradients(op, dtype, B, T, state, gen, monkeypatch):
     """Training path: fla's chunked kernels (on Hopper with Triton < 3.7.1: its backward with the guard lifted)."""
     needs_fla()
+    monkeypatch.setenv(HOPPER_BACKWARD_ENV, "1")
     tensors, h0 = linear_inputs(op, B, T, 4, 128, gen, state)
     (fast, ref) = leaves(*tensors, h0, dtype=dtype)
     o, s = run_linear(op, fast[:-1], fast[-1], "fla")
@@ -130,8 +137,8 @@ def test_linear_inference_fused_recurrent(op, dtype, T, gen):
         o, s = run_linear(op, [t.to(DEV, dtype) for t in tensors], h0.to(DEV), "fla")
         o_ref, s_ref = run_linear(op, [t.to(DEV, dtype).double() for t in tensors], h0.to(DEV).double(), "torch")
     print(f"\n{op} {dtype} fused recurrent T={T}")
-    check("o", o, o_ref, LINEAR_TOL[dtype])
-    check("final state", s, s_ref, LINEAR_TOL[dtype])
+    check("o", o, o_ref, RECURRENT_TOL[dtype])
+    check("final state", s, s_ref, RECURRENT_TOL[dtype])
 
 
 def test_linear_training_with_head_dim_64_stays_correct(gen):
@@ -195,19 +202,20 @@ def test_attention_values_gradients_and_exact_zero_rows(dtype, Tq, Tk, kind, pad
     fast, ref = leaves(q, k, v, dtype=dtype)
     o = ops.causal_attention(*fast, query_mask=qm_d, key_mask=km_d, backend="flex")
     o_ref = ops.causal_attention(*ref, query_mask=qm_d, key_mask=km_d, backend="torch")
-    do = torch.randn(o.shape, generator=gen).to(DEV)
-    (o.float() * do).sum().backward()
-    (o_ref * do.double()).sum().backward()
     print(f"\nattention {dtype} Tq={Tq} Tk={Tk} rows={kind} padded={padded}")
     tol = ATTN_TOL[dtype]
-    if o_ref.norm() > 0:
+    if kind != "none":  # with no row selected the reference returns constant zeros, without a graph
+        do = torch.randn(o.shape, generator=gen).to(DEV)
+        (o.float() * do).sum().backward()
+        (o_ref * do.double()).sum().backward()
         check("o", o, o_ref, tol)
         for name, a, b in zip(["dq", "dk", "dv"], fast, ref, strict=True):
             check(name, a.grad, b.grad, tol)
     if qm is not None:
         # Unselected rows: exact zeros in the output and in the query gradient.
         assert torch.equal(o[~qm_d], torch.zeros_like(o[~qm_d]))
-        assert torch.equal(fast[0].grad[~qm_d], torch.zeros_like(fast[0].grad[~qm_d]))
+        if fast[0].grad is not None:
+            assert torch.equal(fast[0].grad[~qm_d], torch.zeros_like(fast[0].grad[~qm_d]))
 
 
 def test_block_mask_gives_work_only_to_selected_query_blocks():
@@ -236,6 +244,7 @@ def test_model_forward_backward_and_cached_decoding_match_reference(variant, gen
     """A small Oryx model (fp32) with the training mix: loss gradients on the fast paths ≈ reference; cached decoding
     token by token with switches ≈ the full forward (fused recurrent steps + SDPA rows)."""
     needs_fla()
+    monkeypatch.setenv(HOPPER_BACKWARD_ENV, "1")
     from oryx import OryxConfig, OryxForCausalLM
     from oryx.cache import OryxCache
     from oryx.schedule import parse
@@ -258,7 +267,7 @@ def test_model_forward_backward_and_cached_decoding_match_reference(variant, gen
     loss_fast, grads_fast = loss_and_grads()
     monkeypatch.setenv(dispatch.ENV_VAR, "torch")
     loss_ref, grads_ref = loss_and_grads()
-    monkeypatch.delenv(dispatch.ENV_VAR)
+    monkeypatch.setenv(dispatch.ENV_VAR, "auto")
     print(f"\nmodel {variant} fp32 T={T} training mix")
     check("loss", loss_fast, loss_ref, 1e-3)
     flat_fast = torch.cat([g.flatten() for g in grads_fast.values()])
