@@ -1,0 +1,53 @@
+"""Evaluation: task generators (``oryx.eval.tasks``) and model-independent scoring (``oryx.eval.scoring``).
+
+Every task yields text (or, for MQAR, token ids) plus the context/prompt boundary that the paper's cross-mode
+protocol needs (paper-notes.md §5.1): ``protocol_modes`` turns boundaries into a ``[B, T]`` modes tensor and
+``protocol_schedule`` into an ``oryx.schedule`` spec for generation.
+"""
+
+from oryx.eval import scoring, tasks
+from oryx.eval.scoring import (
+    MAX_GEN_TOKENS,
+    contains,
+    cut_at_stop,
+    exact_word_match,
+    mc_accuracy,
+    mc_predictions,
+    target_perplexity,
+)
+from oryx.eval.tasks import (
+    MQAR_TEST_GRID,
+    MQAR_TRAIN_MIX,
+    PROTOCOLS,
+    attention_fraction,
+    make_mqar,
+    make_mqar_suite,
+    mqar_accuracy,
+    mqar_modes,
+    protocol_modes,
+    protocol_schedule,
+    write_jsonl,
+)
+
+__all__ = [
+    "MAX_GEN_TOKENS",
+    "MQAR_TEST_GRID",
+    "MQAR_TRAIN_MIX",
+    "PROTOCOLS",
+    "attention_fraction",
+    "contains",
+    "cut_at_stop",
+    "exact_word_match",
+    "make_mqar",
+    "make_mqar_suite",
+    "mc_accuracy",
+    "mc_predictions",
+    "mqar_accuracy",
+    "mqar_modes",
+    "protocol_modes",
+    "protocol_schedule",
+    "scoring",
+    "target_perplexity",
+    "tasks",
+    "write_jsonl",
+]
