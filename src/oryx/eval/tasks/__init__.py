@@ -12,6 +12,7 @@ from oryx.eval.tasks.common import (
     split_sentences,
     write_jsonl,
 )
+from oryx.eval.tasks.lambada import STOPWORDS, LambadaSample, make_lambada
 from oryx.eval.tasks.mqar import (
     IGNORE_INDEX,
     MQAR_TEST_GRID,
@@ -27,22 +28,37 @@ from oryx.eval.tasks.mqar import (
     mqar_leakage,
     mqar_modes,
 )
+from oryx.eval.tasks.next_sentence import NextSentenceSample, make_next_sentence
+from oryx.eval.tasks.niah import NIAH_TASKS, NiahSample, make_niah
+from oryx.eval.tasks.records import ATTRIBUTES, FORMATS, RecordSample, make_records
 
 __all__ = [
+    "ATTRIBUTES",
+    "FORMATS",
     "IGNORE_INDEX",
     "MQAR_TEST_GRID",
     "MQAR_TEST_SEED",
     "MQAR_TRAIN_MIX",
     "MQAR_TRAIN_SEED",
+    "NIAH_TASKS",
     "PROTOCOLS",
+    "STOPWORDS",
+    "LambadaSample",
     "MQARBatch",
     "MQARConfig",
+    "NextSentenceSample",
+    "NiahSample",
+    "RecordSample",
     "TextTokenizer",
     "attention_fraction",
     "encode_pieces",
     "held_out_documents",
+    "make_lambada",
     "make_mqar",
     "make_mqar_suite",
+    "make_next_sentence",
+    "make_niah",
+    "make_records",
     "mqar_accuracy",
     "mqar_hits",
     "mqar_leakage",
