@@ -102,6 +102,15 @@ def test_mqar_labels_are_the_values_bound_in_the_context(seq_len, num_kv, random
             assert set(rest) <= {0}
 
 
+def test_mqar_causal_lm_labels_give_the_same_loss(seed):
+    b = make_mqar(8, 64, 4, vocab=128, seed=seed)
+    logits = torch.randn(8, 64, 128, generator=torch.Generator().manual_seed(seed))
+    direct = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b.labels.flatten(), ignore_index=-100)
+    hf = b.causal_lm_labels  # what a model that shifts internally (HF, OryxForCausalLM) computes from it:
+    shifted = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), hf[:, 1:].flatten(), ignore_index=-100)
+    assert torch.allclose(direct, shifted) and (hf != IGNORE_INDEX).sum() == 8 * 4
+
+
 def test_mqar_slots_follow_the_power_law(seed):
     b = make_mqar(4000, 64, 4, random_fill=False, seed=seed)
     occupied = (b.labels[:, 8::2] != IGNORE_INDEX).sum(dim=0)  # [28 slots]

@@ -62,7 +62,8 @@ class MQARBatch:
     Attributes:
         input_ids: LongTensor [n, L].
         labels: LongTensor [n, L]; the value bound to the key at each of the K query positions, −100 elsewhere
-            (already aligned: ``labels[:, t]`` is the target of the prediction made *at* position t).
+            (already aligned, as Zoology's: ``labels[:, t]`` is the target of the prediction made *at* position
+            t; use ``causal_lm_labels`` for a model that shifts labels itself).
         context_len: 2K, the length of the key–value context block (positions [0, 2K)).
         num_kv: K.
         vocab_size: V.
@@ -77,6 +78,15 @@ class MQARBatch:
     @property
     def seq_len(self) -> int:
         return self.input_ids.shape[1]
+
+    @property
+    def causal_lm_labels(self) -> torch.Tensor:
+        """``labels`` moved one position right [n, L], for models that shift labels themselves (Hugging Face's
+        ``model(input_ids, labels=...)``, ``OryxForCausalLM`` included); passing ``labels`` there would score
+        every query one token late. Queries sit at slot starts (≤ L − 2), so nothing falls off the end."""
+        shifted = torch.full_like(self.labels, IGNORE_INDEX)
+        shifted[:, 1:] = self.labels[:, :-1]
+        return shifted
 
 
 def _distinct(rng: np.random.Generator, n: int, k: int, low: int, high: int) -> np.ndarray:
