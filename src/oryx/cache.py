@@ -14,7 +14,7 @@ rotary position of the next token of every row).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -23,13 +23,53 @@ from oryx.configuration import OryxConfig
 
 @dataclass
 class LayerState:
+    """One layer's cache. The KV cache lives in buffers that grow geometrically, so appending a token costs O(1)
+    amortised (a `torch.cat` per token would copy the whole cache every step); `key`/`value` are views of the
+    filled part."""
+
     conv: torch.Tensor | None = None
-    key: torch.Tensor | None = None
-    value: torch.Tensor | None = None
     recurrent: torch.Tensor | None = None
+    key_buffer: torch.Tensor | None = None
+    value_buffer: torch.Tensor | None = None
+    kv_len: int = 0
+
+    @property
+    def key(self) -> torch.Tensor | None:
+        return None if self.key_buffer is None else self.key_buffer[:, : self.kv_len]
+
+    @property
+    def value(self) -> torch.Tensor | None:
+        return None if self.value_buffer is None else self.value_buffer[:, : self.kv_len]
+
+    def append_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v [B, T, H, d] and return every cached key and value, these included."""
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # Differentiable use of a cache (rare): in-place writes would break autograd, so concatenate.
+            keys = k if self.key is None else torch.cat([self.key, k], dim=1)
+            values = v if self.value is None else torch.cat([self.value, v], dim=1)
+            self.key_buffer, self.value_buffer, self.kv_len = keys, values, keys.shape[1]
+            return keys, values
+        end = self.kv_len + k.shape[1]
+        if self.key_buffer is None or end > self.key_buffer.shape[1]:
+            capacity = max(end, 2 * (0 if self.key_buffer is None else self.key_buffer.shape[1]), 64)
+            self.key_buffer = _grow(self.key_buffer, self.kv_len, capacity, k)
+            self.value_buffer = _grow(self.value_buffer, self.kv_len, capacity, v)
+        self.key_buffer[:, self.kv_len : end] = k
+        self.value_buffer[:, self.kv_len : end] = v
+        self.kv_len = end
+        return self.key, self.value
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        names = ("conv", "recurrent", "key_buffer", "value_buffer")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+def _grow(buffer: torch.Tensor | None, filled: int, capacity: int, like: torch.Tensor) -> torch.Tensor:
+    """A buffer of `capacity` positions holding the first `filled` positions of `buffer`."""
+    grown = like.new_empty(like.shape[0], capacity, *like.shape[2:])
+    if buffer is not None:
+        grown[:, :filled] = buffer[:, :filled]
+    return grown
 
 
 def _fingerprint(config: OryxConfig) -> tuple:
@@ -93,10 +133,11 @@ class OryxCache:
             self.key_mask = self.key_mask.index_select(0, beam_idx.to(self.key_mask.device))
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes held by each kind of state, summed over layers: {"kv", "recurrent", "conv"}."""
+        """Bytes allocated for each kind of state, summed over layers: {"kv", "recurrent", "conv"} (the KV buffers
+        include their spare capacity)."""
         total = {"kv": 0, "recurrent": 0, "conv": 0}
         for layer in self.layers:
             for name, tensor in layer.tensors().items():
-                kind = "kv" if name in ("key", "value") else name
+                kind = "kv" if name in ("key_buffer", "value_buffer") else name
                 total[kind] += tensor.numel() * tensor.element_size()
         return total

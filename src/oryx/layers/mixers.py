@@ -69,9 +69,7 @@ def _attend(q: torch.Tensor | None, k, v, ctx: MixContext, state: LayerState | N
     q is None when no row of this forward is in attention mode: the keys are still cached, nothing is computed.
     """
     if state is not None:
-        if state.key is not None:
-            k, v = torch.cat([state.key, k], dim=1), torch.cat([state.value, v], dim=1)
-        state.key, state.value = k, v
+        k, v = state.append_kv(k, v)
     if q is None:
         return None
     return causal_attention(q, k, v, query_mask=ctx.attn_rows, key_mask=ctx.key_mask)
