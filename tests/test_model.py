@@ -355,16 +355,16 @@ def test_gradient_checkpointing_gives_same_gradients(gen):
 
 
 def test_attention_work_scales_with_attention_rows(gen):
-    """10% of tokens in attention (128-token chunks): the model computes ≤ 15% of full causal attention's scores."""
+    """10% of tokens in attention (2 of 20 128-token chunks): the model computes ≤ 15% of full causal attention's
+    scores (≈ 10.5% expected; 8 sequences so that one unlucky draw of late chunks cannot decide the test)."""
     config = tiny_config("tg", num_hidden_layers=1, max_position_embeddings=4096)
     model = OryxForCausalLM(config).eval()
-    B, T = 4, 2048
+    B, T = 8, 2560
     modes = torch.ones(B, T, dtype=torch.long)
-    chunks = T // 128
     for b in range(B):
-        chosen = torch.randperm(chunks, generator=gen)[: round(0.1 * chunks)]
-        for c in chosen.tolist():
+        for c in torch.randperm(T // 128, generator=gen)[:2].tolist():
             modes[b, c * 128 : (c + 1) * 128] = ATTN
+    assert (modes == ATTN).float().mean() == 0.1
     ids = torch.randint(0, 97, (B, T), generator=gen)
     with torch.no_grad(), count_score_elements() as counter:
         model(ids, modes=modes)

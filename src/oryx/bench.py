@@ -1,8 +1,16 @@
-"""`oryx bench`: forward+backward throughput of an Oryx preset per mode, with the same-size Transformer baseline
-measured in the same run, reported as ratios (never a timed test; results go to benchmarks/RESULTS.md).
+"""`oryx bench`: training throughput (forward+backward) of Oryx presets per mode, with baselines measured in the same
+run and reported as ratios. Benchmarks are never timed tests; results go to benchmarks/RESULTS.md.
 
-Modes: all-attention, all-linear, and the training mix (`chunks:size=128,p_attn=0.25`). One sequence per step, so
-the time per step is the time per sequence; linear cost shows as t(T)/t(1024) ≈ T/1024.
+Default (the CPU benchmark): oryx-tg-small in all-attention, all-linear and the training mix
+(`chunks:size=128,p_attn=0.25`) against transformer-small, one sequence per step at T = 512 … 4096, so the time per
+step is the time per sequence (linear cost shows as t(T)/t(1024) ≈ T/1024).
+
+GPU training throughput (issue 3):
+    oryx bench --presets oryx-tg-130m oryx-tm-130m transformer-130m gdn-130m mamba2-130m --modes mix \
+        --lengths 2048 8192 --tokens 32768 --device cuda --dtype bfloat16
+MFU counts 6·N (N = active parameters incl. the tied LM head) plus 6·L·D·T·f per token for the attention rows
+(f = fraction of tokens in attention; causal, so half of PaLM's 12·L·D·T), against the card's dense bf16 peak.
+The recurrences' own FLOPs are not counted (small next to the projections at these widths).
 """
 
 from __future__ import annotations
@@ -11,36 +19,59 @@ import argparse
 import json
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 
 from oryx.configuration import OryxConfig
 from oryx.modeling import OryxForCausalLM
-from oryx.schedule import parse
+from oryx.params import param_report
+from oryx.schedule import attention_fraction, parse
 
 MODES = {"attn": "attn", "linear": "linear", "mix": "chunks:size=128,p_attn=0.25"}
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="oryx-tg-small", help="Oryx preset to time (default: oryx-tg-small)")
     parser.add_argument(
-        "--baseline", default="transformer", help="baseline family of the same size (default: transformer)"
+        "--presets",
+        nargs="+",
+        default=["oryx-tg-small", "transformer-small"],
+        help="presets to time; a baseline runs its one mode (default: oryx-tg-small transformer-small)",
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=list(MODES),
+        choices=list(MODES),
+        help="modes to time for Oryx presets (default: attn linear mix)",
     )
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument(
+        "--tokens", type=int, default=0, help="tokens per step (batch = tokens // T); 0 = one sequence per step"
+    )
+    parser.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary (CPU default 8192)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per point (median reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="bfloat16 = autocast with float32 weights, as training does",
+    )
+    parser.add_argument("--checkpointing", action="store_true", help="enable gradient checkpointing")
     parser.add_argument("--json", default=None, help="also write the raw numbers to this JSON file")
 
 
-def time_step(model: OryxForCausalLM, ids: torch.Tensor, modes: torch.Tensor | None, repeats: int) -> float:
+def time_step(model: OryxForCausalLM, ids: torch.Tensor, modes: torch.Tensor | None, repeats: int, dtype) -> float:
     """Median seconds of one forward+backward (after one warm-up step)."""
+    autocast = torch.autocast(ids.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        model(ids, modes=modes, labels=ids).loss.backward()
+        with autocast:
+            loss = model(ids, modes=modes, labels=ids).loss
+        loss.backward()
 
     step()
     times = []
@@ -55,58 +86,84 @@ def time_step(model: OryxForCausalLM, ids: torch.Tensor, modes: torch.Tensor | N
     return statistics.median(times)
 
 
+def peak_tflops(device: str) -> float | None:
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
 def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
-    size = args.preset.rpartition("-")[2]
-    max_len = max(args.lengths)
-    models = {
-        "oryx": OryxConfig.from_preset(args.preset, vocab_size=args.vocab_size, max_position_embeddings=max_len),
-        "baseline": OryxConfig.from_preset(
-            f"{args.baseline}-{size}", vocab_size=args.vocab_size, max_position_embeddings=max_len
-        ),
-    }
+    vocab = args.vocab_size or (8192 if args.device == "cpu" else None)
     generator = torch.Generator().manual_seed(0)
+    peak = peak_tflops(args.device)
     results: list[dict] = []
     print(
-        f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} preset={args.preset} "
-        f"baseline={args.baseline}-{size} batch={args.batch}"
+        f"device={args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}) "
+        f"dtype={args.dtype} threads={torch.get_num_threads()} tokens/step={args.tokens or 'one sequence'}"
     )
-    print(f"{'model':<12}{'mode':<8}{'T':>6}{'ms/step':>11}{'tok/s':>10}")
-    for name, config in models.items():
-        model = OryxForCausalLM(config).to(device=args.device, dtype=dtype).train()
-        modes_to_run = MODES if name == "oryx" else {"attn" if config.variant == "transformer" else "linear": None}
+    print(f"{'preset':<18}{'mode':<8}{'T':>6}{'batch':>6}{'ms/step':>11}{'tok/s':>10}{'MFU':>7}")
+    for preset in args.presets:
+        overrides = {"max_position_embeddings": max(args.lengths)}
+        if vocab:
+            overrides["vocab_size"] = vocab
+        config = OryxConfig.from_preset(preset, **overrides)
+        model = OryxForCausalLM(config).to(args.device).train()
+        if args.checkpointing:
+            model.gradient_checkpointing_enable()
+        active = param_report(model, verbose=False)["active_attention_with_embedding"]
+        modes_to_run = (
+            {m: MODES[m] for m in args.modes}
+            if config.is_oryx
+            else {"attn" if config.variant == "transformer" else "linear": None}
+        )
         for mode, spec in modes_to_run.items():
             for T in args.lengths:
-                ids = torch.randint(0, args.vocab_size, (args.batch, T), generator=generator).to(args.device)
-                modes = None if spec is None else parse(spec).modes(args.batch, T, generator=generator).to(args.device)
-                seconds = time_step(model, ids, modes, args.repeats)
+                batch = max(1, args.tokens // T) if args.tokens else 1
+                ids = torch.randint(0, config.vocab_size, (batch, T), generator=generator).to(args.device)
+                modes = None if spec is None else parse(spec).modes(batch, T, generator=generator).to(args.device)
+                only_attn = 1.0 if config.variant == "transformer" else 0.0
+                f_attn = only_attn if modes is None else attention_fraction(modes)
+                seconds = time_step(model, ids, modes, args.repeats, dtype)
+                tokens_per_s = batch * T / seconds
+                flops_per_token = 6 * active + 6 * config.num_hidden_layers * config.hidden_size * T * f_attn
+                mfu = None if peak is None else flops_per_token * tokens_per_s / (peak * 1e12)
                 row = {
-                    "model": name,
+                    "preset": preset,
                     "mode": mode,
                     "T": T,
+                    "batch": batch,
                     "seconds": seconds,
-                    "tokens_per_s": args.batch * T / seconds,
+                    "tokens_per_s": tokens_per_s,
+                    "attention_fraction": f_attn,
+                    "mfu": mfu,
                 }
                 results.append(row)
-                print(f"{name:<12}{mode:<8}{T:>6}{seconds * 1e3:>11.1f}{row['tokens_per_s']:>10.0f}", flush=True)
-    print_ratios(results, args.lengths)
+                mfu_text = "" if mfu is None else f"{mfu:.1%}"
+                print(
+                    f"{preset:<18}{mode:<8}{T:>6}{batch:>6}{seconds * 1e3:>11.1f}{tokens_per_s:>10.0f}{mfu_text:>7}",
+                    flush=True,
+                )
+        del model
+    print_ratios(results)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "results": results}, fh, indent=1)
     return 0
 
 
-def print_ratios(results: list[dict], lengths: list[int]) -> None:
-    time_of = {(r["model"], r["mode"], r["T"]): r["seconds"] for r in results}
-    base_mode = next(r["mode"] for r in results if r["model"] == "baseline")
-    print("\nratios")
-    if 1024 in lengths:
-        for T in lengths:
-            print(f"  all-linear t({T})/t(1024) = {time_of['oryx', 'linear', T] / time_of['oryx', 'linear', 1024]:.2f}")
-    for T in lengths:
-        base = time_of["baseline", base_mode, T]
-        print(
-            f"  T={T}: mix/baseline = {time_of['oryx', 'mix', T] / base:.2f}   "
-            f"attn/baseline = {time_of['oryx', 'attn', T] / base:.2f}   "
-            f"linear/baseline = {time_of['oryx', 'linear', T] / base:.2f}"
-        )
+def print_ratios(results: list[dict]) -> None:
+    """Time ratios against the baseline rows of the same T (and all-linear scaling against T = 1024)."""
+    time_of = {(r["preset"], r["mode"], r["T"]): r["seconds"] for r in results}
+    baselines = [r for r in results if r["preset"].startswith("transformer")]
+    print("\nratios (time; < 1 means faster than the Transformer baseline)")
+    for r in results:
+        reference = time_of.get((r["preset"], "linear", 1024))
+        if r["mode"] == "linear" and reference and r["preset"].startswith("oryx"):
+            print(f"  {r['preset']} all-linear t({r['T']})/t(1024) = {r['seconds'] / reference:.2f}")
+    for base in baselines:
+        for r in results:
+            if r["T"] == base["T"] and r is not base:
+                ratio = r["seconds"] / base["seconds"]
+                print(f"  T={r['T']}: {r['preset']} {r['mode']} / {base['preset']} = {ratio:.2f}")
