@@ -177,8 +177,8 @@ def test_resume_in_process_repeats_the_losses_and_data_position(corpus, tmp_path
     reference, resumed = losses(Path(full.out_dir)), losses(part)
     assert sorted(resumed) == list(range(5, 13))
     assert all(resumed[s] == reference[s] for s in resumed), (reference, resumed)
-    final = [r for r in read_metrics(part) if r["kind"] == "final"][0]
-    assert final["val_ppl_attn"] == [r for r in read_metrics(full.out_dir) if r["kind"] == "final"][0]["val_ppl_attn"]
+    finals = [next(r for r in read_metrics(d) if r["kind"] == "final") for d in (part, full.out_dir)]
+    assert finals[0]["val_ppl_attn"] == finals[1]["val_ppl_attn"]
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_losses(corpus, tmp_path):
@@ -206,8 +206,12 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(corpus, tmp_path):
     reference, after = losses(full_dir), losses(killed_dir)
     assert sorted(after) == list(range(1, 41))
     assert max(abs(after[s] - reference[s]) for s in reference) <= 1e-6
-    evals = [(r["step"], r["val_ppl_attn"], r["val_ppl_linear"]) for r in read_metrics(killed_dir) if "val_ppl_attn" in r]
-    assert evals == [(r["step"], r["val_ppl_attn"], r["val_ppl_linear"]) for r in read_metrics(full_dir) if "val_ppl_attn" in r]
+    evals = [
+        (r["step"], r["val_ppl_attn"], r["val_ppl_linear"]) for r in read_metrics(killed_dir) if "val_ppl_attn" in r
+    ]
+    assert evals == [
+        (r["step"], r["val_ppl_attn"], r["val_ppl_linear"]) for r in read_metrics(full_dir) if "val_ppl_attn" in r
+    ]
 
 
 def test_resume_refuses_changed_training_settings(corpus, tmp_path, capsys):
@@ -276,7 +280,17 @@ def test_two_gloo_processes_match_one_process(corpus, tmp_path, parallel):
     single = train(tiny(corpus, tmp_path / "single", steps=6, save_every=6, eval_every=3))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     run = subprocess.run(
-        [*launcher, "-m", "oryx.cli", "train", *cli_args(config), "--parallel", parallel, "--out-dir", str(tmp_path / "dp")],
+        [
+            *launcher,
+            "-m",
+            "oryx.cli",
+            "train",
+            *cli_args(config),
+            "--parallel",
+            parallel,
+            "--out-dir",
+            str(tmp_path / "dp"),
+        ],
         env=env,
         capture_output=True,
         text=True,

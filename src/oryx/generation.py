@@ -59,7 +59,8 @@ def generate(
     """Generate from `prompt`; returns the text, the token counts, the attention fraction and the state memory.
 
     The attention fraction counts every token the model processed (the prompt and all generated tokens but the
-    last, which is never fed back) under `schedule`; memory is `OryxCache.memory_bytes()` at the end.
+    last, which is never fed back) under `schedule`; memory is `OryxCache.memory_bytes()` at the end (allocated
+    bytes per kind of state) and the KV cache's filled part.
     """
     import torch
 
@@ -97,7 +98,14 @@ def generate(
         "processed_tokens": processed,
         "attention_fraction": attention_fraction(modes),
         "memory_bytes": cache.memory_bytes(),
+        "kv_bytes_in_use": _kv_in_use(cache),
     }
+
+
+def _kv_in_use(cache: Any) -> int:
+    """Bytes of the KV cache's filled part (`memory_bytes()["kv"]` also counts the buffers' spare capacity)."""
+    views = [t for layer in cache.layers for t in (layer.key, layer.value) if t is not None]
+    return sum(t.numel() * t.element_size() for t in views)
 
 
 def _mib(n: int) -> str:
@@ -144,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"\n--- {folder}: schedule {result['schedule']}; {result['prompt_tokens']} prompt + {result['new_tokens']} "
         f"generated tokens; attention for {result['attention_fraction']:.1%} of the {result['processed_tokens']} "
-        f"processed tokens; state memory: KV cache {_mib(memory['kv'])}, recurrent {_mib(memory['recurrent'])}, "
+        f"processed tokens; state memory: KV cache {_mib(result['kv_bytes_in_use'])} in use "
+        f"({_mib(memory['kv'])} allocated), recurrent {_mib(memory['recurrent'])}, "
         f"conv {_mib(memory['conv'])}"
     )
     if args.json:
