@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from oryx import ATTN, LINEAR, OryxConfig, OryxForCausalLM
 from oryx.cli import main
-from oryx.data import byte_tokenizer, load_documents, load_tokens
+from oryx.data import byte_tokenizer, load_documents, load_tokens, train_bpe
 from oryx.evaluation import evaluate, switching_curves, unigram_nll
+from oryx.evaluation.perplexity import token_bytes
 from oryx.evaluation.switching import curve_name
 from oryx.schedule import parse
 
@@ -42,14 +43,21 @@ def saved(tmp_path_factory) -> tuple[Path, Path]:
     return folder / "ckpt", folder / "val.txt"
 
 
-def direct_nll(model, tokens, seq_len: int, n: int, modes: torch.Tensor) -> float:
-    """Mean NLL of windows 0..n-1 (window i = tokens[i*T : i*T+T+1]) computed plainly, one window at a time."""
+def spread(tokens, seq_len: int, n: int) -> list[np.ndarray]:
+    """n windows (window i = tokens[i*T : i*T+T+1]) spread evenly over the stream, first and last included."""
+    total = (len(tokens) - 1) // seq_len
+    starts = [round(k * (total - 1) / (n - 1)) * seq_len for k in range(n)]
+    return [np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts]
+
+
+def direct_nll(model, windows: list[np.ndarray], modes: torch.Tensor) -> float:
+    """Mean NLL of the windows' targets computed plainly, one window at a time."""
     total = 0.0
-    for i in range(n):
-        ids = torch.tensor(np.asarray(tokens[i * seq_len : i * seq_len + seq_len + 1], dtype=np.int64))[None]
+    for i, window in enumerate(windows):
+        ids = torch.from_numpy(window)[None]
         logits = model(ids[:, :-1], modes=modes[i : i + 1]).logits
         total += F.cross_entropy(logits[0].double(), ids[0, 1:], reduction="sum").item()
-    return total / (n * seq_len)
+    return total / sum(len(w) - 1 for w in windows)
 
 
 @pytest.mark.parametrize("schedule", ["attn", "linear", "chunks:size=8,p_attn=0.5", "tail:attn=5"])
@@ -62,13 +70,13 @@ def test_eval_ppl_equals_a_direct_computation(saved, tmp_path, schedule):
     model = OryxForCausalLM.from_pretrained(ckpt).eval()
     tokens = load_tokens(val, byte_tokenizer())
     modes = parse(schedule).modes(10, 24, generator=torch.Generator().manual_seed(3), prompt_length=24)
+    windows = spread(tokens, 24, 10)
     with torch.no_grad():
-        expected = direct_nll(model, tokens, 24, 10, modes)
+        expected = direct_nll(model, windows, modes)
     assert result["tokens"] == 240
     assert result["nll"] == pytest.approx(expected, rel=1e-6)
     assert result["perplexity"] == pytest.approx(math.exp(expected), rel=1e-6)
-    text = byte_tokenizer().decode(np.asarray(tokens[1:241]).tolist(), skip_special_tokens=True)
-    assert result["bytes"] == len(text.encode("utf-8"))
+    assert result["bytes"] == sum(int((w[1:] < 256).sum()) for w in windows)  # byte tokens; 256 = <|endoftext|>
     assert result["bits_per_byte"] == pytest.approx(expected * 240 / math.log(2) / result["bytes"], rel=1e-6)
 
 
@@ -77,9 +85,17 @@ def test_bits_per_byte_counts_utf8_bytes_of_multibyte_text(saved):
     model = OryxForCausalLM.from_pretrained(ckpt).eval()
     tokenizer = byte_tokenizer()
     tokens = load_tokens(val, tokenizer)
-    result = evaluate(model, tokens, 16, "linear", tokenizer=tokenizer)  # the whole stream, multi-byte tail included
+    result = evaluate(model, tokens, 16, "linear", tokenizer=tokenizer)  # every window: the targets tokens[1 : N*T+1]
     text = tokenizer.decode(np.asarray(tokens[1 : result.tokens + 1]).tolist(), skip_special_tokens=True)
     assert "ü" in text and result.bytes == len(text.encode("utf-8")) > len(text)
+
+
+def test_token_bytes_of_a_trained_bpe_match_its_decoding():
+    tokenizer = train_bpe(["naïve café — ünïcödé, the quick brown fox " * 20, "jumps over the lazy dog"], 300)
+    ids = tokenizer("Über naïve foxes — café <|endoftext|> lazy dogs").input_ids
+    table = token_bytes(tokenizer)
+    assert int(table[ids].sum()) == len(tokenizer.decode(ids, skip_special_tokens=True).encode("utf-8"))
+    assert token_bytes(object()) is None
 
 
 def test_unigram_floor():
@@ -105,8 +121,8 @@ def test_switching_curves_match_full_forwards_with_switches(saved):
                 modes = torch.full((1, length), first)
                 modes[:, at:] = second
                 per_position = np.zeros(length)
-                for i in range(5):
-                    ids = torch.tensor(np.asarray(tokens[i * length : i * length + length + 1], dtype=np.int64))[None]
+                for window in spread(tokens, length, 5):
+                    ids = torch.from_numpy(window)[None]
                     logits = model(ids[:, :-1], modes=modes).logits
                     per_position += F.cross_entropy(logits[0], ids[0, 1:], reduction="none").numpy() / 5
                 got = curves.nll[curve_name(first, second, at)]

@@ -51,7 +51,6 @@ def tiny(corpus: Path, out_dir: Path, **overrides) -> TrainConfig:
         eval_every=6,
         save_every=4,
         eval_tokens=128,
-        final_eval_tokens=128,
         report=False,
         progress=False,
         tensorboard=False,
@@ -124,11 +123,12 @@ def test_config_file_then_flags_and_unknown_key_hint(tmp_path):
         TrainConfig.from_dict({"seq_len": True})
 
 
-def test_shipped_configs_are_valid():
+def test_shipped_configs_are_valid_and_the_default_one_is_the_default():
     files = sorted((ROOT / "configs").glob("*.yaml"))
     assert files
     for path in files:
         TrainConfig.from_yaml(path).check()
+    assert TrainConfig.from_yaml(ROOT / "configs" / "oryx-tg-default.yaml") == TrainConfig()
 
 
 def test_help_documents_every_key(capsys):

@@ -81,8 +81,8 @@ def add_switching_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--switch-at", type=int, nargs="+", default=None, help="switch positions (default: L/4, L/2, 3L/4)"
     )
-    parser.add_argument("--windows", type=int, default=64, help="sequences averaged (default: 64)")
-    parser.add_argument("--smooth", type=int, default=16, help="trailing moving average, in positions (default: 16)")
+    parser.add_argument("--windows", type=int, default=128, help="sequences averaged (default: 128)")
+    parser.add_argument("--smooth", type=int, default=32, help="trailing moving average, in positions (default: 32)")
     parser.add_argument("--out", default=None, help="output folder (default: <checkpoint>/switching)")
 
 

@@ -1,12 +1,16 @@
 """Perplexity and bits per byte of a model on a token stream, under any mode schedule.
 
 The stream is cut as training cuts it (`oryx.data.PackedDataset`): window i is `tokens[i*T : i*T + T + 1]`, the
-model reads its first T tokens and predicts the last T. Consecutive windows therefore score the contiguous targets
-`tokens[1 : N*T + 1]`, each exactly once, each with the context since its window's start.
+model reads its first T tokens and predicts the last T, so every target is scored with the context since its
+window's start. All windows together score every token but the first exactly once. A budget of fewer windows
+(`max_tokens`) takes windows spread evenly over the whole stream, so that a subset samples every document rather
+than only the first.
 
-Bits per byte divide the total negative log-likelihood (in bits) by the UTF-8 bytes of the decoded targets (special
-tokens such as `<|endoftext|>` decode to nothing, so they count no bytes), which makes models with different
-tokenizers comparable.
+Bits per byte divide the total negative log-likelihood (in bits) by the UTF-8 bytes of the evaluated targets' text,
+which makes models with different tokenizers comparable. Special tokens such as `<|endoftext|>` decode to nothing,
+so they count no bytes. For byte-level BPE tokenizers (GPT-2's scheme, and every tokenizer `oryx.data` builds) each
+token's bytes are known exactly, even where a window boundary cuts a multi-byte character; other tokenizers are
+decoded window by window.
 """
 
 from __future__ import annotations
@@ -56,17 +60,24 @@ class PerplexityResult:
         }
 
 
-def num_windows(num_tokens: int, seq_len: int, max_tokens: int | None = None) -> int:
-    """How many windows of `seq_len` targets fit in `num_tokens` tokens (at most `max_tokens` targets)."""
-    n = (num_tokens - 1) // seq_len
-    if max_tokens is not None:
-        n = min(n, max(1, max_tokens // seq_len))
-    return n
+def window_indices(num_tokens: int, seq_len: int, max_tokens: int | None = None) -> np.ndarray:
+    """Indices of the windows evaluated: all `(num_tokens − 1) // seq_len` of them, or, when `max_tokens` allows
+    fewer, that many spread evenly over the stream (first and last included)."""
+    total = (num_tokens - 1) // seq_len
+    n = total if max_tokens is None else min(total, max(1, max_tokens // seq_len))
+    if n == total:
+        return np.arange(total)
+    return np.linspace(0, total - 1, n).round().astype(np.int64)
 
 
 def window(tokens, index: int, seq_len: int) -> np.ndarray:
     """Window `index`: `seq_len + 1` tokens (inputs = all but the last, targets = all but the first)."""
     return np.asarray(tokens[index * seq_len : index * seq_len + seq_len + 1], dtype=np.int64)
+
+
+def evaluated_targets(tokens, seq_len: int, indices: np.ndarray) -> np.ndarray:
+    """The target tokens of the windows `indices`, concatenated [len(indices) · seq_len]."""
+    return np.concatenate([window(tokens, int(i), seq_len)[1:] for i in indices])
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -101,7 +112,7 @@ def evaluate(
     world_size: int = 1,
     reduce: Reduce | None = None,
 ) -> PerplexityResult:
-    """Perplexity of `model` on the first `max_tokens` targets of `tokens` (all of them by default).
+    """Perplexity of `model` on `tokens`: every window, or `max_tokens` targets' worth spread over the stream.
 
     Args:
         model: an `OryxForCausalLM` (or a DDP/FSDP-wrapped one); put in eval mode by the caller.
@@ -116,11 +127,12 @@ def evaluate(
             `reduce` sums a tensor over ranks (every rank runs the same number of forwards, as FSDP requires).
 
     Returns:
-        PerplexityResult over N·T targets (N windows, rounded down to a multiple of world_size).
+        PerplexityResult over N·T targets (N windows, rounded down to a multiple of world_size; see
+        `window_indices`).
     """
     spec = parse(schedule)
-    n = num_windows(len(tokens), seq_len, max_tokens)
-    n -= n % world_size
+    indices = window_indices(len(tokens), seq_len, max_tokens)
+    n = len(indices) - len(indices) % world_size
     if n == 0:
         raise ValueError(f"{len(tokens)} tokens are too few for one window of {seq_len + 1} per rank")
     device = next(model.parameters()).device
@@ -129,19 +141,39 @@ def evaluate(
     share = n // world_size
     total = torch.zeros(2, dtype=torch.float64, device=device)  # [nll sum, target count]
     for start in range(rank * share, (rank + 1) * share, batch_size):
-        stop = min(start + batch_size, (rank + 1) * share)
-        batch = torch.from_numpy(np.stack([window(tokens, i, seq_len) for i in range(start, stop)])).to(device)
+        rows = range(start, min(start + batch_size, (rank + 1) * share))
+        batch = torch.from_numpy(np.stack([window(tokens, int(indices[r]), seq_len) for r in rows])).to(device)
         with autocast(device, precision):
-            nll = token_nll(model, batch[:, :-1], batch[:, 1:], all_modes[start:stop].to(device))
+            nll = token_nll(model, batch[:, :-1], batch[:, 1:], all_modes[rows.start : rows.stop].to(device))
         total += torch.stack([nll.double().sum(), torch.tensor(nll.numel(), dtype=torch.float64, device=device)])
     if reduce is not None:
         total = reduce(total)
     count = int(total[1].item())
     num_bytes = None
     if tokenizer is not None:
-        targets = np.asarray(tokens[1 : n * seq_len + 1], dtype=np.int64).tolist()
-        num_bytes = len(tokenizer.decode(targets, skip_special_tokens=True).encode("utf-8"))
+        targets = [window(tokens, int(i), seq_len)[1:] for i in indices[:n]]
+        table = token_bytes(tokenizer)
+        if table is not None:
+            num_bytes = int(sum(table[t].sum() for t in targets))
+        else:
+            texts = (tokenizer.decode(t.tolist(), skip_special_tokens=True) for t in targets)
+            num_bytes = sum(len(text.encode("utf-8")) for text in texts)
     return PerplexityResult(schedule=str(spec), tokens=count, nll=float(total[0].item()) / count, bytes=num_bytes)
+
+
+def token_bytes(tokenizer) -> np.ndarray | None:
+    """UTF-8 bytes of every token id of a byte-level BPE tokenizer (one vocabulary character per byte; added and
+    special tokens count 0), or None for a tokenizer of another kind."""
+    from tokenizers import decoders
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not isinstance(backend.decoder, decoders.ByteLevel):
+        return None
+    lengths = np.zeros(len(tokenizer), dtype=np.int64)
+    for token, index in tokenizer.get_vocab().items():
+        lengths[index] = len(token)
+    lengths[list(tokenizer.added_tokens_decoder)] = 0
+    return lengths
 
 
 def unigram_nll(train_tokens, eval_tokens, vocab_size: int) -> float:

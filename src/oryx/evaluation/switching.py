@@ -22,7 +22,7 @@ import torch
 
 from oryx.cache import OryxCache
 from oryx.configuration import ATTN, LINEAR
-from oryx.evaluation.perplexity import autocast, num_windows, token_nll, window
+from oryx.evaluation.perplexity import autocast, token_nll, window, window_indices
 
 MODE_NAME = {ATTN: "attn", LINEAR: "linear"}
 
@@ -105,7 +105,7 @@ def switching_curves(
 
     Args:
         model: an Oryx `OryxForCausalLM` (both modes), in eval mode.
-        tokens: 1-D token stream; the first `windows` windows of `length` targets are scored.
+        tokens: 1-D token stream; `windows` windows of `length` targets, spread evenly over it, are scored.
         length: L, positions per sequence (the model's training length is a good choice).
         switch_at: switch positions, each in (0, L).
         windows: sequences averaged.
@@ -119,7 +119,8 @@ def switching_curves(
     points = sorted(set(switch_at))
     if not points or points[0] <= 0 or points[-1] >= length:
         raise ValueError(f"switch positions must lie in (0, {length}), got {switch_at}")
-    n = num_windows(len(tokens), length, windows * length)
+    indices = window_indices(len(tokens), length, windows * length)
+    n = len(indices)
     if n < windows:
         raise ValueError(f"{len(tokens)} tokens give only {n} windows of {length + 1}; asked for {windows}")
     device = next(model.parameters()).device
@@ -130,7 +131,7 @@ def switching_curves(
         sums[name][start : start + nll.shape[1]] += nll.double().sum(0)
 
     for first in range(0, n, batch_size):
-        batch = [window(tokens, i, length) for i in range(first, min(n, first + batch_size))]
+        batch = [window(tokens, int(i), length) for i in indices[first : first + batch_size]]
         ids = torch.from_numpy(np.stack(batch)).to(device)  # [rows, L+1]
         for base, other in ((ATTN, LINEAR), (LINEAR, ATTN)):
             cache, start = OryxCache(config), 0
@@ -166,7 +167,9 @@ def _segment_nll(
 
 
 def plot(curves: SwitchingCurves, path: str | Path, smooth: int, title: str = "") -> None:
-    """Two panels (attention→linear, linear→attention): both no-switch curves and the switches, as in Figure 3."""
+    """Top: perplexity against position, both no-switch curves and the switches, one panel per direction (as in
+    Figure 3). Bottom: each switch relative to the no-switch curve of the mode it switches to, which removes the
+    text's own ups and downs (shared by all curves) and shows how fast a switch settles."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,22 +180,37 @@ def plot(curves: SwitchingCurves, path: str | Path, smooth: int, title: str = ""
     skip = min(curves.length // 8, max(smooth, 8))  # the first positions have little context and dwarf the rest
     shown = np.concatenate([v[skip:] for v in ppl.values()])
     low, high = np.percentile(shown, 0.5), np.percentile(shown, 99.5)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+    fig, axes = plt.subplots(2, 2, figsize=(13, 7), sharex=True, height_ratios=(3, 2))
     colors = plt.get_cmap("viridis")(np.linspace(0.15, 0.85, len(curves.switch_at)))
-    for ax, (first, second) in zip(axes, ((ATTN, LINEAR), (LINEAR, ATTN)), strict=True):
-        ax.plot(x, ppl[curve_name(ATTN)], color="tab:red", lw=1.6, label="attention only")
-        ax.plot(x, ppl[curve_name(LINEAR)], color="tab:blue", lw=1.6, label="linear only")
+    relative_shown: list[np.ndarray] = []
+    for column, (first, second) in enumerate(((ATTN, LINEAR), (LINEAR, ATTN))):
+        top, bottom = axes[0, column], axes[1, column]
+        top.plot(x, ppl[curve_name(ATTN)], color="tab:red", lw=1.6, label="attention only")
+        top.plot(x, ppl[curve_name(LINEAR)], color="tab:blue", lw=1.6, label="linear only")
+        target = ppl[curve_name(second)]
         for at, color in zip(curves.switch_at, colors, strict=True):
-            ax.plot(x[at:], ppl[curve_name(first, second, at)][at:], color=color, lw=1.1, ls="--",
-                    label=f"switch at {at}")  # fmt: skip
-            ax.axvline(at, color=color, lw=0.6, ls=":")
-        ax.set_title(f"{MODE_NAME[first]} → {MODE_NAME[second]}")
-        ax.set_xlabel("token position")
-        ax.set_xlim(skip, curves.length - 1)
-        ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"perplexity (trailing mean of NLL over {smooth} positions)")
-    axes[0].legend(fontsize=8)
+            switched = ppl[curve_name(first, second, at)]
+            top.plot(x[at:], switched[at:], color=color, lw=1.1, ls="--", label=f"switch at {at}")
+            bottom.plot(x[at:], 100 * (switched[at:] / target[at:] - 1), color=color, lw=1.2, label=f"switch at {at}")
+            for ax in (top, bottom):
+                ax.axvline(at, color=color, lw=0.6, ls=":")
+        no_switch = 100 * (ppl[curve_name(first)] / target - 1)
+        relative_shown.append(no_switch[skip:])
+        bottom.plot(x, no_switch, color="0.6", lw=1, label=f"{MODE_NAME[first]} only")
+        bottom.axhline(0, color="k", lw=0.8)
+        top.set_title(f"{MODE_NAME[first]} → {MODE_NAME[second]}")
+        top.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
+        bottom.set_xlabel("token position")
+        bottom.set_ylabel(f"% above {MODE_NAME[second]} only")
+        bottom.set_xlim(skip, curves.length - 1)
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+    spread = max(1.0, float(np.abs(np.concatenate(relative_shown)).max()))
+    for ax in axes[1]:
+        ax.set_ylim(-1.15 * spread, 1.15 * spread)
+    axes[0, 0].set_ylabel(f"perplexity (trailing mean of NLL over {smooth} positions)")
+    axes[0, 0].legend(fontsize=8)
+    axes[1, 0].legend(fontsize=8)
     fig.suptitle(title or f"switching curve ({curves.windows} validation sequences)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

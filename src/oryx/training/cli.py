@@ -21,7 +21,7 @@ from oryx.training.config import ConfigError, TrainConfig, add_config_arguments
 
 # Keys a resumed run may change: they do not touch the training trajectory.
 RESUMABLE_CHANGES = {
-    "eval_every", "eval_tokens", "final_eval_tokens", "report", "switch_at", "switch_windows", "save_every",
+    "eval_every", "eval_tokens", "report", "switch_at", "switch_windows", "save_every",
     "keep_checkpoints", "progress", "tensorboard", "threads", "device", "compile", "gradient_checkpointing", "out_dir",
 }  # fmt: skip
 

@@ -90,13 +90,14 @@ class TrainConfig:
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 = off)", "optimizer")
     # evaluation
     eval_every: int = _opt(100, "validate (perplexity in each mode) every N steps and at the end", "evaluation")
-    eval_tokens: int = _opt(16384, "validation tokens per mode at each periodic evaluation", "evaluation")
-    final_eval_tokens: int = _opt(65536, "validation tokens per mode at the end (the report's numbers)", "evaluation")
+    eval_tokens: int = _opt(
+        32768, "validation tokens per mode at each evaluation (windows spread over the whole split)", "evaluation"
+    )
     report: bool = _opt(True, "write the report folder (plots, switching curve, summary.md) at the end", "evaluation")
     switch_at: list[int] | None = _opt(  # noqa: RUF009 (_opt returns a dataclass field)
         None, "switch positions of the report's switching curve (default: seq_len/4, /2, 3/4)", "evaluation"
     )
-    switch_windows: int = _opt(64, "validation sequences averaged in the switching curve", "evaluation")
+    switch_windows: int = _opt(128, "validation sequences averaged in the switching curve", "evaluation")
     # checkpoints
     out_dir: str = _opt("runs/oryx-tg-default", "run folder: checkpoints, metrics.jsonl, report", "checkpoints")
     save_every: int = _opt(200, "write a checkpoint every N steps and at the end", "checkpoints")
@@ -112,7 +113,9 @@ class TrainConfig:
     parallel: str = _opt(
         "ddp", "data parallelism under torchrun: ddp or fsdp (FSDP2 fully_shard)", "system", ("ddp", "fsdp")
     )
-    threads: int | None = _opt(None, "CPU threads for torch (default: torch's choice)", "system")
+    threads: int | None = _opt(
+        None, "CPU threads for torch (default: the free cores, i.e. cores minus the load average, at least 1)", "system"
+    )
     progress: bool = _opt(True, "show a progress bar", "system")
     tensorboard: bool = _opt(True, "also log to TensorBoard when it is installed", "system")
 
@@ -199,7 +202,7 @@ class TrainConfig:
         if self.preset not in preset_names():
             raise ConfigError(f"preset: unknown preset {self.preset!r}; choose one of {', '.join(preset_names())}")
         for key in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "save_every", "keep_checkpoints",
-                    "eval_tokens", "final_eval_tokens", "switch_windows"):  # fmt: skip
+                    "eval_tokens", "switch_windows"):  # fmt: skip
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("hidden_size", "num_hidden_layers", "head_dim", "intermediate_size", "threads"):

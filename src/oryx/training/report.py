@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 
 from oryx.data import load_tokens
-from oryx.evaluation.perplexity import unigram_nll
+from oryx.evaluation.perplexity import evaluated_targets, unigram_nll, window_indices
 from oryx.evaluation.switching import SwitchingCurves, switching_curves
 from oryx.params import format_param_report, param_report
 from oryx.training import checkpoint as ckpt
 from oryx.training.config import TrainConfig
 from oryx.training.trainer import read_metrics
 
-SMOOTH = 16  # positions averaged in the switching plot
+SMOOTH = 32  # positions averaged in the switching plot
 
 
 def write_report(run_dir: str | Path, config: TrainConfig, started: float) -> Path:
@@ -43,7 +43,11 @@ def write_report(run_dir: str | Path, config: TrainConfig, started: float) -> Pa
     train_tokens = load_tokens(config.train_data, tokenizer, text_field=config.text_field)
     val_tokens = load_tokens(config.val_data, tokenizer, text_field=config.text_field)
     # The unigram floor, on exactly the targets of the final evaluation.
-    unigram = math.exp(unigram_nll(train_tokens, val_tokens[1 : final["val_tokens"] + 1], model.config.vocab_size))
+    indices = window_indices(len(val_tokens), config.seq_len, config.eval_tokens)[
+        : final["val_tokens"] // config.seq_len
+    ]
+    targets = evaluated_targets(val_tokens, config.seq_len, indices)
+    unigram = math.exp(unigram_nll(train_tokens, targets, model.config.vocab_size))
     plot_training(metrics, out / "val_ppl.png", unigram, config)
     curves = None
     if model.config.is_oryx:

@@ -133,6 +133,18 @@ def use_every_parameter(model: OryxForCausalLM) -> None:
         block.mixer.register_forward_hook(hook)
 
 
+def cpu_threads(requested: int | None, ranks: int = 1) -> int:
+    """`requested`, or the cores that are free now: the cores this process may use minus the 1-minute load
+    average, shared by the ranks of this host, at least 1. Why: when other processes keep a core busy, torch's
+    thread pool waits on its descheduled threads at every operation; we measured 10–30× slower steps with 2
+    threads on 2 cores beside one busy process, and no slowdown with 1 thread."""
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    free = round(cores - os.getloadavg()[0]) if hasattr(os, "getloadavg") else cores
+    return max(1, min(cores, free) // ranks)
+
+
 def draw_modes(schedule: Schedule, rows: int, seq_len: int, seed: int, index: int) -> torch.Tensor:
     """Modes [rows, T] of micro-batch `index` of the run, from a generator seeded by (seed, index) only, so that a
     resumed run and any number of ranks draw the same ones."""
@@ -266,8 +278,8 @@ def _train(
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_temporaries(run_dir)
         (run_dir / "train_config.yaml").write_text(config.to_yaml())
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    if info.device.type == "cpu":
+        torch.set_num_threads(cpu_threads(config.threads, info.world_size))
 
     # Tokenizer and token cache: the main rank builds them, the others then read the cached files.
     tokenizer = train_tokens = val_tokens = None
@@ -339,6 +351,7 @@ def _train(
             f"{config.preset}: {n_params / 1e6:.2f}M parameters, vocab {model.config.vocab_size}, "
             f"{len(train_tokens):,} training tokens; {config.steps} steps × {tokens_per_step:,} tokens, "
             f"schedule {schedule}, peak lr {config.peak_lr:g}, {info.world_size} rank(s) on {info.device}"
+            + (f" ({torch.get_num_threads()} threads)" if info.device.type == "cpu" else "")
         )
     try:
         while step < config.steps:
@@ -362,7 +375,7 @@ def _train(
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / seconds:,.0f}")
             done = step == config.steps
             if step % config.eval_every == 0 or done:
-                results = _validate(wrapped, val_tokens, config, info, rows_per_rank, tokenizer if done else None, done)
+                results = _validate(wrapped, val_tokens, config, info, rows_per_rank, tokenizer if done else None)
                 record = {"kind": "final" if done else "eval", "step": step}
                 for name, result in results.items():
                     record[f"val_loss_{name}"], record[f"val_ppl_{name}"] = result.nll, result.perplexity
@@ -428,9 +441,9 @@ def _validate(
     info: distributed.Dist,
     rows: int,
     tokenizer: Any,
-    final: bool,
 ) -> dict[str, PerplexityResult]:
-    """Validation perplexity in each mode (attention-only and linear-only; a baseline's one mode)."""
+    """Validation perplexity in each mode (attention-only and linear-only; a baseline's one mode), on the same
+    windows every time; with `tokenizer`, bits per byte too."""
     wrapped.eval()
     results = {
         name: evaluate(
@@ -439,7 +452,7 @@ def _validate(
             config.seq_len,
             spec,
             batch_size=max(rows, 4),
-            max_tokens=config.final_eval_tokens if final else config.eval_tokens,
+            max_tokens=config.eval_tokens,
             tokenizer=tokenizer,
             precision=config.precision,
             rank=info.rank,
