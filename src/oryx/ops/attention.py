@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from oryx.ops import dispatch
-from oryx.ops.scalar_decay import check_floating, state_dtype
+from oryx.ops.common import check_floating, state_dtype
 
 Tensor = torch.Tensor
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from oryx.ops import dispatch
-from oryx.ops.scalar_decay import check_floating
+from oryx.ops.common import check_floating
 
 Tensor = torch.Tensor
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from oryx.ops import dispatch
-from oryx.ops.scalar_decay import (
+from oryx.ops.common import (
     check_linear_inputs,
     from_chunks,
     resolve_scale,
@@ -123,8 +123,10 @@ def gated_delta_rule_chunked(
     state = q.new_zeros(B, H, K, V, dtype=dtype) if initial_state is None else initial_state.to(dtype)
     outs = []
     # unbind once: indexing [:, :, n] inside the loop would make autograd add a full-size zero gradient per chunk.
-    per_chunk = (t.unbind(2) for t in (u_free, w, q_decayed, scores, k_decayed.transpose(-1, -2),
-                                      decay_from_start[..., -1, None, None]))
+    per_chunk = (
+        t.unbind(2)
+        for t in (u_free, w, q_decayed, scores, k_decayed.transpose(-1, -2), decay_from_start[..., -1, None, None])
+    )
     for u_n, w_n, q_n, scores_n, k_t_n, decay_n in zip(*per_chunk, strict=True):
         u = u_n - w_n @ state  # [B, H, C, V]
         outs.append(q_n @ state + scores_n @ u)

@@ -12,7 +12,6 @@ Three implementations, equal up to rounding:
 - ``scalar_decay_rule_recurrent``: ``scalar_decay_step`` looped over T, the decoding path;
 - ``scalar_decay_step``: one token.
 
-This module also holds the helpers that the gated delta rule reuses (input checks, chunking, ``segsum``).
 The torch backend is registered with ``dispatch`` as op ``"scalar_decay_rule"``; a backend function is called
 as ``fn(q, k, v, g, scale=, initial_state=, output_final_state=, chunk_size=)`` on checked inputs with
 ``scale`` resolved.
@@ -21,102 +20,18 @@ as ``fn(q, k, v, g, scale=, initial_state=, output_final_state=, chunk_size=)`` 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from oryx.ops import dispatch
+from oryx.ops.common import (
+    check_linear_inputs,
+    from_chunks,
+    resolve_scale,
+    segsum,
+    state_dtype,
+    to_chunks,
+)
 
 Tensor = torch.Tensor
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Helpers shared with the gated delta rule
-# ------------------------------------------------------------------------------------------------------------
-
-
-def _dims(t: Tensor | torch.Size) -> str:
-    return str(list(t.shape if isinstance(t, Tensor) else t))
-
-
-def check_floating(**tensors: Tensor | None) -> None:
-    """TypeError for any non-floating-point tensor (token ids passed by mistake, masks in the wrong slot)."""
-    for name, t in tensors.items():
-        if t is not None and not t.is_floating_point():
-            raise TypeError(f"{name} has dtype {t.dtype}, but the ops need floating-point tensors")
-
-
-def check_linear_inputs(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor,
-    initial_state: Tensor | None,
-    chunk_size: int,
-    **per_head: Tensor,
-) -> None:
-    """Validate the inputs of a linear recurrence: q, k [B, T, H, K], v [B, T, H, V], g and ``per_head``
-    [B, T, H], initial_state [B, H, K, V]. Raises ValueError naming the tensor and both shapes."""
-    check_floating(q=q, k=k, v=v, g=g, initial_state=initial_state, **per_head)
-    if q.dim() != 4:
-        raise ValueError(f"q must be 4-D [B, T, H, K], got shape {_dims(q)}")
-    B, T, H, K = q.shape
-    if T == 0:
-        raise ValueError(f"q has shape {_dims(q)}: the sequence must hold at least one token")
-    if k.shape != q.shape:
-        raise ValueError(f"k has shape {_dims(k)} but q has {_dims(q)}; they must match")
-    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v has shape {_dims(v)} but q has [{B}, {T}, {H}, ...]; v must be [B, T, H, V]")
-    for name, t in {"g": g, **per_head}.items():
-        if t.shape != q.shape[:3]:
-            raise ValueError(f"{name} has shape {_dims(t)} but q has [{B}, {T}, {H}, ...]; {name} must be [B, T, H]")
-    expected = [B, H, K, v.shape[-1]]
-    if initial_state is not None and list(initial_state.shape) != expected:
-        raise ValueError(f"initial_state has shape {_dims(initial_state)} but q and v give [B, H, K, V] = {expected}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-
-
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype states and decays are accumulated in: float32, or float64 for float64 inputs."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def resolve_scale(scale: float | None, head_dim: int) -> float:
-    return head_dim**-0.5 if scale is None else scale
-
-
-def to_chunks(x: Tensor, chunk_size: int, dtype: torch.dtype) -> Tensor:
-    """[B, T, H, ...] -> [B, H, N, C, ...] in ``dtype``, zero-padded at the end to N·C steps.
-
-    Zeros are identity steps for both recurrences (g = 0: no decay; k = 0 or β = 0: no write).
-    """
-    T = x.shape[1]
-    n_chunks = -(-T // chunk_size)
-    x = x.to(dtype).transpose(1, 2)  # [B, H, T, ...]
-    pad = (0, 0) * (x.dim() - 3) + (0, n_chunks * chunk_size - T)
-    x = F.pad(x, pad)
-    return x.reshape(*x.shape[:2], n_chunks, chunk_size, *x.shape[3:])
-
-
-def from_chunks(x: Tensor, length: int, dtype: torch.dtype) -> Tensor:
-    """[B, H, N, C, D] -> [B, T, H, D] in ``dtype``, dropping the padded tail."""
-    x = x.reshape(*x.shape[:2], -1, x.shape[-1])[:, :, :length]
-    return x.transpose(1, 2).to(dtype)
-
-
-def segsum(g: Tensor) -> Tensor:
-    """Pairwise log-decays within a chunk: out[..., i, j] = g_{j+1} + ... + g_i for i ≥ j, −inf for i < j.
-
-    g: [..., C] -> [..., C, C]. Summing each segment directly (not as G_i − G_j from a cumulative sum)
-    avoids cancellation, and masking *before* ``exp`` keeps the upper triangle at exp(−inf) = 0 instead of
-    overflowing to inf, which would poison gradients even when masked afterwards (DESIGN.md §8).
-    """
-    C = g.shape[-1]
-    x = g.unsqueeze(-1).expand(*g.shape, C)  # x[..., i, j] = g_i
-    strictly_lower = torch.ones(C, C, dtype=torch.bool, device=g.device).tril(-1)
-    x = x.masked_fill(~strictly_lower, 0.0)
-    out = x.cumsum(dim=-2)  # out[..., i, j] = sum of g_r for j < r <= i
-    lower = torch.ones(C, C, dtype=torch.bool, device=g.device).tril()
-    return out.masked_fill(~lower, float("-inf"))
 
 
 # ------------------------------------------------------------------------------------------------------------
