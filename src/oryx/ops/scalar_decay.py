@@ -34,11 +34,6 @@ from oryx.ops.common import (
 Tensor = torch.Tensor
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Implementations
-# ------------------------------------------------------------------------------------------------------------
-
-
 def scalar_decay_step(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor, scale: float | None = None
 ) -> tuple[Tensor, Tensor]:

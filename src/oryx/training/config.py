@@ -210,7 +210,7 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
-        for key in ("lr", "weight_decay", "eps", "grad_clip"):
+        for key in ("lr", "weight_decay", "eps", "grad_clip", "seed"):
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         for key in ("min_lr_ratio", "warmup_ratio", "beta1", "beta2"):

@@ -250,8 +250,6 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     started = time.perf_counter()
     hf_logging.disable_progress_bar()  # our bar is enough; save_pretrained's would break it
     config.check()
-    if config.seed < 0:
-        raise ConfigError(f"seed must be >= 0, got {config.seed}")
     info = distributed.setup(config.device)
     try:
         return _train(config, info, resume, overwrite, started)
