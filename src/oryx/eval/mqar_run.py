@@ -1,0 +1,394 @@
+"""The MQAR sweep: train a small model of every family on Zoology's MQAR mix and test it on the standard grid, in
+every mode it has and under the cross-mode protocols (data-sources.md §3.4, paper-notes.md §5).
+
+    python -m oryx.eval mqar --out runs/mqar                       # the full sweep (GPU: see benchmarks/mqar_gpu.sh)
+    python -m oryx.eval mqar --out /tmp/mqar --scale 0.02 --test-scale 0.1 --epochs 4   # CPU-sized
+
+Every family gets the same shape (default 2 layers × 128 wide, head dim 64; Zoology uses d_model 64–256 and two
+layers). Training: AdamW (0.9, 0.95), weight decay 0.1 off norms and decay parameters, linear warmup then cosine
+to zero, gradient clipping at 1, batches of one setting each (lengths differ between settings), bf16 autocast on
+GPU. The baselines train in their one mode. Oryx models train with the chunked mixed schedule of the paper, scaled
+to MQAR's short rows: by default chunks of 16 tokens, each attention with probability 1/4 (the paper's 128-token
+chunks would put most MQAR rows in a single mode). The loss and the accuracy are computed only at the K query
+positions of a row; projecting the other positions onto the vocabulary would be wasted work.
+
+Test rows, per family, per setting (L, K) of the grid:
+
+==========  =====================================================  ============================
+mode        what runs in attention                                 attention fraction
+==========  =====================================================  ============================
+attn        every token                                            1
+linear      none                                                   0
+cross       every token after the key–value block (paper §5.1)     (L − 2K) / L
+queries     only the K query tokens (the minimum MQAR needs)       K / L
+==========  =====================================================  ============================
+
+A baseline runs only its own mode (transformer: attn; mamba2, gdn: linear). With several learning rates (``--lrs``)
+each family keeps the one with the best mean accuracy over all its rows (Zoology reports the best of its sweep).
+``--train-minutes`` caps each training run: a short timed probe of every setting's step fixes the number of steps
+before training starts, so the cosine schedule still ends at its last step.
+
+Output (``--out``): ``runs/<family>-lr<lr>.json`` per training run, ``mqar.json`` (the best run of each family, a
+result file of ``oryx.eval.report``), ``mqar.md`` and ``mqar.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from oryx.configuration import ATTN, FAMILY_TO_VARIANT, LINEAR, OryxConfig
+from oryx.eval.report import ResultRow, write_report, write_results
+from oryx.eval.tasks.mqar import (
+    IGNORE_INDEX,
+    MQAR_TEST_GRID,
+    MQAR_TEST_SEED,
+    MQAR_TRAIN_MIX,
+    MQAR_TRAIN_SEED,
+    MQARBatch,
+    MQARConfig,
+    make_mqar,
+    mqar_modes,
+)
+from oryx.evaluation.perplexity import autocast
+from oryx.modeling import OryxForCausalLM
+from oryx.schedule import parse
+from oryx.training.trainer import lr_factor, split_decay
+
+FAMILIES = ("transformer", "mamba2", "gdn", "oryx-tm", "oryx-tg")
+MQAR_PROTOCOLS = ("attn", "linear", "cross", "queries")
+
+__all__ = ["FAMILIES", "MQAR_PROTOCOLS", "MQARSweepConfig", "evaluate_mqar", "query_modes", "run_sweep", "train_mqar"]
+
+
+@dataclass(frozen=True)
+class MQARSweepConfig:
+    """Everything one sweep depends on (saved with its results)."""
+
+    families: tuple[str, ...] = FAMILIES
+    hidden_size: int = 128
+    num_layers: int = 2
+    head_dim: int = 64
+    vocab: int = 8192
+    train_mix: tuple[MQARConfig, ...] = MQAR_TRAIN_MIX
+    test_grid: tuple[MQARConfig, ...] = MQAR_TEST_GRID
+    scale: float = 1.0  # multiplies the rows of every training setting
+    test_scale: float = 1.0  # multiplies the rows of every test setting
+    epochs: float = 16
+    batch_size: int = 256
+    eval_batch_size: int = 64
+    lrs: tuple[float, ...] = (1e-3,)
+    weight_decay: float = 0.1
+    warmup_ratio: float = 0.1
+    oryx_schedule: str = "chunks:size=16,p_attn=0.25"
+    protocols: tuple[str, ...] = MQAR_PROTOCOLS
+    train_minutes: float | None = None
+    device: str = "cpu"
+    precision: str = "auto"
+    seed: int = 0
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        unknown = [f for f in self.families if f not in FAMILY_TO_VARIANT]
+        if unknown:
+            raise ValueError(f"unknown families {unknown}; choose from {', '.join(FAMILIES)}")
+        bad = [p for p in self.protocols if p not in MQAR_PROTOCOLS]
+        if bad:
+            raise ValueError(f"unknown MQAR protocols {bad}; choose from {', '.join(MQAR_PROTOCOLS)}")
+        parse(self.oryx_schedule)  # fail before any work
+        longest = max(c.seq_len for c in (*self.train_mix, *self.test_grid))
+        if self.vocab <= longest:
+            raise ValueError(f"MQAR needs vocab > sequence length; got vocab {self.vocab} for length {longest}")
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["train_mix"] = [list(c) for c in self.train_mix]
+        data["test_grid"] = [list(c) for c in self.test_grid]
+        return data
+
+
+def build_model(family: str, config: MQARSweepConfig) -> OryxForCausalLM:
+    """A ``family`` model of the sweep's shape; positions up to the longest test row."""
+    longest = max(c.seq_len for c in (*config.train_mix, *config.test_grid))
+    return OryxForCausalLM(
+        OryxConfig(
+            variant=FAMILY_TO_VARIANT[family],
+            vocab_size=config.vocab,
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_layers,
+            head_dim=config.head_dim,
+            max_position_embeddings=longest,
+        )
+    )
+
+
+def query_modes(batch: MQARBatch) -> torch.Tensor:
+    """Modes [n, L] of the ``queries`` protocol: attention exactly at the K query tokens, linear elsewhere."""
+    return torch.where(batch.labels != IGNORE_INDEX, ATTN, LINEAR)
+
+
+def protocol_modes_for(batch: MQARBatch, protocol: str) -> torch.Tensor:
+    """Modes [n, L] of ``batch`` under one of ``MQAR_PROTOCOLS``."""
+    if protocol == "queries":
+        return query_modes(batch)
+    return mqar_modes(len(batch.input_ids), batch.seq_len, batch.num_kv, protocol)
+
+
+def _scaled(configs: Sequence[MQARConfig], scale: float, minimum: int) -> tuple[MQARConfig, ...]:
+    return tuple(c._replace(n=max(minimum, round(c.n * scale))) for c in configs)
+
+
+def _query_loss_and_hits(
+    model: OryxForCausalLM, ids: torch.Tensor, labels: torch.Tensor, modes: torch.Tensor | None
+) -> tuple[torch.Tensor, int, int]:
+    """Cross-entropy at the supervised positions of aligned ``labels`` [B, L] (and correct, supervised counts)."""
+    hidden = model.model(ids, modes=modes).last_hidden_state
+    supervised = labels != IGNORE_INDEX
+    logits = model.lm_head(hidden[supervised]).float()
+    targets = labels[supervised]
+    loss = F.cross_entropy(logits, targets)
+    return loss, int((logits.argmax(-1) == targets).sum()), int(supervised.sum())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _probe_seconds(model: OryxForCausalLM, train: list[MQARBatch], config: MQARSweepConfig, draw_modes) -> list[float]:
+    """Seconds of one forward+backward step per training setting (the second of two; gradients discarded)."""
+    device = next(model.parameters()).device
+    seconds = []
+    for batch in train:
+        rows = torch.arange(min(config.batch_size, len(batch.input_ids)))
+        for _ in range(2):
+            _sync(device)
+            start = time.perf_counter()
+            with autocast(device, config.precision):
+                loss, _, _ = _query_loss_and_hits(
+                    model, batch.input_ids[rows].to(device), batch.labels[rows].to(device), draw_modes(len(rows), batch)
+                )
+            loss.backward()
+            _sync(device)
+            elapsed = time.perf_counter() - start
+        seconds.append(elapsed)
+    model.zero_grad(set_to_none=True)
+    return seconds
+
+
+@torch.no_grad()
+def evaluate_mqar(
+    model: OryxForCausalLM, test: Sequence[MQARBatch], protocols: Sequence[str], batch_size: int, precision: str
+) -> list[dict[str, Any]]:
+    """Accuracy (pooled over the K queries of every row) and attention counts per (protocol, setting).
+
+    Protocols the model cannot run (a baseline's other mode, or a mixed protocol) are skipped.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    supported = set(model.config.supported_modes)
+    out = []
+    for protocol in protocols:
+        for batch in test:
+            modes = protocol_modes_for(batch, protocol)
+            if not set(modes.unique().tolist()) <= supported:
+                break
+            correct = total = 0
+            for start in range(0, len(batch.input_ids), batch_size):
+                part = slice(start, start + batch_size)
+                with autocast(device, precision):
+                    _, c, t = _query_loss_and_hits(
+                        model, batch.input_ids[part].to(device), batch.labels[part].to(device), modes[part].to(device)
+                    )
+                correct, total = correct + c, total + t
+            out.append(
+                {
+                    "protocol": protocol,
+                    "seq_len": batch.seq_len,
+                    "num_kv": batch.num_kv,
+                    "n": len(batch.input_ids),
+                    "accuracy": correct / total,
+                    "attention_tokens": int((modes == ATTN).sum()),
+                    "tokens": modes.numel(),
+                }
+            )
+    return out
+
+
+def train_mqar(family: str, lr: float, config: MQARSweepConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train one ``family`` model at learning rate ``lr`` on the (scaled) MQAR mix and test it on the grid.
+
+    Returns a JSON-able dict: the run's settings, its training summary and ``results`` from ``evaluate_mqar``.
+    """
+    torch.manual_seed(config.seed)
+    device = torch.device(config.device)
+    model = build_model(family, config).to(device)
+    train = [
+        make_mqar(c.n, c.seq_len, c.num_kv, vocab=config.vocab, seed=[MQAR_TRAIN_SEED, c.seq_len, c.num_kv])
+        for c in _scaled(config.train_mix, config.scale, config.batch_size)
+    ]
+    test = [
+        make_mqar(c.n, c.seq_len, c.num_kv, vocab=config.vocab, seed=[MQAR_TEST_SEED, c.seq_len, c.num_kv])
+        for c in _scaled(config.test_grid, config.test_scale, 1)
+    ]
+    schedule = parse(config.oryx_schedule) if model.config.is_oryx else None
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def draw_modes(rows: int, batch: MQARBatch) -> torch.Tensor | None:
+        return None if schedule is None else schedule.modes(rows, batch.seq_len, generator=generator).to(device)
+
+    steps_per_setting = [math.ceil(len(b.input_ids) / config.batch_size) for b in train]
+    steps_per_epoch = sum(steps_per_setting)
+    planned = max(1, round(config.epochs * steps_per_epoch))
+    total = planned
+    if config.train_minutes is not None:
+        seconds = _probe_seconds(model, train, config, draw_modes)
+        per_step = float(np.dot(seconds, steps_per_setting)) / steps_per_epoch
+        total = max(1, min(planned, int(60 * config.train_minutes / per_step)))
+        log(f"{family}: probe {per_step * 1e3:.0f} ms/step; {total} of {planned} planned steps fit the budget")
+
+    decay, no_decay = split_decay(model)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": list(decay.values()), "weight_decay": config.weight_decay},
+            {"params": list(no_decay.values()), "weight_decay": 0.0},
+        ],
+        lr=lr,
+        betas=(0.9, 0.95),
+    )
+    rng = np.random.default_rng(config.seed)
+    model.train()
+    started = time.perf_counter()
+    step, losses, correct, supervised = 0, [], 0, 0
+    while step < total:
+        # One epoch: every row once, in batches of one setting, the batches in random order.
+        epoch = [
+            (s, rows[i : i + config.batch_size])
+            for s, batch in enumerate(train)
+            for rows in [torch.from_numpy(rng.permutation(len(batch.input_ids)))]
+            for i in range(0, len(rows), config.batch_size)
+        ]
+        for k in rng.permutation(len(epoch)):
+            if step == total:
+                break
+            s, rows = epoch[k]
+            for group in optimizer.param_groups:
+                group["lr"] = lr * lr_factor(step, total, config.warmup_ratio, 0.0)
+            with autocast(device, config.precision):
+                loss, c, t = _query_loss_and_hits(
+                    model,
+                    train[s].input_ids[rows].to(device),
+                    train[s].labels[rows].to(device),
+                    draw_modes(len(rows), train[s]),
+                )
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            correct, supervised = correct + c, supervised + t
+            step += 1
+            if step % config.log_every == 0 or step == total:
+                log(
+                    f"{family} lr {lr:g}: step {step}/{total} loss {np.mean(losses[-config.log_every :]):.3f} "
+                    f"train acc {correct / supervised:.3f} ({time.perf_counter() - started:.0f} s)"
+                )
+                correct = supervised = 0
+    train_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    results = evaluate_mqar(model, test, config.protocols, config.eval_batch_size, config.precision)
+    summary = ", ".join(
+        f"{p} {np.mean([r['accuracy'] for r in results if r['protocol'] == p]):.3f}"
+        for p in dict.fromkeys(r["protocol"] for r in results)
+    )
+    log(f"{family} lr {lr:g}: mean test accuracy {summary} (eval {time.perf_counter() - started:.0f} s)")
+    return {
+        "family": family,
+        "lr": lr,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "steps": total,
+        "planned_steps": planned,
+        "epochs": total / steps_per_epoch,
+        "train_seconds": train_seconds,
+        "final_loss": float(np.mean(losses[-config.log_every :])),
+        "train_schedule": config.oryx_schedule
+        if schedule is not None
+        else ("attn" if family == "transformer" else "linear"),
+        "results": results,
+    }
+
+
+def _run_name(family: str, lr: float) -> str:
+    return f"{family}-lr{lr:g}"
+
+
+def _job(family: str, lr: float, config: MQARSweepConfig, out_dir: str, threads: int) -> str:
+    """One training run in a worker process; writes its JSON and returns the path."""
+    if config.device == "cpu":
+        torch.set_num_threads(threads)
+    path = Path(out_dir) / "runs" / f"{_run_name(family, lr)}.json"
+    result = train_mqar(family, lr, config, log=lambda line: print(line, flush=True))
+    path.write_text(json.dumps({"config": config.to_json(), **result}, indent=1))
+    return str(path)
+
+
+def _rows(run: dict[str, Any]) -> list[ResultRow]:
+    return [
+        ResultRow(
+            model=run["family"],
+            family=run["family"],
+            protocol=r["protocol"],
+            task="mqar",
+            setting=f"{r['seq_len']}x{r['num_kv']}",
+            seq_len=r["seq_len"],
+            metrics={"accuracy": r["accuracy"]},
+            attention_tokens=r["attention_tokens"],
+            tokens=r["tokens"],
+            n=r["n"],
+            extra={"lr": run["lr"], "steps": run["steps"], "train_schedule": run["train_schedule"]},
+        )
+        for r in run["results"]
+    ]
+
+
+def run_sweep(config: MQARSweepConfig, out_dir: str | Path, jobs: int = 1) -> list[Path]:
+    """Train and test every (family, lr) of ``config`` (``jobs`` of them at once, in separate processes), keep the
+    best lr per family, write ``mqar.json`` and the report into ``out_dir``; returns the report files."""
+    out = Path(out_dir)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_json(), indent=1))
+    pairs = [(family, lr) for family in config.families for lr in config.lrs]
+    if jobs <= 1:
+        paths = [_job(f, lr, config, str(out), torch.get_num_threads()) for f, lr in pairs]
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        # spawn: CUDA cannot be used in forked children.
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_job, family, lr, config, str(out), threads) for family, lr in pairs]
+            paths = [f.result() for f in futures]
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    best: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        score = float(np.mean([r["accuracy"] for r in run["results"]]))
+        if run["family"] not in best or score > best[run["family"]]["_score"]:
+            best[run["family"]] = {**run, "_score": score}
+    rows = [row for family in config.families for row in _rows(best[family])]
+    meta = {
+        "config": config.to_json(),
+        "runs": [{k: v for k, v in run.items() if k != "results"} for run in runs],
+        "chosen_lr": {family: run["lr"] for family, run in best.items()},
+    }
+    write_results(out / "mqar.json", "mqar", ["accuracy"], rows, meta)
+    return write_report(out)

@@ -1,0 +1,226 @@
+"""The benchmark runners: MQAR training and its protocols, greedy generation and log-likelihoods under mode rules,
+the retrieval and zero-shot runners on a checkpoint, and the report files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import oryx
+from oryx.data import load_tokenizer
+from oryx.eval import protocol_schedule
+from oryx.eval.cli import main
+from oryx.eval.inference import ModeRule, continuation_logliks, greedy_generate
+from oryx.eval.mqar_run import MQARSweepConfig, evaluate_mqar, protocol_modes_for, train_mqar
+from oryx.eval.tasks.mqar import IGNORE_INDEX, MQARConfig, make_mqar
+from oryx.modeling import OryxForCausalLM
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: intra-op threads only add barrier overhead, badly so on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("byte")
+
+
+def _tiny(variant: str = "tg", vocab: int = 320, seed: int = 0) -> OryxForCausalLM:
+    torch.manual_seed(seed)
+    config = oryx.OryxConfig(variant=variant, vocab_size=vocab, hidden_size=64, num_hidden_layers=2, head_dim=32)
+    return OryxForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tokenizer):
+    """Saved tiny random Oryx-TG and Transformer models with the byte tokenizer."""
+    root = tmp_path_factory.mktemp("ckpt")
+    for name, variant in (("tg", "tg"), ("transformer", "transformer")):
+        model = _tiny(variant)
+        model.config.eos_token_id = tokenizer.eos_token_id
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return root
+
+
+# --- MQAR ---------------------------------------------------------------------------------------------------------
+def test_mqar_learns_above_chance():
+    """A 1-layer Oryx-TG learns MQAR (64 tokens, 4 pairs, 64 values) well above chance in 250 CPU steps."""
+    config = MQARSweepConfig(
+        families=("oryx-tg",),
+        hidden_size=64,
+        num_layers=1,
+        head_dim=32,
+        vocab=128,
+        train_mix=(MQARConfig(64, 4, 32 * 250),),
+        test_grid=(MQARConfig(64, 4, 256),),
+        epochs=1,
+        batch_size=32,
+        warmup_ratio=0.05,
+        log_every=125,
+    )
+    result = train_mqar("oryx-tg", 3e-3, config)
+    accuracy = {r["protocol"]: r["accuracy"] for r in result["results"]}
+    chance = 1 / 64  # values are drawn from [V/2, V)
+    print(f"MQAR (64, 4), V=128, after {result['steps']} steps: {accuracy} (chance {chance:.3f})")
+    assert result["steps"] == 250
+    assert accuracy["linear"] > 4 * chance
+    assert accuracy["attn"] > 2 * chance
+    fractions = {r["protocol"]: r["attention_tokens"] / r["tokens"] for r in result["results"]}
+    assert fractions == {"attn": 1.0, "linear": 0.0, "cross": (64 - 8) / 64, "queries": 4 / 64}
+
+
+def test_mqar_protocols_give_the_expected_modes(monkeypatch):
+    batch = make_mqar(6, 64, 4, vocab=128, seed=1)
+    cross = protocol_modes_for(batch, "cross")
+    assert (cross[:, :8] == oryx.LINEAR).all() and (cross[:, 8:] == oryx.ATTN).all()
+    queries = protocol_modes_for(batch, "queries")
+    assert ((queries == oryx.ATTN) == (batch.labels != IGNORE_INDEX)).all()
+    assert ((queries == oryx.ATTN).sum(1) == 4).all()
+    # Every key of the context is queried exactly once, at an attention position.
+    keys = batch.input_ids[:, 0:8:2]
+    for row in range(6):
+        assert sorted(batch.input_ids[row][queries[row] == oryx.ATTN].tolist()) == sorted(keys[row].tolist())
+
+    model = _tiny(vocab=128)
+    seen = []
+    forward = model.model.forward
+    monkeypatch.setattr(model.model, "forward", lambda *a, **kw: seen.append(kw["modes"].clone()) or forward(*a, **kw))
+    results = evaluate_mqar(model, [batch], ["attn", "linear", "cross", "queries"], batch_size=6, precision="fp32")
+    assert [r["protocol"] for r in results] == ["attn", "linear", "cross", "queries"]
+    assert (seen[0] == oryx.ATTN).all() and (seen[1] == oryx.LINEAR).all()
+    assert torch.equal(seen[2], cross) and torch.equal(seen[3], queries)
+    # A baseline runs only its own mode.
+    transformer = _tiny("transformer", vocab=128)
+    only = evaluate_mqar(transformer, [batch], ["attn", "linear", "cross", "queries"], 6, "fp32")
+    assert [r["protocol"] for r in only] == ["attn"]
+
+
+def test_mqar_command_writes_results_and_report(tmp_path):
+    out = tmp_path / "mqar"
+    argv = ["mqar", "--out", str(out), "--families", "transformer", "oryx-tg", "--hidden-size", "32", "--head-dim",
+            "16", "--layers", "1", "--vocab", "256", "--train-mix", "64:4:16", "128:8:16", "--test-grid", "64:4:8",
+            "128:8:8", "--epochs", "1", "--batch-size", "16", "--lrs", "1e-3", "3e-3", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert runs == [f"{f}-lr{lr}.json" for f in ("oryx-tg", "transformer") for lr in ("0.001", "0.003")]
+    data = json.loads((out / "mqar.json").read_text())
+    rows = {(r["model"], r["protocol"], r["setting"]) for r in data["rows"]}
+    assert ("transformer", "attn", "128x8") in rows and ("oryx-tg", "queries", "64x4") in rows
+    assert not any(m == "transformer" and p != "attn" for m, p, _ in rows)
+    assert set(data["meta"]["chosen_lr"]) == {"transformer", "oryx-tg"}
+    table = (out / "mqar.md").read_text()
+    assert "| oryx-tg | cross |" in table and "attn %" in table and "64x4" in table
+    assert (out / "mqar.png").stat().st_size > 0
+    # The report command rebuilds the same files elsewhere.
+    assert main(["report", str(out), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "mqar.md").read_text() == table
+
+
+# --- inference under mode rules -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", ["attn", "linear", "cross", "tail:attn=3"])
+def test_greedy_generate_matches_model_generate(tokenizer, spec):
+    """A batch of prompts of different lengths, each at its own switch point, generates what model.generate does
+    one prompt at a time under the equivalent schedule."""
+    model = _tiny()
+    prompts = [tokenizer.encode(t) for t in ("hello there, general", "abc def", "the quick brown fox jumps")]
+    contexts = [10, 3, 12]
+    generations = greedy_generate(model, tokenizer, prompts, ModeRule(spec), contexts, max_new_tokens=6, batch_size=3)
+    for prompt, context, generation in zip(prompts, contexts, generations, strict=True):
+        schedule = protocol_schedule(context, spec) if spec in ("attn", "linear", "cross") else spec
+        suppress = list(range(len(tokenizer), model.config.vocab_size))
+        out = model.generate(
+            torch.tensor([prompt]), schedule=schedule, max_new_tokens=6, do_sample=False, suppress_tokens=suppress
+        )
+        new = out[0, len(prompt) :].tolist()
+        assert generation.text == tokenizer.decode(new).split("\n")[0]
+        if spec == "cross" and "\n" not in generation.text:
+            assert generation.tokens == len(prompt) + 6
+            assert generation.attention_tokens == len(prompt) - context + 6
+
+
+def test_continuation_logliks_equal_a_forward_by_hand(tokenizer):
+    model = _tiny()
+    texts = ["hello there, general kenobi", "abc def ghi", "the quick brown fox"]
+    requests = [(tokenizer.encode(t[:7]), tokenizer.encode(t[7:])) for t in texts]
+    for spec in ("attn", "linear", "cross", "tail:attn=2"):
+        rule = ModeRule(spec)
+        batched = continuation_logliks(model, requests, rule, batch_size=2)
+        for i, (context, continuation) in enumerate(requests):
+            ids = torch.tensor([context + continuation[:-1]])
+            modes = rule.modes(ids.shape[1], prompt_len=len(context), context_len=len(context))[None]
+            logprobs = model(ids, modes=modes).logits.log_softmax(-1)[0]
+            scored = logprobs[len(context) - 1 :]
+            expected = sum(scored[j, t].item() for j, t in enumerate(continuation))
+            assert batched.logliks[i] == pytest.approx(expected, rel=1e-5)
+            assert batched.greedy[i] == all(scored[j].argmax().item() == t for j, t in enumerate(continuation))
+    attn, linear = (continuation_logliks(model, requests, ModeRule(s)) for s in ("attn", "linear"))
+    assert attn.attention_fraction == 1.0 and linear.attention_fraction == 0.0
+    assert attn.logliks != linear.logliks
+
+
+def test_mode_rules_check_specs_and_models():
+    assert str(ModeRule("tail: attn = 4")) == "tail:attn=4"
+    with pytest.raises(ValueError, match="schedule kind"):
+        ModeRule("crosss")
+    assert ModeRule("cross").supported_by([oryx.ATTN, oryx.LINEAR])
+    assert not ModeRule("cross").supported_by([oryx.ATTN])
+    assert ModeRule("attn").supported_by([oryx.ATTN])
+    assert not ModeRule("tail:attn=4").supported_by([oryx.LINEAR])
+
+
+# --- retrieval and zero-shot runners ------------------------------------------------------------------------------
+def test_retrieval_command(checkpoints, tmp_path):
+    out = tmp_path / "retrieval"
+    argv = ["retrieval", str(checkpoints / "tg"), str(checkpoints / "transformer"), "--tasks", "niah_1", "records_kv",
+            "--lengths", "400", "--n", "2", "--max-new-tokens", "4", "--modes", "attn", "linear", "cross",
+            "--out", str(out), "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads((out / "tg" / "retrieval.json").read_text())
+    rows = {(r["task"], r["protocol"]): r for r in data["rows"]}
+    assert set(rows) == {(t, p) for t in ("niah_1", "records_kv") for p in ("attn", "linear", "cross")}
+    for row in rows.values():
+        assert 0.0 <= row["metrics"]["recall"] <= 1.0 and row["n"] == 2
+    assert rows["niah_1", "attn"]["attention_fraction"] == 1.0
+    assert rows["niah_1", "linear"]["attention_fraction"] == 0.0
+    assert 0.0 < rows["niah_1", "cross"]["attention_fraction"] < 0.5  # the question (~150 bytes) and 4 tokens
+    assert 390 <= rows["niah_1", "attn"]["seq_len"] <= 400
+    baseline = json.loads((out / "transformer" / "retrieval.json").read_text())
+    assert {r["protocol"] for r in baseline["rows"]} == {"attn"}
+    table = (out / "retrieval.md").read_text()
+    assert "| tg | cross |" in table and "| transformer | attn |" in table and "niah_1 400" in table
+    assert not (out / "retrieval.png").exists()  # one NIAH length: no line to draw
+
+
+def test_zeroshot_command_writes_next_to_the_checkpoint(checkpoints):
+    argv = ["zeroshot", str(checkpoints / "tg"), "--n", "4", "--modes", "attn", "linear", "cross", "--device", "cpu"]
+    assert main(argv) == 0
+    out = checkpoints / "tg" / "eval"
+    data = json.loads((out / "zeroshot.json").read_text())
+    rows = {(r["task"], r["protocol"]): r for r in data["rows"]}
+    assert set(rows) == {(t, p) for t in ("lambada", "next_sentence") for p in ("attn", "linear", "cross")}
+    for (task, _), row in rows.items():
+        metrics = row["metrics"]
+        assert row["n"] == 4
+        assert 0.0 <= metrics["acc"] <= 1.0
+        if task == "lambada":
+            assert metrics["ppl"] > 1.0
+        else:
+            assert 0.0 <= metrics["acc_norm"] <= 1.0
+    assert rows["lambada", "linear"]["metrics"]["ppl"] != rows["lambada", "attn"]["metrics"]["ppl"]
+    assert 0.0 < rows["lambada", "cross"]["attention_fraction"] < 0.2
+    assert "### zeroshot: ppl" in (out / "zeroshot.md").read_text()
+
+
+def test_runner_errors_are_reported(checkpoints, capsys):
+    assert main(["zeroshot", str(checkpoints / "transformer"), "--modes", "linear", "--n", "2"]) == 2
+    assert "none of the modes" in capsys.readouterr().err
+    assert main(["retrieval", str(checkpoints / "tg"), "--modes", "tail:atn=3"]) == 2
+    assert "did you mean" in capsys.readouterr().err
