@@ -107,6 +107,7 @@ class OryxMixer(nn.Module):
         super().__init__()
         d_model, self.num_heads, self.head_dim = config.hidden_size, config.num_heads, config.head_dim
         self.variant, self.rope_theta, self.eps = config.variant, config.rope_theta, config.rms_norm_eps
+        self.chunk_size = config.chunk_size
         self.k_proj = nn.Linear(d_model, d_model, bias=False)
         self.v_proj = nn.Linear(d_model, d_model, bias=False)
         self.conv_weight = nn.Parameter(torch.empty(2 * d_model, config.conv_size))
@@ -182,6 +183,7 @@ class OryxMixer(nn.Module):
                 beta.to(x.dtype),
                 initial_state=initial,
                 output_final_state=state is not None,
+                chunk_size=self.chunk_size,
             )
         else:
             # Mamba-2 SSD: C = RoPE(q), B = dt·RoPE(k) (dt scales the linear path only), x = v, plus the D skip.
@@ -195,6 +197,7 @@ class OryxMixer(nn.Module):
                 scale=1.0,
                 initial_state=initial,
                 output_final_state=state is not None,
+                chunk_size=self.chunk_size,
             )
             o = o + self.D[:, None].to(v.dtype) * v
         if state is not None:
@@ -240,12 +243,8 @@ class GatedDeltaNetMixer(nn.Module):
     def __init__(self, config: OryxConfig):
         super().__init__()
         d_model, heads = config.hidden_size, config.gdn_num_heads
-        self.num_heads, self.d_k, self.d_v, self.eps = (
-            heads,
-            config.head_dim,
-            config.gdn_head_dim_v,
-            config.rms_norm_eps,
-        )
+        self.num_heads, self.d_k, self.d_v = heads, config.head_dim, config.gdn_head_dim_v
+        self.eps, self.chunk_size = config.rms_norm_eps, config.chunk_size
         self.qkv_proj = nn.Linear(d_model, heads * (2 * self.d_k + self.d_v), bias=False)
         self.conv_weight = nn.Parameter(torch.empty(heads * (2 * self.d_k + self.d_v), config.conv_size))
         self.a_proj = nn.Linear(d_model, heads, bias=False)
@@ -274,6 +273,7 @@ class GatedDeltaNetMixer(nn.Module):
             beta.to(x.dtype),
             initial_state=None if state is None else state.recurrent,
             output_final_state=state is not None,
+            chunk_size=self.chunk_size,
         )
         if state is not None:
             state.recurrent = final
@@ -305,6 +305,7 @@ class Mamba2Mixer(nn.Module):
                 f"mamba_expand·hidden_size ({self.d_inner}) must be a multiple of mamba_head_dim ({self.head_dim})"
             )
         self.num_heads, self.eps = self.d_inner // self.head_dim, config.rms_norm_eps
+        self.chunk_size = config.chunk_size
         conv_channels = self.d_inner + 2 * self.d_state
         self.in_proj = nn.Linear(d_model, self.d_inner + conv_channels + self.num_heads, bias=False)
         self.conv_weight = nn.Parameter(torch.empty(conv_channels, config.conv_size))
@@ -334,6 +335,7 @@ class Mamba2Mixer(nn.Module):
             scale=1.0,
             initial_state=None if state is None else state.recurrent,
             output_final_state=state is not None,
+            chunk_size=self.chunk_size,
         )
         if state is not None:
             state.recurrent = final
