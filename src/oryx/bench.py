@@ -60,11 +60,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="bfloat16 = autocast with float32 weights, as training does",
     )
     parser.add_argument("--checkpointing", action="store_true", help="enable gradient checkpointing")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="cpu = this process's CPU time (CPU device only): steadier than wall time on a shared machine",
+    )
     parser.add_argument("--json", default=None, help="also write the raw numbers to this JSON file")
 
 
-def time_step(model: OryxForCausalLM, ids: torch.Tensor, modes: torch.Tensor | None, repeats: int, dtype) -> float:
-    """Median seconds of one forward+backward (after one warm-up step)."""
+def time_step(
+    model: OryxForCausalLM, ids: torch.Tensor, modes: torch.Tensor | None, repeats: int, dtype, clock=time.perf_counter
+) -> float:
+    """Median seconds of one forward+backward (after one warm-up step), by `clock`."""
     autocast = torch.autocast(ids.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
     def step() -> None:
@@ -78,11 +87,11 @@ def time_step(model: OryxForCausalLM, ids: torch.Tensor, modes: torch.Tensor | N
     for _ in range(repeats):
         if ids.is_cuda:
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         step()
         if ids.is_cuda:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -95,6 +104,11 @@ def peak_tflops(device: str) -> float | None:
 
 def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and args.device != "cpu":
+        raise ValueError("--clock cpu measures host CPU time; use it with --device cpu")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     vocab = args.vocab_size or (8192 if args.device == "cpu" else None)
     generator = torch.Generator().manual_seed(0)
     peak = peak_tflops(args.device)
@@ -125,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
                 modes = None if spec is None else parse(spec).modes(batch, T, generator=generator).to(args.device)
                 only_attn = 1.0 if config.variant == "transformer" else 0.0
                 f_attn = only_attn if modes is None else attention_fraction(modes)
-                seconds = time_step(model, ids, modes, args.repeats, dtype)
+                seconds = time_step(model, ids, modes, args.repeats, dtype, clock)
                 tokens_per_s = batch * T / seconds
                 flops_per_token = 6 * active + 6 * config.num_hidden_layers * config.hidden_size * T * f_attn
                 mfu = None if peak is None else flops_per_token * tokens_per_s / (peak * 1e12)
