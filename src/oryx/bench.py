@@ -115,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     results: list[dict] = []
     print(
         f"device={args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}) "
-        f"dtype={args.dtype} threads={torch.get_num_threads()} tokens/step={args.tokens or 'one sequence'}"
+        f"dtype={args.dtype} threads={torch.get_num_threads()} clock={args.clock} "
+        f"tokens/step={args.tokens or 'one sequence'}"
     )
     print(f"{'preset':<18}{'mode':<8}{'T':>6}{'batch':>6}{'ms/step':>11}{'tok/s':>10}{'MFU':>7}")
     for preset in args.presets:
