@@ -77,6 +77,17 @@ def test_mqar_learns_above_chance():
     assert fractions == {"attn": 1.0, "linear": 0.0, "cross": (64 - 8) / 64, "queries": 4 / 64}
 
 
+def test_mqar_time_budget_shortens_the_schedule():
+    """A timed probe fits the cosine schedule to --train-minutes before training (here 0.1 s for 40 planned steps)."""
+    config = MQARSweepConfig(
+        hidden_size=32, num_layers=1, head_dim=16, vocab=128, train_mix=(MQARConfig(64, 4, 16 * 40),),
+        test_grid=(MQARConfig(64, 4, 8),), epochs=1, batch_size=16, protocols=("attn",), train_minutes=0.1 / 60,
+    )  # fmt: skip
+    result = train_mqar("transformer", 1e-3, config, log=lambda line: None)
+    assert result["planned_steps"] == 40
+    assert 1 <= result["steps"] <= result["schedule_steps"] < 40
+
+
 def test_mqar_protocols_give_the_expected_modes(monkeypatch):
     batch = make_mqar(6, 64, 4, vocab=128, seed=1)
     cross = protocol_modes_for(batch, "cross")

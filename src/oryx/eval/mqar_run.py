@@ -26,7 +26,8 @@ queries     only the K query tokens (the minimum MQAR needs)       K / L
 A baseline runs only its own mode (transformer: attn; mamba2, gdn: linear). With several learning rates (``--lrs``)
 each family keeps the one with the best mean accuracy over all its rows (Zoology reports the best of its sweep).
 ``--train-minutes`` caps each training run: a short timed probe of every setting's step fixes the number of steps
-before training starts, so the cosine schedule still ends at its last step.
+before training starts, so the cosine schedule still ends at its last step; should the probe have been optimistic,
+training stops at 1.25× the budget (the notes under the table give each run's steps).
 
 Output (``--out``): ``runs/<family>-lr<lr>.json`` per training run, ``mqar.json`` (the best run of each family, a
 result file of ``oryx.eval.report``), ``mqar.md`` and ``mqar.png``.
@@ -271,8 +272,10 @@ def train_mqar(family: str, lr: float, config: MQARSweepConfig, log: Callable[[s
     rng = np.random.default_rng(config.seed)
     model.train()
     started = time.perf_counter()
+    # A hard stop at 1.25× the budget, in case the probe was optimistic (e.g. other runs sharing the GPU sped up).
+    deadline = started + 75 * config.train_minutes if config.train_minutes is not None else math.inf
     step, losses, correct, supervised = 0, [], 0, 0
-    while step < total:
+    while step < total and time.perf_counter() < deadline:
         # One epoch: every row once, in batches of one setting, the batches in random order.
         epoch = [
             (s, rows[i : i + config.batch_size])
@@ -281,7 +284,7 @@ def train_mqar(family: str, lr: float, config: MQARSweepConfig, log: Callable[[s
             for i in range(0, len(rows), config.batch_size)
         ]
         for k in rng.permutation(len(epoch)):
-            if step == total:
+            if step == total or time.perf_counter() >= deadline:
                 break
             s, rows = epoch[k]
             for group in optimizer.param_groups:
@@ -306,6 +309,8 @@ def train_mqar(family: str, lr: float, config: MQARSweepConfig, log: Callable[[s
                     f"train acc {correct / supervised:.3f} ({time.perf_counter() - started:.0f} s)"
                 )
                 correct = supervised = 0
+    if step < total:
+        log(f"{family} lr {lr:g}: stopped at step {step} of {total}: past 1.25× the time budget")
     train_seconds = time.perf_counter() - started
     started = time.perf_counter()
     results = evaluate_mqar(model, test, config.protocols, config.eval_batch_size, config.precision)
@@ -318,9 +323,10 @@ def train_mqar(family: str, lr: float, config: MQARSweepConfig, log: Callable[[s
         "family": family,
         "lr": lr,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "steps": total,
+        "steps": step,
+        "schedule_steps": total,
         "planned_steps": planned,
-        "epochs": total / steps_per_epoch,
+        "epochs": step / steps_per_epoch,
         "train_seconds": train_seconds,
         "final_loss": float(np.mean(losses[-config.log_every :])),
         "train_schedule": config.oryx_schedule
@@ -363,6 +369,28 @@ def _rows(run: dict[str, Any]) -> list[ResultRow]:
     ]
 
 
+def _training_notes(config: MQARSweepConfig, runs: list[dict[str, Any]], best: dict[str, dict[str, Any]]) -> str:
+    """Markdown: how each run trained (the chosen one of each family in bold)."""
+    lines = [
+        f"Training: {config.num_layers} layers × {config.hidden_size} (head dim {config.head_dim}), "
+        f"V = {config.vocab}, batch {config.batch_size}, {config.epochs:g} epochs planned, device {config.device}; "
+        f"Oryx trains with `{config.oryx_schedule}`, baselines in their mode.",
+        "",
+        "| run | lr | parameters | steps (of the schedule's, of the plan's) | epochs | train min | final loss |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        name = _run_name(run["family"], run["lr"])
+        if best[run["family"]]["lr"] == run["lr"]:
+            name = f"**{name}**"
+        lines.append(
+            f"| {name} | {run['lr']:g} | {run['parameters']:,} | {run['steps']} ({run['schedule_steps']}, "
+            f"{run['planned_steps']}) | "
+            f"{run['epochs']:.2f} | {run['train_seconds'] / 60:.1f} | {run['final_loss']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def run_sweep(config: MQARSweepConfig, out_dir: str | Path, jobs: int = 1) -> list[Path]:
     """Train and test every (family, lr) of ``config`` (``jobs`` of them at once, in separate processes), keep the
     best lr per family, write ``mqar.json`` and the report into ``out_dir``; returns the report files."""
@@ -389,6 +417,7 @@ def run_sweep(config: MQARSweepConfig, out_dir: str | Path, jobs: int = 1) -> li
         "config": config.to_json(),
         "runs": [{k: v for k, v in run.items() if k != "results"} for run in runs],
         "chosen_lr": {family: run["lr"] for family, run in best.items()},
+        "notes": _training_notes(config, runs, best),
     }
     write_results(out / "mqar.json", "mqar", ["accuracy"], rows, meta)
     return write_report(out)

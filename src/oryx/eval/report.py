@@ -3,8 +3,9 @@
 one line per model and task).
 
 A result file is ``{"benchmark": NAME, "metrics": [...], "rows": [...], "meta": {...}}``; each row is a
-``ResultRow``. ``oryx eval report DIR`` (``python -m oryx.eval report DIR``) collects every result file under
-``DIR``, so the results of several checkpoints or families, written next to each one, make one table.
+``ResultRow``; ``meta["notes"]`` (Markdown, optional) is printed under the tables. ``oryx eval report DIR``
+(``python -m oryx.eval report DIR``) collects every result file under ``DIR``, so the results of several
+checkpoints or families, written next to each one, make one table.
 """
 
 from __future__ import annotations
@@ -81,10 +82,11 @@ def write_results(
     return path
 
 
-def read_results(path: str | Path) -> tuple[str, list[str], list[ResultRow]]:
-    """(benchmark, metrics, rows) of a result file."""
+def read_results(path: str | Path) -> tuple[str, list[str], list[ResultRow], str]:
+    """(benchmark, metrics, rows, notes) of a result file."""
     data = json.loads(Path(path).read_text())
-    return data["benchmark"], data["metrics"], [ResultRow.from_json(r) for r in data["rows"]]
+    rows = [ResultRow.from_json(r) for r in data["rows"]]
+    return data["benchmark"], data["metrics"], rows, data.get("meta", {}).get("notes", "")
 
 
 def find_results(root: str | Path) -> list[Path]:
@@ -227,16 +229,19 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list
         raise FileNotFoundError(f"no result files (JSON with 'benchmark' and 'rows') under {run_dir}")
     out = Path(out_dir or run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    merged: dict[str, tuple[list[str], list[ResultRow]]] = {}
+    merged: dict[str, tuple[list[str], list[ResultRow], list[str]]] = {}
     for path in paths:
-        benchmark, metrics, rows = read_results(path)
-        known, collected = merged.setdefault(benchmark, ([], []))
+        benchmark, metrics, rows, notes = read_results(path)
+        known, collected, all_notes = merged.setdefault(benchmark, ([], [], []))
         known.extend(m for m in metrics if m not in known)
         collected.extend(rows)
+        all_notes.extend([notes] if notes else [])
     written = []
-    for benchmark, (metrics, rows) in merged.items():
+    for benchmark, (metrics, rows, notes) in merged.items():
         md = out / f"{benchmark}.md"
-        md.write_text(f"## {benchmark}\n\n" + markdown_tables(benchmark, metrics, rows))
+        md.write_text(
+            f"## {benchmark}\n\n" + markdown_tables(benchmark, metrics, rows) + "".join(f"\n{n}" for n in notes)
+        )
         written.append(md)
         try:
             png = plot_benchmark(benchmark, metrics[0], rows, out / f"{benchmark}.png")
