@@ -30,6 +30,12 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "the switching curve: token-level perplexity against position (paper Figure 3)",
     ),
 }
+# The benchmark runners of oryx.eval (same as `python -m oryx.eval ...`): mqar, retrieval, zeroshot, report,
+# export-lm-eval-tasks; their arguments and help live in oryx.eval.cli.
+SUBCOMMANDS.update(
+    (name, (f"oryx.eval.cli:{adder}", f"oryx.eval.cli:{runner}", help_text))
+    for name, (adder, runner, help_text) in importlib.import_module("oryx.eval.cli").COMMANDS.items()
+)
 
 
 def _function(path: str) -> Any:
