@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,7 +24,7 @@ from oryx.configuration import ATTN, LINEAR
 from oryx.eval.scoring import STOP, cut_at_stop
 from oryx.eval.tasks.common import PROTOCOLS, protocol_modes
 from oryx.evaluation.perplexity import autocast
-from oryx.modeling import CACHE_FIELD
+from oryx.modeling import CACHE_FIELD, OryxForCausalLM
 from oryx.schedule import Fixed, Schedule, parse
 
 __all__ = ["Generation", "LoglikResult", "ModeRule", "continuation_logliks", "greedy_generate"]
@@ -35,14 +35,13 @@ class ModeRule:
     """A cross-mode protocol name or a schedule spec (see the module docstring); invalid specs raise ValueError."""
 
     spec: str
+    schedule: Schedule | None = field(init=False, repr=False, compare=False)  # None for a protocol
 
     def __post_init__(self) -> None:
-        if self.spec not in PROTOCOLS:
-            object.__setattr__(self, "spec", str(parse(self.spec)))  # validates, and canonical for reports
-
-    @property
-    def schedule(self) -> Schedule | None:
-        return None if self.spec in PROTOCOLS else parse(self.spec)
+        schedule = None if self.spec in PROTOCOLS else parse(self.spec)  # parse validates
+        object.__setattr__(self, "schedule", schedule)
+        if schedule is not None:
+            object.__setattr__(self, "spec", str(schedule))  # canonical, for reports
 
     def uses(self) -> set[int]:
         """The modes this rule may assign."""
@@ -106,7 +105,7 @@ def _pad_mode(row: torch.Tensor) -> int:
 
 @torch.no_grad()
 def continuation_logliks(
-    model: torch.nn.Module,
+    model: OryxForCausalLM,
     requests: Sequence[tuple[Sequence[int], Sequence[int]]],
     rule: ModeRule,
     batch_size: int = 16,
@@ -144,20 +143,20 @@ def continuation_logliks(
             attention_tokens += int((row_modes == ATTN).sum())
             tokens += len(inp)
         with autocast(device, precision):
-            logits = model(ids.to(device), modes=modes.to(device)).logits
-        logprobs = logits.float().log_softmax(-1)
-        for row, i in enumerate(batch):
-            ctx, cont = requests[i]
-            cont_ids = torch.tensor(list(cont), device=device)
-            scored = logprobs[row, len(ctx) - 1 : len(ctx) - 1 + len(cont)]  # [len(cont), V]
-            logliks[i] = float(scored.gather(1, cont_ids[:, None]).sum())
-            greedy[i] = bool((scored.argmax(-1) == cont_ids).all())
+            hidden = model.model(ids.to(device), modes=modes.to(device)).last_hidden_state
+            for row, i in enumerate(batch):
+                ctx, cont = requests[i]
+                # Only the continuation's positions go through the vocabulary projection (B·T·V floats would not fit).
+                scored = model.lm_head(hidden[row, len(ctx) - 1 : len(ctx) - 1 + len(cont)]).float().log_softmax(-1)
+                cont_ids = torch.tensor(list(cont), device=device)
+                logliks[i] = float(scored.gather(1, cont_ids[:, None]).sum())
+                greedy[i] = bool((scored.argmax(-1) == cont_ids).all())
     return LoglikResult(logliks, greedy, attention_tokens, tokens)
 
 
 @torch.no_grad()
 def greedy_generate(
-    model: torch.nn.Module,
+    model: OryxForCausalLM,
     tokenizer,
     prompts: Sequence[Sequence[int]],
     rule: ModeRule,
@@ -203,7 +202,7 @@ def greedy_generate(
         generated = torch.empty(len(batch), 0, dtype=torch.long, device=device)
         used: list[int | None] = [None] * len(batch)  # per row: generated tokens up to and including its stop
         with autocast(device, precision):
-            out = model(ids, modes=modes[:, :width], attention_mask=mask, use_cache=True)
+            out = model(ids, modes=modes[:, :width], attention_mask=mask, use_cache=True, logits_to_keep=1)
             for step in range(max_new_tokens):
                 logits = out.logits[:, -1].float()
                 logits[:, len(tokenizer) :] = -math.inf
@@ -220,6 +219,7 @@ def greedy_generate(
                     modes=modes[:, width + step : width + step + 1],
                     attention_mask=mask,
                     cache=getattr(out, CACHE_FIELD),
+                    logits_to_keep=1,
                 )
         for row, i in enumerate(batch):
             n_used = used[row] or generated.shape[1]
