@@ -1,10 +1,12 @@
 """Causal softmax attention over selected query rows, in pure PyTorch.
 
 Oryx computes attention outputs only for the tokens whose mode is attention, but over *all* earlier keys
-(the KV cache holds every token). So the cost must follow the number of selected rows, not T²: the
-selected rows of each sequence are gathered into blocks of ``QUERY_BLOCK`` rows, and each block scores only
-against the keys up to its last row's position. Unselected rows are zeros and cost nothing. Plain causal
-self-attention (every row, no padding) is one fused ``scaled_dot_product_attention`` call.
+(the KV cache holds every token). So the cost must follow the number of selected rows, not T²: query rows are
+cut into blocks of ``QUERY_BLOCK`` consecutive positions, and a block is computed only for the sequences that
+select at least one of its rows (batched: one call per block), scoring only against the keys up to its last row.
+Unselected rows are zeros. The cost follows the number of blocks that hold attention-mode rows: exact for Oryx's
+128-token mode chunks, while a lone selected row costs its whole block. Plain causal self-attention (every row,
+no padding) is one fused ``scaled_dot_product_attention`` call.
 
 ``count_score_elements()`` measures that work honestly: every q·k score the implementation computes (per query
 row, key and head, masked ones included) is added to the counters that are open.
@@ -84,39 +86,29 @@ def _torch_backend(
             counter.value += B * H * Tq * (Tq + 1) // 2
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
         return out.transpose(1, 2).to(out_dtype)
+    # Blocks of QUERY_BLOCK consecutive rows; rows [i0, i1) need keys up to offset + i1. A block is computed only for
+    # the sequences that select at least one of its rows (all sequences at once: one call per block, not per row),
+    # and unselected rows of a computed block are zeroed afterwards.
+    n_blocks = -(-Tq // QUERY_BLOCK)
     if query_mask is None:
-        # Every row: blocks of consecutive rows, batched over B; rows [i0, i1) need keys up to offset + i1.
-        blocks = []
-        for i0 in range(0, Tq, QUERY_BLOCK):
-            end = offset + min(i0 + QUERY_BLOCK, Tq)
-            positions = torch.arange(offset + i0, end, device=q.device)
-            mask = None if key_mask is None else key_mask[:, :end]
-            blocks.append(_attend(qh[:, :, i0 : end - offset], kh[:, :, :end], vh[:, :, :end], positions, mask, scale))
-        return torch.cat(blocks, dim=2).transpose(1, 2).to(out_dtype)
-
-    # Selected rows only: per sequence, gather them (in order) into blocks, then scatter the results back.
-    batch_index, row_index, outs = [], [], []
-    for b in range(B):
-        rows = query_mask[b].nonzero().squeeze(-1)
-        for s in range(0, rows.numel(), QUERY_BLOCK):
-            block_rows = rows[s : s + QUERY_BLOCK]
-            end = offset + int(block_rows[-1]) + 1
-            mask = None if key_mask is None else key_mask[b, :end]
-            o = _attend(
-                qh[b].index_select(1, block_rows),
-                kh[b, :, :end],
-                vh[b, :, :end],
-                offset + block_rows,
-                mask,
-                scale,
-            )  # [H, R, Dv]
-            outs.append(o.transpose(0, 1))
-            batch_index.append(torch.full_like(block_rows, b))
-            row_index.append(block_rows)
-    o = q.new_zeros(B, Tq, H, Dv, dtype=dtype)
-    if outs:
-        o = o.index_put((torch.cat(batch_index), torch.cat(row_index)), torch.cat(outs))
-    return o.to(out_dtype)
+        needed = torch.ones(n_blocks, B, dtype=torch.bool, device=q.device)
+    else:
+        padded = F.pad(query_mask, (0, n_blocks * QUERY_BLOCK - Tq))
+        needed = padded.view(B, n_blocks, QUERY_BLOCK).any(-1).T  # [n_blocks, B]
+    o = q.new_zeros(B, H, Tq, Dv, dtype=dtype)
+    for block, seqs in enumerate(needed.unbind(0)):
+        seqs = seqs.nonzero().squeeze(-1)
+        if seqs.numel() == 0:
+            continue
+        i0, i1 = block * QUERY_BLOCK, min((block + 1) * QUERY_BLOCK, Tq)
+        end = offset + i1
+        positions = torch.arange(offset + i0, end, device=q.device)
+        rows = slice(None) if seqs.numel() == B else seqs
+        mask = None if key_mask is None else key_mask[rows, :end]
+        o[rows, :, i0:i1] = _attend(qh[rows, :, i0:i1], kh[rows, :, :end], vh[rows, :, :end], positions, mask, scale)
+    if query_mask is not None:
+        o = o * query_mask[:, None, :, None]
+    return o.transpose(1, 2).to(out_dtype)
 
 
 dispatch.register("causal_attention", "torch", _torch_backend)
