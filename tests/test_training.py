@@ -272,7 +272,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(corpus
 
 
 # --- data parallel ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_gloo_processes_match_one_process(corpus, tmp_path, parallel):
     """torchrun with 2 CPU ranks (gloo) and the same global batch gives the single process's losses."""
     config = tiny(corpus, tmp_path / "x", steps=6, save_every=6, eval_every=3)

@@ -115,13 +115,17 @@ def _summary(
 ) -> str:
     train = [r for r in metrics if r["kind"] == "train"]
     speed = np.median([r["tokens_per_s"] for r in train]) if train else float("nan")
+    start = next((r for r in reversed(metrics) if r["kind"] == "start"), {})
+    where = f"{start.get('ranks', 1)} × {start.get('device', '?')}" + (
+        f", {start['threads']} CPU threads" if start.get("threads") else ""
+    )
     lines = [
         f"# {config.preset} on {config.train_data}",
         "",
         f"- {final['step']} steps of {config.batch_size} × {config.seq_len} tokens "
         f"({final['step'] * config.batch_size * config.seq_len:,} tokens), schedule `{config.schedule_spec}`, "
         f"peak LR {config.peak_lr:g}, tokenizer `{config.tokenizer}`",
-        f"- wall time of this command: {seconds / 60:.1f} min; median training speed {speed:,.0f} tokens/s",
+        f"- wall time of this command: {seconds / 60:.1f} min; median training speed {speed:,.0f} tokens/s ({where})",
         f"- final checkpoint: `{folder}`",
         "",
         f"## Validation perplexity ({final['val_tokens']:,} tokens of {config.val_data})",

@@ -332,6 +332,8 @@ def _train(
         del state
 
     log = MetricsLog(run_dir, info.is_main, config.tensorboard, None if resume_from is None else step)
+    threads = torch.get_num_threads() if info.device.type == "cpu" else None
+    log.write({"kind": "start", "step": step, "device": str(info.device), "ranks": info.world_size, "threads": threads})
     schedule = parse(config.schedule_spec)
     tokens_per_step = config.batch_size * config.seq_len
     last_checkpoint = resume_from
