@@ -16,7 +16,7 @@ OUT=${OUT:-out}
 RUN_DIR=${RUN_DIR:-/tmp/mqar-run}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} ORYX_BACKEND=${ORYX_BACKEND:-torch} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
 start=$(date +%s)
 timeout 570 python3 -m oryx.eval mqar --out "$RUN_DIR" --device cuda --jobs 5 --epochs 8 --lrs 3e-3 \
   --train-minutes "${TRAIN_MINUTES:-5}" "$@" 2>&1 | tee "$OUT/mqar.log"

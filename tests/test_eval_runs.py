@@ -235,3 +235,5 @@ def test_runner_errors_are_reported(checkpoints, capsys):
     assert "none of the modes" in capsys.readouterr().err
     assert main(["retrieval", str(checkpoints / "tg"), "--modes", "tail:atn=3"]) == 2
     assert "did you mean" in capsys.readouterr().err
+    assert main(["retrieval", str(checkpoints / "tg"), "--tasks", "niah_1", "--lengths", "2040", "--n", "1"]) == 2
+    assert "use lengths <= 2000" in capsys.readouterr().err

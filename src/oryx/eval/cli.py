@@ -66,7 +66,7 @@ def add_retrieval_arguments(parser: argparse.ArgumentParser) -> None:
 
     _common_checkpoint_arguments(parser, ["attn", "linear", "cross"])
     parser.add_argument("--tasks", nargs="+", default=list(RETRIEVAL_TASKS), choices=RETRIEVAL_TASKS)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048], help="NIAH prompt lengths")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2000], help="NIAH prompt lengths")
     parser.add_argument("--n", type=int, default=50, help="samples per task setting (default: 50)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="generation limit (default: 48)")
 
@@ -128,7 +128,7 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="folder for the task YAMLs and data (pass it to lm-eval's --include_path)")
     parser.add_argument("--tokenizer", default="gpt2", help="tokenizer spec or checkpoint folder (sizes NIAH)")
-    parser.add_argument("--niah-lengths", type=int, nargs="+", default=[512, 1024, 2048])
+    parser.add_argument("--niah-lengths", type=int, nargs="+", default=[512, 1024, 2000])
     parser.add_argument("--niah-n", type=int, default=50, help="samples per NIAH task (default: 50)")
     parser.add_argument("--records-n", type=int, default=50, help="samples per records task (default: 50)")
     parser.add_argument("--zeroshot-n", type=int, default=500, help="samples per zero-shot task, 0 = all")

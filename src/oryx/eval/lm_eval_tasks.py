@@ -81,7 +81,7 @@ _Dumper.add_representer(
 def export_lm_eval_tasks(
     out_dir: str | Path,
     tokenizer,
-    niah_lengths: Sequence[int] = (512, 1024, 2048),
+    niah_lengths: Sequence[int] = (512, 1024, 2000),
     niah_n: int = 50,
     records_n: int = 50,
     lambada_n: int | None = 500,

@@ -50,7 +50,7 @@ def run_retrieval(
     tokenizer,
     label: str,
     tasks: Sequence[str] = RETRIEVAL_TASKS,
-    lengths: Sequence[int] = (512, 1024, 2048),
+    lengths: Sequence[int] = (512, 1024, 2000),
     n: int = 50,
     rules: Sequence[ModeRule] = (ModeRule("attn"), ModeRule("linear"), ModeRule("cross")),
     max_new_tokens: int = MAX_GEN_TOKENS,
@@ -64,16 +64,23 @@ def run_retrieval(
     Args:
         label: the model's row label in reports.
         tasks: names from ``RETRIEVAL_TASKS``; records tasks have one setting (10–50 fields), NIAH one per length.
-        lengths: NIAH prompt lengths in tokens.
+        lengths: NIAH prompt lengths in tokens (the default's 2000 + 48 generated tokens fit a 2K context).
         n: samples per setting.
         rules: mode rules; those the model cannot run (a baseline's other mode) are skipped.
 
     Raises:
-        ValueError: an unknown task, or no rule the model supports.
+        ValueError: an unknown task, no rule the model supports, or a NIAH length whose prompt and generation
+            would not fit the model's positions.
     """
     unknown = [t for t in tasks if t not in RETRIEVAL_TASKS]
     if unknown:
         raise ValueError(f"unknown retrieval tasks {unknown}; choose from {', '.join(RETRIEVAL_TASKS)}")
+    room = model.config.max_position_embeddings - max_new_tokens
+    if any(task in NIAH_TASKS for task in tasks) and max(lengths) > room:
+        raise ValueError(
+            f"NIAH length {max(lengths)} + {max_new_tokens} generated tokens exceeds the model's "
+            f"{model.config.max_position_embeddings} positions; use lengths <= {room}"
+        )
     runnable = [r for r in rules if r.supported_by(model.config.supported_modes)]
     if not runnable:
         raise ValueError(f"none of the modes {[str(r) for r in rules]} runs on a {family_of(model)} model")
