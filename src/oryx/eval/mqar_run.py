@@ -2,7 +2,9 @@
 every mode it has and under the cross-mode protocols (data-sources.md §3.4, paper-notes.md §5).
 
     python -m oryx.eval mqar --out runs/mqar                       # the full sweep (GPU: see benchmarks/mqar_gpu.sh)
-    python -m oryx.eval mqar --out /tmp/mqar --scale 0.02 --test-scale 0.1 --epochs 4   # CPU-sized
+    python -m oryx.eval mqar --out /tmp/mqar --vocab 512 --hidden-size 64 --head-dim 32 --train-mix 64:4:8000 \
+        128:8:2000 --test-grid 64:4:200 64:8:200 64:16:200 128:32:200 256:64:100 --epochs 2 --batch-size 32 \
+        --jobs 2 --device cpu                                      # CPU-sized: ~17 min on 2 busy cores
 
 Every family gets the same shape (default 2 layers × 128 wide, head dim 64; Zoology uses d_model 64–256 and two
 layers). Training: AdamW (0.9, 0.95), weight decay 0.1 off norms and decay parameters, linear warmup then cosine
@@ -90,7 +92,7 @@ class MQARSweepConfig:
     epochs: float = 16
     batch_size: int = 256
     eval_batch_size: int = 64
-    lrs: tuple[float, ...] = (1e-3,)
+    lrs: tuple[float, ...] = (3e-3,)
     weight_decay: float = 0.1
     warmup_ratio: float = 0.1
     oryx_schedule: str = "chunks:size=16,p_attn=0.25"
@@ -168,7 +170,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _probe_seconds(model: OryxForCausalLM, train: list[MQARBatch], config: MQARSweepConfig, draw_modes) -> list[float]:
+ModeDrawer = Callable[[int, MQARBatch], "torch.Tensor | None"]
+
+
+def _probe_seconds(
+    model: OryxForCausalLM, train: list[MQARBatch], config: MQARSweepConfig, draw_modes: ModeDrawer
+) -> list[float]:
     """Seconds of one forward+backward step per training setting (the second of two; gradients discarded)."""
     device = next(model.parameters()).device
     seconds = []
