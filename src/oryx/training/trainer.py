@@ -134,15 +134,28 @@ def use_every_parameter(model: OryxForCausalLM) -> None:
 
 
 def cpu_threads(requested: int | None, ranks: int = 1) -> int:
-    """`requested`, or the cores that are free now: the cores this process may use minus the 1-minute load
-    average, shared by the ranks of this host, at least 1. Why: when other processes keep a core busy, torch's
-    thread pool waits on its descheduled threads at every operation; we measured 10–30× slower steps with 2
-    threads on 2 cores beside one busy process, and no slowdown with 1 thread."""
+    """`requested`, or the cores that are free now (the cores this process may use minus those other processes
+    keep busy), shared by the ranks of this host, at least 1. Why: when another process keeps a core busy, torch's
+    thread pool waits on its descheduled thread at every operation; we measured 10–30× slower steps with 2 threads
+    on 2 cores beside one busy process, against none with 1 thread."""
     if requested:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    free = round(cores - os.getloadavg()[0]) if hasattr(os, "getloadavg") else cores
-    return max(1, min(cores, free) // ranks)
+    return max(1, min(cores, round(cores - _busy_cores())) // ranks)
+
+
+def _busy_cores(samples: int = 20, interval: float = 0.025) -> float:
+    """How many other tasks are running, averaged over half a second (Linux: /proc/loadavg's running count, which
+    includes this process); elsewhere the 1-minute load average."""
+    try:
+        counts = []
+        for _ in range(samples):
+            with open("/proc/loadavg") as fh:
+                counts.append(int(fh.read().split()[3].split("/")[0]) - 1)
+            time.sleep(interval)
+        return sum(counts) / samples
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
 
 
 def draw_modes(schedule: Schedule, rows: int, seq_len: int, seed: int, index: int) -> torch.Tensor:
