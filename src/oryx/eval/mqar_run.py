@@ -42,7 +42,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -104,6 +104,8 @@ class MQARSweepConfig:
     log_every: int = 50
 
     def __post_init__(self) -> None:
+        if not self.families or not self.lrs:
+            raise ValueError("an MQAR sweep needs at least one family and one learning rate")
         unknown = [f for f in self.families if f not in FAMILY_TO_VARIANT]
         if unknown:
             raise ValueError(f"unknown families {unknown}; choose from {', '.join(FAMILIES)}")
@@ -398,28 +400,16 @@ def _training_notes(config: MQARSweepConfig, runs: list[dict[str, Any]], best: d
     return "\n".join(lines) + "\n"
 
 
-def run_sweep(config: MQARSweepConfig, out_dir: str | Path, jobs: int = 1) -> list[Path]:
-    """Train and test every (family, lr) of ``config`` (``jobs`` of them at once, in separate processes), keep the
-    best lr per family, write ``mqar.json`` and the report into ``out_dir``; returns the report files."""
-    out = Path(out_dir)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_json(), indent=1))
-    pairs = [(family, lr) for family in config.families for lr in config.lrs]
-    if jobs <= 1:
-        paths = [_job(f, lr, config, str(out), torch.get_num_threads()) for f, lr in pairs]
-    else:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        # spawn: CUDA cannot be used in forked children.
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_job, family, lr, config, str(out), threads) for family, lr in pairs]
-            paths = [f.result() for f in futures]
+def _write_summary(config: MQARSweepConfig, out: Path, paths: Sequence[str]) -> list[Path]:
+    """``mqar.json`` and the report from the finished runs: the best lr of each family that has one."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
+    runs.sort(key=lambda run: (config.families.index(run["family"]), config.lrs.index(run["lr"])))
     best: dict[str, dict[str, Any]] = {}
     for run in runs:
         score = float(np.mean([r["accuracy"] for r in run["results"]]))
         if run["family"] not in best or score > best[run["family"]]["_score"]:
             best[run["family"]] = {**run, "_score": score}
-    rows = [row for family in config.families for row in _rows(best[family])]
+    rows = [row for family in config.families if family in best for row in _rows(best[family])]
     meta = {
         "config": config.to_json(),
         "runs": [{k: v for k, v in run.items() if k != "results"} for run in runs],
@@ -428,3 +418,29 @@ def run_sweep(config: MQARSweepConfig, out_dir: str | Path, jobs: int = 1) -> li
     }
     write_results(out / "mqar.json", "mqar", ["accuracy"], rows, meta)
     return write_report(out)
+
+
+def run_sweep(config: MQARSweepConfig, out_dir: str | Path, jobs: int = 1) -> list[Path]:
+    """Train and test every (family, lr) of ``config`` (``jobs`` of them at once, in separate processes), keep the
+    best lr per family, write ``mqar.json`` and the report into ``out_dir``; returns the report files.
+
+    The summary is rewritten as each run finishes, so a sweep cut short (a time limit) keeps what it finished.
+    """
+    out = Path(out_dir)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_json(), indent=1))
+    pairs = [(family, lr) for family in config.families for lr in config.lrs]
+    paths: list[str] = []
+    if jobs <= 1:
+        for family, lr in pairs:
+            paths.append(_job(family, lr, config, str(out), torch.get_num_threads()))
+            written = _write_summary(config, out, paths)
+        return written
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    # spawn: CUDA cannot be used in forked children.
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(_job, family, lr, config, str(out), threads) for family, lr in pairs]
+        for future in as_completed(futures):
+            paths.append(future.result())
+            written = _write_summary(config, out, paths)
+    return written
