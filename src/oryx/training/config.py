@@ -115,7 +115,9 @@ class TrainConfig:
         "ddp", "data parallelism under torchrun: ddp or fsdp (FSDP2 fully_shard)", "system", ("ddp", "fsdp")
     )
     threads: int | None = _opt(
-        None, "CPU threads for torch (default: the cores other processes leave free at the start, at least 1)", "system"
+        None,
+        "CPU threads for torch (default: the cores other processes leave free, re-checked every 20 steps)",
+        "system",
     )
     progress: bool = _opt(True, "show a progress bar", "system")
     tensorboard: bool = _opt(True, "also log to TensorBoard when it is installed", "system")

@@ -116,8 +116,9 @@ def _summary(
     train = [r for r in metrics if r["kind"] == "train"]
     speed = np.median([r["tokens_per_s"] for r in train]) if train else float("nan")
     start = next((r for r in reversed(metrics) if r["kind"] == "start"), {})
+    threads = sorted({r["threads"] for r in train if r.get("threads")})
     where = f"{start.get('ranks', 1)} × {start.get('device', '?')}" + (
-        f", {start['threads']} CPU threads" if start.get("threads") else ""
+        f", {'/'.join(map(str, threads))} CPU threads" if threads else ""
     )
     lines = [
         f"# {config.preset} on {config.train_data}",

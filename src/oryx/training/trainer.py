@@ -133,21 +133,37 @@ def use_every_parameter(model: OryxForCausalLM) -> None:
         block.mixer.register_forward_hook(hook)
 
 
-def cpu_threads(requested: int | None, ranks: int = 1) -> int:
-    """`requested`, or the cores that are free now (the cores this process may use minus those other processes
-    keep busy), shared by the ranks of this host, at least 1. Why: when another process keeps a core busy, torch's
-    thread pool waits on its descheduled thread at every operation; we measured 10–30× slower steps with 2 threads
-    on 2 cores beside one busy process, against none with 1 thread."""
-    if requested:
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, round(cores - _busy_cores())) // ranks)
+class CpuThreads:
+    """Torch's CPU thread count: `requested`, or kept at the cores other processes leave free (checked every
+    `period` steps), shared by the ranks of this host, at least 1.
+
+    Why: when another process keeps a core busy, torch's thread pool waits on its descheduled thread at every
+    operation; on 2 cores beside one busy process we measured 10–30× slower steps with 2 threads, and none with 1.
+    An automatic count follows the machine's load, so it is not bitwise reproducible; pass `threads` for that.
+    """
+
+    def __init__(self, requested: int | None, ranks: int = 1, period: int = 20) -> None:
+        self.requested, self.ranks, self.period = requested, ranks, period
+        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(requested or self._free())
+
+    def _free(self) -> int:
+        return max(1, min(self.cores, round(self.cores - _busy_cores())) // self.ranks)
+
+    def update(self, step: int) -> int:
+        """Re-check the free cores every `period` steps (automatic count only); returns the thread count."""
+        if self.requested is None and step % self.period == 0:
+            free = self._free()
+            if free != torch.get_num_threads():
+                torch.set_num_threads(free)
+        return torch.get_num_threads()
 
 
-def _busy_cores(samples: int = 20, interval: float = 0.025) -> float:
-    """How many other tasks are running, averaged over half a second (Linux: /proc/loadavg's running count, which
+def _busy_cores(samples: int = 10, interval: float = 0.005) -> float:
+    """How many other tasks are running, averaged over a few samples (Linux: /proc/loadavg's running count, which
     includes this process); elsewhere the 1-minute load average."""
     try:
+        time.sleep(0.02)  # let this process's idle pool threads stop spinning, or they would count as busy
         counts = []
         for _ in range(samples):
             with open("/proc/loadavg") as fh:
@@ -289,8 +305,7 @@ def _train(
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_temporaries(run_dir)
         (run_dir / "train_config.yaml").write_text(config.to_yaml())
-    if info.device.type == "cpu":
-        torch.set_num_threads(cpu_threads(config.threads, info.world_size))
+    threads = CpuThreads(config.threads, info.world_size) if info.device.type == "cpu" else None
 
     # Tokenizer and token cache: the main rank builds them, the others then read the cached files.
     tokenizer = train_tokens = val_tokens = None
@@ -345,8 +360,7 @@ def _train(
         del state
 
     log = MetricsLog(run_dir, info.is_main, config.tensorboard, None if resume_from is None else step)
-    threads = torch.get_num_threads() if info.device.type == "cpu" else None
-    log.write({"kind": "start", "step": step, "device": str(info.device), "ranks": info.world_size, "threads": threads})
+    log.write({"kind": "start", "step": step, "device": str(info.device), "ranks": info.world_size})
     schedule = parse(config.schedule_spec)
     tokens_per_step = config.batch_size * config.seq_len
     last_checkpoint = resume_from
@@ -364,10 +378,15 @@ def _train(
             f"{config.preset}: {n_params / 1e6:.2f}M parameters, vocab {model.config.vocab_size}, "
             f"{len(train_tokens):,} training tokens; {config.steps} steps × {tokens_per_step:,} tokens, "
             f"schedule {schedule}, peak lr {config.peak_lr:g}, {info.world_size} rank(s) on {info.device}"
-            + (f" ({torch.get_num_threads()} threads)" if info.device.type == "cpu" else "")
+            + (
+                f" ({torch.get_num_threads()} threads{' to start with' if config.threads is None else ''})"
+                if threads
+                else ""
+            )
         )
     try:
         while step < config.steps:
+            cpu_threads = threads.update(step) if threads else None
             tick = time.perf_counter()
             loss, grad_norm = _step(wrapped, model, data, schedule, optimizer, config, info, rows_per_rank, step)
             lr = optimizer.param_groups[0]["lr"]
@@ -383,7 +402,8 @@ def _train(
             step += 1
             seconds = time.perf_counter() - tick
             log.write({"kind": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                       "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_step / seconds})  # fmt: skip
+                       "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_step / seconds,
+                       "threads": cpu_threads})  # fmt: skip
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / seconds:,.0f}")
             done = step == config.steps
