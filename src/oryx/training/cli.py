@@ -12,6 +12,8 @@ wrong type, missing data path) stops the command before any work, naming the key
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -117,14 +119,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _is_main_rank() -> bool:
-    import os
-
     return os.environ.get("RANK", "0") == "0"
 
 
 def _final_lines(report_dir: Path) -> str:
-    import json
-
     final = json.loads((report_dir / "final.json").read_text())
     modes = [k.removeprefix("val_ppl_") for k in final if k.startswith("val_ppl_")]
     parts = [f"{m}-only {final[f'val_ppl_{m}']:.2f}" for m in modes]
