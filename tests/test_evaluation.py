@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from oryx import ATTN, LINEAR, OryxConfig, OryxForCausalLM
 from oryx.cli import main
 from oryx.data import byte_tokenizer, load_documents, load_tokens, train_bpe
-from oryx.evaluation import evaluate, switching_curves, unigram_nll
-from oryx.evaluation.perplexity import token_bytes
-from oryx.evaluation.switching import curve_name
+from oryx.eval import evaluate, switching_curves, unigram_nll
+from oryx.eval.perplexity import token_bytes
+from oryx.eval.switching import curve_name
 from oryx.schedule import parse
 
 

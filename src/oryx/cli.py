@@ -12,7 +12,7 @@ import sys
 
 SUBCOMMANDS = {
     "train": ("oryx.training.cli", "train a model (default: a small Oryx-TG on the embedded corpus) and report"),
-    "eval": ("oryx.evaluation.cli", "evaluate a checkpoint: perplexity, switching curve, retrieval benchmarks"),
+    "eval": ("oryx.eval.command", "evaluate a checkpoint: perplexity, switching curve, retrieval benchmarks"),
     "generate": ("oryx.generation", "generate text from a checkpoint under a mode schedule"),
     "bench": ("oryx.bench", "CPU/GPU throughput benchmark with the Transformer baseline side by side"),
     "info": ("oryx.info", "list presets and print a preset's parameter report"),

@@ -1,4 +1,6 @@
-"""Evaluation: task generators (``oryx.eval.tasks``) and model-independent scoring (``oryx.eval.scoring``).
+"""Evaluation: perplexity and bits per byte under any schedule (``oryx.eval.perplexity``), the switching curve
+(``oryx.eval.switching``), task generators (``oryx.eval.tasks``), model-independent scoring (``oryx.eval.scoring``),
+the benchmark runners (``oryx.eval.cli``) and the ``oryx eval`` command (``oryx.eval.command``).
 
 Every task yields text (or, for MQAR, token ids) plus the context/prompt boundary that the paper's cross-mode
 protocol needs (paper-notes.md §5.1): ``protocol_modes`` turns boundaries into a ``[B, T]`` modes tensor and
@@ -6,6 +8,7 @@ protocol needs (paper-notes.md §5.1): ``protocol_modes`` turns boundaries into 
 """
 
 from oryx.eval import scoring, tasks
+from oryx.eval.perplexity import PerplexityResult, evaluate, unigram_nll
 from oryx.eval.scoring import (
     MAX_GEN_TOKENS,
     contains,
@@ -15,6 +18,7 @@ from oryx.eval.scoring import (
     mc_predictions,
     target_perplexity,
 )
+from oryx.eval.switching import SwitchingCurves, switching_curves
 from oryx.eval.tasks import (
     MQAR_TEST_GRID,
     MQAR_TRAIN_MIX,
@@ -40,9 +44,12 @@ __all__ = [
     "MQAR_TRAIN_MIX",
     "NIAH_TASKS",
     "PROTOCOLS",
+    "PerplexityResult",
+    "SwitchingCurves",
     "attention_fraction",
     "contains",
     "cut_at_stop",
+    "evaluate",
     "exact_word_match",
     "make_lambada",
     "make_mqar",
@@ -57,7 +64,9 @@ __all__ = [
     "protocol_modes",
     "protocol_schedule",
     "scoring",
+    "switching_curves",
     "target_perplexity",
     "tasks",
+    "unigram_nll",
     "write_jsonl",
 ]

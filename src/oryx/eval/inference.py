@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 from oryx.configuration import ATTN, LINEAR
+from oryx.eval.perplexity import autocast
 from oryx.eval.scoring import STOP, cut_at_stop
 from oryx.eval.tasks.common import PROTOCOLS, protocol_modes
-from oryx.evaluation.perplexity import autocast
 from oryx.modeling import CACHE_FIELD, OryxForCausalLM
 from oryx.schedule import Fixed, Schedule, parse
 

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from oryx.configuration import ATTN, FAMILY_TO_VARIANT, LINEAR, OryxConfig
+from oryx.eval.perplexity import autocast
 from oryx.eval.report import ResultRow, write_report, write_results
 from oryx.eval.tasks.mqar import (
     IGNORE_INDEX,
@@ -65,7 +66,6 @@ from oryx.eval.tasks.mqar import (
     make_mqar,
     mqar_modes,
 )
-from oryx.evaluation.perplexity import autocast
 from oryx.modeling import OryxForCausalLM
 from oryx.schedule import parse
 from oryx.training.trainer import lr_factor, split_decay

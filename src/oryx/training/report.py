@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from oryx.data import load_tokens
-from oryx.evaluation.perplexity import evaluated_targets, unigram_nll, window_indices
-from oryx.evaluation.switching import SwitchingCurves, switching_curves
+from oryx.eval.perplexity import evaluated_targets, unigram_nll, window_indices
+from oryx.eval.switching import SwitchingCurves, switching_curves
 from oryx.params import format_param_report, param_report
 from oryx.training import checkpoint as ckpt
 from oryx.training.config import TrainConfig

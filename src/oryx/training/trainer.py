@@ -38,7 +38,7 @@ from transformers.utils import logging as hf_logging
 
 from oryx.configuration import OryxConfig
 from oryx.data import PackedDataset, load_tokenizer, load_tokens
-from oryx.evaluation.perplexity import PerplexityResult, autocast, evaluate
+from oryx.eval.perplexity import PerplexityResult, autocast, evaluate
 from oryx.layers.common import RMSNorm
 from oryx.modeling import OryxForCausalLM
 from oryx.schedule import Schedule, parse

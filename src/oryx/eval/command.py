@@ -20,13 +20,13 @@ from typing import Any
 # name -> (add_arguments(parser), run(args) -> int, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "ppl": (
-        "oryx.evaluation.cli:add_ppl_arguments",
-        "oryx.evaluation.cli:run_ppl",
+        "oryx.eval.command:add_ppl_arguments",
+        "oryx.eval.command:run_ppl",
         "perplexity and bits per byte on a dataset under one or more schedules",
     ),
     "switching": (
-        "oryx.evaluation.cli:add_switching_arguments",
-        "oryx.evaluation.cli:run_switching",
+        "oryx.eval.command:add_switching_arguments",
+        "oryx.eval.command:run_switching",
         "the switching curve: token-level perplexity against position (paper Figure 3)",
     ),
 }
@@ -119,7 +119,7 @@ def _training_length(folder: Path) -> int | None:
 
 
 def run_ppl(args: argparse.Namespace) -> int:
-    from oryx.evaluation.perplexity import evaluate
+    from oryx.eval.perplexity import evaluate
 
     try:
         model, tokenizer, folder, tokens, seq_len = _load(args)
@@ -159,7 +159,7 @@ def run_ppl(args: argparse.Namespace) -> int:
 
 
 def run_switching(args: argparse.Namespace) -> int:
-    from oryx.evaluation.switching import switching_curves
+    from oryx.eval.switching import switching_curves
 
     try:
         model, _, folder, tokens, seq_len = _load(args)

@@ -22,7 +22,7 @@ import torch
 
 from oryx.cache import OryxCache
 from oryx.configuration import ATTN, LINEAR
-from oryx.evaluation.perplexity import autocast, token_nll, window, window_indices
+from oryx.eval.perplexity import autocast, token_nll, window, window_indices
 
 MODE_NAME = {ATTN: "attn", LINEAR: "linear"}
 
