@@ -63,5 +63,8 @@ def format_param_report(report: dict[str, float]) -> str:
         ("active, linear mode (+emb)", report["active_linear_with_embedding"]),
     ]
     lines = [f"{name:<32}{value / 1e6:>10.2f}M" for name, value in rows]
-    lines.append(f"{'shared fraction (excl. emb)':<32}{report['shared_fraction']:>10.1%}")
+    if report["attention_only"] == report["linear_only"] == 0:
+        lines.append("single-mixer model: every parameter serves its one mode")
+    else:
+        lines.append(f"{'shared fraction (excl. emb)':<32}{report['shared_fraction']:>10.1%}")
     return "\n".join(lines)
