@@ -426,3 +426,17 @@ def test_param_report_matches_paper_labels(size):
     target = reports["oryx-tg"]["active_attention"]
     for fam in ("transformer", "mamba2", "gdn"):  # baselines: MLPs widened to Oryx's active parameters
         assert abs(reports[fam]["active_attention" if fam == "transformer" else "active_linear"] / target - 1) < 0.01
+
+
+@pytest.mark.parametrize("variant", ["tg", "tm", "gdn", "mamba2"])
+def test_config_chunk_size_reaches_the_recurrence(variant, gen, monkeypatch):
+    """The tests above rely on chunk 16 so that short sequences cross chunk boundaries: check it is really used."""
+    import oryx.layers.mixers as mixers
+
+    seen = []
+    op_name = "gated_delta_rule" if variant in ("tg", "gdn") else "scalar_decay_rule"
+    op = getattr(mixers, op_name)
+    monkeypatch.setattr(mixers, op_name, lambda *a, **kw: seen.append(kw["chunk_size"]) or op(*a, **kw))
+    model = tiny_model(variant, gen)
+    model(torch.randint(0, 97, (1, 40), generator=gen), modes=torch.full((1, 40), oryx.LINEAR))
+    assert seen == [16] * model.config.num_hidden_layers
