@@ -75,6 +75,14 @@ def _attend(q: torch.Tensor | None, k, v, ctx: MixContext, state: LayerState | N
     return causal_attention(q, k, v, query_mask=ctx.attn_rows, key_mask=ctx.key_mask)
 
 
+def _delta_gates(mixer: nn.Module, x: torch.Tensor, pad_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated DeltaNet's per-head log-decay g = -exp(A_log)·softplus(W_alpha x + dt_bias) and write strength
+    β = sigmoid(W_beta x), both [B, T, H] in float32; padded positions get g = 0 and β = 0 (identity steps)."""
+    beta = _mask_padding(torch.sigmoid(mixer.b_proj(x).float()), pad_mask)
+    g = _mask_padding(-mixer.A_log.exp() * F.softplus(mixer.a_proj(x).float() + mixer.dt_bias), pad_mask)
+    return g, beta
+
+
 def _init_special(mixer: nn.Module) -> None:
     """Init of the parameters a Linear init does not cover (transformers' guarded init: loaded weights are kept).
 
@@ -173,8 +181,7 @@ class OryxMixer(nn.Module):
         initial = None if state is None else state.recurrent
         if self.variant == "tg":
             # Gated DeltaNet: L2-normalised q and (its copy of) k, no RoPE; padding: beta = 0 and g = 0 (identity).
-            beta = _mask_padding(torch.sigmoid(self.b_proj(x).float()), ctx.pad_mask)
-            g = _mask_padding(-self.A_log.exp() * F.softplus(self.a_proj(x).float() + self.dt_bias), ctx.pad_mask)
+            g, beta = _delta_gates(self, x, ctx.pad_mask)
             o, final = gated_delta_rule(
                 l2_normalize(F.silu(q)),
                 l2_normalize(k),
@@ -263,8 +270,7 @@ class GatedDeltaNetMixer(nn.Module):
         H = self.num_heads
         qkv = F.silu(_short_conv(_mask_padding(self.qkv_proj(x), ctx.pad_mask), self.conv_weight, state))
         q, k, v = qkv.split([H * self.d_k, H * self.d_k, H * self.d_v], dim=-1)
-        beta = _mask_padding(torch.sigmoid(self.b_proj(x).float()), ctx.pad_mask)
-        g = _mask_padding(-self.A_log.exp() * F.softplus(self.a_proj(x).float() + self.dt_bias), ctx.pad_mask)
+        g, beta = _delta_gates(self, x, ctx.pad_mask)
         o, final = gated_delta_rule(
             l2_normalize(q.view(B, T, H, self.d_k)),
             l2_normalize(k.view(B, T, H, self.d_k)),
