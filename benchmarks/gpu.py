@@ -105,13 +105,15 @@ def mixer_keys(rows: list[float]) -> list[str]:
     return keys
 
 
-def bench_mixer(lengths: list[int], rows: list[float], gen: torch.Generator) -> list[dict]:
-    results = []
+def bench_mixer(
+    lengths: list[int], rows: list[float], gen: torch.Generator, results: list[dict], save: Callable[[], None]
+) -> None:
+    """Appends one row per length to ``results`` and calls ``save`` after each (a run cut short keeps what it has)."""
     for T in lengths:
         results.append(mixer_point(T, rows, gen))
         print_mixer_row(results[-1], rows)
+        save()
         torch.cuda.empty_cache()
-    return results
 
 
 def mixer_point(T: int, rows: list[float], gen: torch.Generator) -> dict:
@@ -202,7 +204,8 @@ def print_mixer_row(r: dict, rows: list[float]) -> None:
 def bench_decode(contexts: list[int], gen: torch.Generator, batch: int = 16) -> list[dict]:
     """One token for ``batch`` sequences. Attention: SDPA over the KV cache (anchor) and our causal_attention. Linear:
     fla's fused recurrent step (anchor), our op eagerly and replayed from a CUDA graph, plus the KV append that a
-    linear-mode token still owes the cache (into a preallocated cache, and by torch.cat as OryxCache does today)."""
+    linear-mode token still owes the cache (into a preallocated cache, as OryxCache's geometrically grown buffers
+    do, and by torch.cat for contrast)."""
     from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
 
     def rnd(*shape, dtype=DT):
@@ -347,17 +350,24 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the raw numbers here")
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
-    out = {"env": environment()}
+    out: dict = {"env": environment()}
     print(json.dumps(out["env"]))
+
+    def save() -> None:  # atomic, after every section, so that a run cut short keeps what it measured
+        if args.json:
+            with open(args.json + ".tmp", "w") as f:
+                json.dump(out, f, indent=1)
+            os.replace(args.json + ".tmp", args.json)
+
     if args.what in ("mixer", "all"):
-        out["mixer"] = bench_mixer(args.lengths, args.rows, gen)
+        out["mixer"] = []
+        bench_mixer(args.lengths, args.rows, gen, out["mixer"], save)
     if args.what in ("decode", "all"):
         out["decode"] = bench_decode(args.contexts, gen)
+        save()
     if args.what in ("generate", "all"):
         out["generate"] = bench_generate(gen)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        save()
 
 
 if __name__ == "__main__":
