@@ -106,17 +106,22 @@ def mixer_keys(rows: list[float]) -> list[str]:
 
 
 def bench_mixer(
-    lengths: list[int], rows: list[float], gen: torch.Generator, results: list[dict], save: Callable[[], None]
+    lengths: list[int],
+    rows: list[float],
+    variants: list[str],
+    gen: torch.Generator,
+    results: list[dict],
+    save: Callable[[], None],
 ) -> None:
     """Appends one row per length to ``results`` and calls ``save`` after each (a run cut short keeps what it has)."""
     for T in lengths:
-        results.append(mixer_point(T, rows, gen))
+        results.append(mixer_point(T, rows, variants, gen))
         print_mixer_row(results[-1], rows)
         save()
         torch.cuda.empty_cache()
 
 
-def mixer_point(T: int, rows: list[float], gen: torch.Generator) -> dict:
+def mixer_point(T: int, rows: list[float], variants: list[str], gen: torch.Generator) -> dict:
     """All mixer timings at one length, most important first, each printed as soon as measured (the tensors are
     freed when this returns)."""
     B = TOKENS // T
@@ -139,7 +144,7 @@ def mixer_point(T: int, rows: list[float], gen: torch.Generator) -> dict:
         def attention(attn_rows=attn_rows):
             return ops.causal_attention(qa, ka, va, query_mask=attn_rows)
 
-        for variant in ("tg", "tm"):
+        for variant in variants:
             lin = linear_inputs(variant, B, T, gen, grad=True)
             op = linear_op(variant)
             if f"{variant}_lin_fwdbwd" not in row:
@@ -346,6 +351,7 @@ def main() -> None:
     parser.add_argument("what", choices=["mixer", "decode", "generate", "all"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--rows", type=float, nargs="+", default=[0.25, 0.025], help="shares of chunks in attention")
+    parser.add_argument("--variants", nargs="+", default=["tg", "tm"], choices=["tg", "tm"], help="mixer variants")
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192, 32768, 131072])
     parser.add_argument("--json", default=None, help="write the raw numbers here")
     args = parser.parse_args()
@@ -361,7 +367,7 @@ def main() -> None:
 
     if args.what in ("mixer", "all"):
         out["mixer"] = []
-        bench_mixer(args.lengths, args.rows, gen, out["mixer"], save)
+        bench_mixer(args.lengths, args.rows, args.variants, gen, out["mixer"], save)
     if args.what in ("decode", "all"):
         out["decode"] = bench_decode(args.contexts, gen)
         save()

@@ -19,12 +19,16 @@ stage() { local limit=$1 name=$2; shift 2; echo "=== $name (limit ${limit}s) $(d
 
 case "${1:-}" in
 check)
-  (OUT=$OUT/mqar RUN_DIR=$OUT/mqar-run TRAIN_MINUTES=${TRAIN_MINUTES:-4.5} bash benchmarks/mqar_gpu.sh > "$OUT/mqar-sweep.log" 2>&1) &
-  sweep=$!
+  (OUT=$OUT/mqar RUN_DIR=$OUT/mqar-run TRAIN_MINUTES=${TRAIN_MINUTES:-4} bash benchmarks/mqar_gpu.sh > "$OUT/mqar-sweep.log" 2>&1) &
   export FLA_CACHE_RESULTS=0 ORYX_TEST_LOG=$OUT/gpu-errors.log
-  stage 330 gpu-tests python3 -m pytest -p no:cacheprovider -m gpu -n 6 -v tests/test_gpu.py
-  stage 170 warm-mixer python3 benchmarks/gpu.py mixer --lengths 2048 --rows 0.25
-  wait $sweep; echo "=== mqar sweep exit $? $(date +%T)"; tail -n 60 "$OUT/mqar-sweep.log"
+  # Triton compiles one kernel at a time per process: the compile-bound jobs run side by side.
+  stage 420 gpu-tests python3 -m pytest -p no:cacheprovider -m gpu -n 4 -v tests/test_gpu.py ${TESTS:+-k "$TESTS"} &
+  stage 420 warm-mixer-tg python3 benchmarks/gpu.py mixer --lengths 2048 --variants tg &
+  stage 420 warm-mixer-tm python3 benchmarks/gpu.py mixer --lengths 2048 --variants tm &
+  stage 420 warm-decode bash -c "python3 benchmarks/gpu.py decode --contexts 2048 && python3 benchmarks/gpu.py generate" &
+  stage 420 warm-throughput python3 -m oryx.cli bench --presets oryx-tg-130m oryx-tm-130m --modes mix --lengths 2048 \
+    --tokens 16384 --dtype bfloat16 --repeats 1 &
+  wait; echo "=== all done $(date +%T)"; tail -n 60 "$OUT/mqar-sweep.log"
   ;;
 time)
   stage 330 mixer python3 benchmarks/gpu.py mixer --json "$OUT/mixer.json"

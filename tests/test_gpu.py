@@ -218,6 +218,19 @@ def test_attention_values_gradients_and_exact_zero_rows(dtype, Tq, Tk, kind, pad
             assert torch.equal(fast[0].grad[~qm_d], torch.zeros_like(fast[0].grad[~qm_d]))
 
 
+@pytest.mark.parametrize("backend", ["torch", "flex"])
+def test_attention_under_cuda_autocast_matches_float64(backend, gen):
+    """Training runs under bf16 autocast, where CUDA runs SDPA in bf16: the per-block reference must still assemble
+    its output (regression: a float32 buffer refused bf16 blocks) and match float64 within bf16 error."""
+    B, T, H, D = 3, 300, 2, 64
+    q, k, v = (torch.randn(B, T, H, D, generator=gen).to(DEV) for _ in range(3))
+    qm = query_mask("tokens", B, T, gen).to(DEV)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        o = ops.causal_attention(q, k, v, query_mask=qm, backend=backend)
+    o_ref = ops.causal_attention(q.double(), k.double(), v.double(), query_mask=qm, backend="torch")
+    check(f"o ({backend}, autocast bf16)", o, o_ref, ATTN_TOL[torch.bfloat16])
+
+
 def test_block_mask_gives_work_only_to_selected_query_blocks():
     """Attention work follows the attention rows: a query block without a selected row gets no key block."""
     from oryx.ops.backends.flex import BLOCK, block_mask

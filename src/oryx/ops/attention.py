@@ -105,7 +105,8 @@ def _torch_backend(
         positions = torch.arange(offset + i0, end, device=q.device)
         rows = slice(None) if seqs.numel() == B else seqs
         mask = None if key_mask is None else key_mask[rows, :end]
-        o[rows, :, i0:i1] = _attend(qh[rows, :, i0:i1], kh[rows, :, :end], vh[rows, :, :end], positions, mask, scale)
+        block_out = _attend(qh[rows, :, i0:i1], kh[rows, :, :end], vh[rows, :, :end], positions, mask, scale)
+        o[rows, :, i0:i1] = block_out.to(dtype)  # CUDA autocast runs SDPA in bf16/fp16
     if query_mask is not None:
         o = o * query_mask[:, None, :, None]
     return o.transpose(1, 2).to(out_dtype)
