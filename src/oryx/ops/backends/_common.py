@@ -19,3 +19,13 @@ def importable(*modules: str) -> bool:
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd will want gradients through any of ``tensors`` from this call."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def common_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """The one dtype a Triton kernel gets for mixed-precision inputs (its dots need equal operand types): the autocast
+    dtype inside an autocast region (where our mixers hand over bf16 projections beside fp32 gate-scaled keys),
+    otherwise the widest of the given dtypes."""
+    present = [t for t in tensors if t is not None]
+    if torch.is_autocast_enabled(present[0].device.type):
+        return torch.get_autocast_dtype(present[0].device.type)
+    return functools.reduce(torch.promote_types, (t.dtype for t in present))

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from oryx.ops import dispatch
-from oryx.ops.backends._common import FAST_DTYPES, importable, needs_grad
+from oryx.ops.backends._common import FAST_DTYPES, common_dtype, importable, needs_grad
 from oryx.ops.gated_delta import gated_delta_rule_chunked
 from oryx.ops.scalar_decay import scalar_decay_rule_chunked
 
@@ -119,6 +119,8 @@ def _gated_delta_fla(
 ) -> tuple[Tensor, Tensor | None]:
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
+    dtype = common_dtype(q, k, v)
+    q, k, v, beta = (x.to(dtype) for x in (q, k, v, beta))
     grad = needs_grad(q, k, v, g, beta, initial_state)
     if not grad and q.shape[1] <= SHORT:
         o, final = fused_recurrent_gated_delta_rule(
@@ -150,6 +152,8 @@ def _scalar_decay_fla(
 ) -> tuple[Tensor, Tensor | None]:
     from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
 
+    dtype = common_dtype(q, k, v)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
     grad = needs_grad(q, k, v, g, initial_state)
     if not grad and q.shape[1] <= SHORT:
         o, final = fused_recurrent_simple_gla(
