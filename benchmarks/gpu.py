@@ -102,6 +102,7 @@ def mixer_keys(rows: list[float]) -> list[str]:
         keys += [f"{v}_lin_fwdbwd", f"{v}_fla_fwd", f"{v}_lin_fwd"]
         keys += [f"{v}_core{p:g}_{s}" for p in rows for s in ("fwd", "fwdbwd")]
     keys += [f"{a}{p:g}_{s}" for p in rows for a in ("attn", "flex") for s in ("fwd", "fwdbwd")]
+    keys += [f"mask{p:g}_build" for p in rows]
     return keys
 
 
@@ -161,6 +162,11 @@ def mixer_point(T: int, rows: list[float], variants: list[str], gen: torch.Gener
                     record(f"{variant}_lin_fwd", lambda op=op, lin=lin: op(*lin))
                 record(f"{variant}_core{p:g}_fwd", core)
 
+        # Built once per forward and shared by every layer (oryx.ops.backends.flex._shared_block_mask), so the
+        # repeated calls above reuse it; its cost is timed here on its own.
+        record(
+            f"mask{p:g}_build", lambda attn_rows=attn_rows: flex.block_mask(attn_rows, None, B, T, T, torch.device(DEV))
+        )
         mask = flex.block_mask(attn_rows, None, B, T, T, torch.device(DEV))
 
         def flex_only(mask=mask):
@@ -182,6 +188,7 @@ def print_mixer_row(r: dict, rows: list[float]) -> None:
         print(
             f"  flex {p:>5.1%} chunks     fwd {r[f'flex{p:g}_fwd']:7.3f}   fwd+bwd {r[f'flex{p:g}_fwdbwd']:7.3f}"
             f"   | oryx causal_attention fwd+bwd {r[f'attn{p:g}_fwdbwd']:7.3f}"
+            f"   | block mask build (once per forward) {r[f'mask{p:g}_build']:6.3f}"
         )
     for v, name in (("tg", "GDN"), ("tm", "SSD/simple_gla")):
         print(
