@@ -468,3 +468,26 @@ def test_fast_backends_get_one_dtype_for_mixed_precision_inputs():
     assert common_dtype(bf16, bf16) == torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert common_dtype(fp32, bf16) == torch.bfloat16
+
+
+def test_attention_blocks_shared_across_calls_follow_mask_changes(gen):
+    """The torch backend derives its blocks once per mask tensor (every layer of a forward passes the same one): an
+    in-place change or a new tensor at a recycled address must never reuse stale blocks."""
+    B, T, H, D = 3, 300, 2, 8
+    q, k, v = (torch.randn(B, T, H, D, generator=gen) for _ in range(3))
+
+    every_row = ops.causal_attention(q, k, v, backend="torch")  # no query mask: nothing derived, nothing shared
+
+    def fresh(mask):
+        return every_row * mask[..., None, None]
+
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[0, 140:150] = True
+    assert_close(ops.causal_attention(q, k, v, query_mask=mask, backend="torch"), fresh(mask), "first call")
+    mask[1, 5] = True  # in place: block 0 now needed for sequence 1
+    mask[2, 290] = True
+    assert_close(ops.causal_attention(q, k, v, query_mask=mask, backend="torch"), fresh(mask), "after in-place change")
+    for _ in range(3):  # freed and reallocated masks (same size, likely the same address), different rows
+        del mask
+        mask = torch.rand(B, T, generator=gen) < 0.05
+        assert_close(ops.causal_attention(q, k, v, query_mask=mask, backend="torch"), fresh(mask), "new mask")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from oryx.ops import dispatch
-from oryx.ops.common import check_floating, state_dtype
+from oryx.ops.common import DerivedFromMasks, check_floating, state_dtype
 
 Tensor = torch.Tensor
 
@@ -90,26 +90,40 @@ def _torch_backend(
     # the sequences that select at least one of its rows (all sequences at once: one call per block, not per row),
     # and unselected rows of a computed block are zeroed afterwards.
     n_blocks = -(-Tq // QUERY_BLOCK)
-    if query_mask is None:
-        needed = torch.ones(n_blocks, B, dtype=torch.bool, device=q.device)
-    else:
-        padded = F.pad(query_mask, (0, n_blocks * QUERY_BLOCK - Tq))
-        needed = padded.view(B, n_blocks, QUERY_BLOCK).any(-1).T  # [n_blocks, B]
     o = q.new_zeros(B, H, Tq, Dv, dtype=dtype)
-    for block, seqs in enumerate(needed.unbind(0)):
-        seqs = seqs.nonzero().squeeze(-1)
-        if seqs.numel() == 0:
+    for block, seqs in enumerate(_sequences_per_block(query_mask, B, n_blocks, q.device)):
+        if seqs is not None and seqs.numel() == 0:
             continue
         i0, i1 = block * QUERY_BLOCK, min((block + 1) * QUERY_BLOCK, Tq)
         end = offset + i1
         positions = torch.arange(offset + i0, end, device=q.device)
-        rows = slice(None) if seqs.numel() == B else seqs
+        rows = slice(None) if seqs is None else seqs
         mask = None if key_mask is None else key_mask[rows, :end]
         block_out = _attend(qh[rows, :, i0:i1], kh[rows, :, :end], vh[rows, :, :end], positions, mask, scale)
         o[rows, :, i0:i1] = block_out.to(dtype)  # CUDA autocast runs SDPA in bf16/fp16
     if query_mask is not None:
         o = o * query_mask[:, None, :, None]
     return o.transpose(1, 2).to(out_dtype)
+
+
+_blocks_needed = DerivedFromMasks()  # the blocks and sequences to compute, once per forward (shared by its layers)
+
+
+def _sequences_per_block(query_mask: Tensor | None, B: int, n_blocks: int, device: torch.device) -> list:
+    """Per query block, the sequences that select one of its rows: None for all B (a slice, no gather), else an index
+    tensor on ``device`` (possibly empty). Read back to the host once per forward (one sync, not one per block)."""
+
+    def build() -> list:
+        if query_mask is None:
+            return [None] * n_blocks
+        padded = F.pad(query_mask, (0, n_blocks * QUERY_BLOCK - query_mask.shape[1]))
+        needed = padded.view(B, n_blocks, QUERY_BLOCK).any(-1).T.cpu()  # [n_blocks, B]
+        return [
+            None if bool(seqs.all()) else seqs.nonzero().squeeze(-1).to(device, non_blocking=True)
+            for seqs in needed.unbind(0)
+        ]
+
+    return _blocks_needed.get((query_mask,), (B, n_blocks, device), build)
 
 
 dispatch.register("causal_attention", "torch", _torch_backend)

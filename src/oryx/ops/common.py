@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable, Hashable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -92,3 +96,30 @@ def segsum(g: Tensor) -> Tensor:
     out = x.cumsum(dim=-2)  # out[..., i, j] = sum of g_r for j < r <= i
     lower = torch.ones(C, C, dtype=torch.bool, device=g.device).tril()
     return out.masked_fill(~lower, float("-inf"))
+
+
+class DerivedFromMasks:
+    """The last value derived from some mask tensors, reused while the very same tensors come back unchanged.
+
+    Every layer of one forward passes the model's same ``attn_rows`` / ``key_mask`` tensors to attention, so what an
+    attention backend derives from them (a block mask, the blocks to compute) is built once per forward, not once per
+    layer. A hit needs the same tensor objects (held by weak reference, so a freed and reallocated mask never matches)
+    at the same ``_version`` (an in-place change invalidates), and equal ``extra`` (shapes, device).
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._refs: tuple = ()
+        self._value: Any = None
+
+    def get(self, masks: tuple[Tensor | None, ...], extra: Hashable, build: Callable[[], Any]) -> Any:
+        if torch.compiler.is_compiling():
+            return build()
+        key = (tuple(None if m is None else m._version for m in masks), extra)
+        alive = len(self._refs) == len(masks) and all(
+            (r is None and m is None) or (r is not None and r() is m) for r, m in zip(self._refs, masks, strict=True)
+        )
+        if not (alive and key == self._key):
+            self._value = build()
+            self._key, self._refs = key, tuple(None if m is None else weakref.ref(m) for m in masks)
+        return self._value

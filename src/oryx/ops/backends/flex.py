@@ -17,7 +17,6 @@ k [B, Tk, H, D], v [B, Tk, H, Dv], row i of q at key position Tk − Tq + i; ret
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 
 from oryx.ops import dispatch
 from oryx.ops.backends._common import FAST_DTYPES, importable
+from oryx.ops.common import DerivedFromMasks
 
 Tensor = torch.Tensor
 
@@ -32,7 +32,7 @@ BLOCK = 128  # flex block size for queries and keys (also the training mix's chu
 FEW_ROWS = 16  # up to this many query rows, SDPA with a dense [Tq, Tk] mask is cheaper than building a block mask
 
 _compiled_flex: Callable | None = None
-_last_mask: tuple[tuple, object] | None = None  # (what it was built from, BlockMask): see _shared_block_mask
+_block_masks = DerivedFromMasks()  # one BlockMask per forward, shared by its layers
 
 
 def _flex() -> Callable:
@@ -107,24 +107,11 @@ def block_mask(query_mask: Tensor | None, key_mask: Tensor | None, B: int, Tq: i
 def _shared_block_mask(
     query_mask: Tensor | None, key_mask: Tensor | None, B: int, Tq: int, Tk: int, device: torch.device
 ):
-    """``block_mask``, built once while the same mask tensors come back unchanged: every layer of one forward passes
-    the model's one ``attn_rows`` tensor, and building the mask costs about a hundred small launches (an H100 mixer
-    call spent ~2-3 ms of host time on it, more than the attention at 2.5 % of the rows). A hit needs the very same
-    tensor objects (weak references, so a freed and reallocated mask never matches) at the same ``_version`` (an
-    in-place change invalidates)."""
-    global _last_mask
-    if torch.compiler.is_compiling():
-        return block_mask(query_mask, key_mask, B, Tq, Tk, device)
-    masks = (query_mask, key_mask)
-    if _last_mask is not None:
-        (refs, versions, shape), mask = _last_mask
-        same = all((r is None and m is None) or (r is not None and r() is m) for r, m in zip(refs, masks, strict=True))
-        if same and versions == tuple(None if m is None else m._version for m in masks) and shape == (B, Tq, Tk, device):
-            return mask
-    mask = block_mask(query_mask, key_mask, B, Tq, Tk, device)
-    refs = tuple(None if m is None else weakref.ref(m) for m in masks)
-    _last_mask = ((refs, tuple(None if m is None else m._version for m in masks), (B, Tq, Tk, device)), mask)
-    return mask
+    """``block_mask``, built once per forward: building it costs about a hundred small launches (on an H100 ~2-3 ms of
+    host time per call, more than the attention itself at 2.5 % of the rows)."""
+    return _block_masks.get(
+        (query_mask, key_mask), (B, Tq, Tk, device), lambda: block_mask(query_mask, key_mask, B, Tq, Tk, device)
+    )
 
 
 def _rows_with_keys(key_mask: Tensor, Tq: int) -> Tensor:
