@@ -19,7 +19,7 @@ stage() { local limit=$1 name=$2; shift 2; echo "=== $name (limit ${limit}s) $(d
 
 case "${1:-}" in
 check)
-  (OUT=$OUT/mqar RUN_DIR=$OUT/mqar-run TRAIN_MINUTES=${TRAIN_MINUTES:-4} bash benchmarks/mqar_gpu.sh > "$OUT/mqar-sweep.log" 2>&1) &
+  (OUT=$OUT/mqar RUN_DIR=$OUT/mqar-run bash benchmarks/mqar_gpu.sh > "$OUT/mqar-sweep.log" 2>&1) &
   export FLA_CACHE_RESULTS=0 ORYX_TEST_LOG=$OUT/gpu-errors.log
   # Triton compiles one kernel at a time per process: the compile-bound jobs run side by side.
   stage 420 gpu-tests python3 -m pytest -p no:cacheprovider -m gpu -n 4 -v tests/test_gpu.py ${TESTS:+-k "$TESTS"} &
