@@ -29,17 +29,22 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.float().pow(2).sum(-1, keepdim=True) + eps).to(x.dtype)
 
 
-def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary position embedding (rotate-half convention).
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, T, 1, D/2] float32 of the rotary embedding at integer ``positions`` [B, T].
 
-    x: [B, T, H, D] (D even); positions: [B, T] integer absolute positions. Angles are formed in float32 so that
-    positions far from 0 keep their precision.
+    Angles are formed in float32 so that positions far from 0 keep their precision. Every layer of a forward shares
+    one pair (``MixContext.rotary``).
     """
-    half = x.shape[-1] // 2
-    inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    half = head_dim // 2
+    inv_freq = theta ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
     angles = positions.to(torch.float32)[..., None] * inv_freq  # [B, T, D/2]
-    cos = angles.cos()[:, :, None, :]
-    sin = angles.sin()[:, :, None, :]
+    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+
+def rotate(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotary position embedding (rotate-half convention) of x [B, T, H, D] with ``rotary_tables``' (cos, sin)."""
+    cos, sin = tables
+    half = x.shape[-1] // 2
     x1, x2 = x.float()[..., :half], x.float()[..., half:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 

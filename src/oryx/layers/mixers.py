@@ -14,7 +14,7 @@ so 5D² are active per mode and 4D² (plus the MLP's 8D² in the block) are shar
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from transformers import initialization as init
 
 from oryx.cache import LayerState
 from oryx.configuration import ATTN, LINEAR, OryxConfig
-from oryx.layers.common import l2_normalize, rms_norm, rotate
+from oryx.layers.common import l2_normalize, rms_norm, rotary_tables, rotate
 from oryx.ops import causal_attention, causal_conv1d, gated_delta_rule, scalar_decay_rule
 
 
@@ -44,6 +44,13 @@ class MixContext:
     attn_rows: torch.Tensor | None
     has_attn: bool
     has_linear: bool
+    _rotary: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def rotary(self, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary (cos, sin) tables of ``positions``, computed once per forward and shared by every layer."""
+        if (head_dim, theta) not in self._rotary:
+            self._rotary[head_dim, theta] = rotary_tables(self.positions, head_dim, theta)
+        return self._rotary[head_dim, theta]
 
 
 def _mask_padding(x: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
@@ -169,11 +176,11 @@ class OryxMixer(nn.Module):
     def _attention(self, x, k, v, ctx: MixContext, state: LayerState | None) -> torch.Tensor | None:
         if not ctx.has_attn and state is None:
             return None
-        k = rotate(k, ctx.positions, self.rope_theta)
+        k = rotate(k, ctx.rotary(self.head_dim, self.rope_theta))
         q = None
         if ctx.has_attn:
             q = self.q_attn(x).view(*x.shape[:2], self.num_heads, self.head_dim)
-            q = rotate(F.silu(q) if self.variant == "tg" else q, ctx.positions, self.rope_theta)
+            q = rotate(F.silu(q) if self.variant == "tg" else q, ctx.rotary(self.head_dim, self.rope_theta))
         return _attend(q, k, v, ctx, state)
 
     def _linear(self, x, k, v, ctx: MixContext, state: LayerState | None) -> torch.Tensor:
@@ -195,7 +202,8 @@ class OryxMixer(nn.Module):
         else:
             # Mamba-2 SSD: C = RoPE(q), B = dt·RoPE(k) (dt scales the linear path only), x = v, plus the D skip.
             dt = _mask_padding(F.softplus(self.dt_proj(x).float() + self.dt_bias), ctx.pad_mask)
-            q, k = rotate(q, ctx.positions, self.rope_theta), rotate(k, ctx.positions, self.rope_theta)
+            tables = ctx.rotary(self.head_dim, self.rope_theta)
+            q, k = rotate(q, tables), rotate(k, tables)
             o, final = scalar_decay_rule(
                 q,
                 (k * dt[..., None]).to(x.dtype),
@@ -230,8 +238,9 @@ class AttentionMixer(nn.Module):
     def forward(self, x: torch.Tensor, ctx: MixContext, state: LayerState | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         shape = (B, T, self.num_heads, self.head_dim)
-        q = rotate(self.q_proj(x).view(shape), ctx.positions, self.rope_theta)
-        k = rotate(self.k_proj(x).view(shape), ctx.positions, self.rope_theta)
+        tables = ctx.rotary(self.head_dim, self.rope_theta)
+        q = rotate(self.q_proj(x).view(shape), tables)
+        k = rotate(self.k_proj(x).view(shape), tables)
         o = _attend(q, k, self.v_proj(x).view(shape), ctx, state)
         return self.o_proj(o.reshape(B, T, -1))
 
