@@ -459,17 +459,6 @@ def test_bad_attention_and_conv_inputs_raise_clear_errors(gen):
         ops.causal_conv1d(x.long(), w)
 
 
-def test_fast_backends_get_one_dtype_for_mixed_precision_inputs():
-    """Triton dots need equal operand types: mixed inputs meet at the autocast dtype in autocast, else the widest."""
-    from oryx.ops.backends._common import common_dtype
-
-    bf16, fp32 = torch.randn(2, dtype=torch.bfloat16), torch.randn(2)
-    assert common_dtype(bf16, fp32, None) == torch.float32
-    assert common_dtype(bf16, bf16) == torch.bfloat16
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert common_dtype(fp32, bf16) == torch.bfloat16
-
-
 def test_attention_blocks_shared_across_calls_follow_mask_changes(gen):
     """The torch backend derives its blocks once per mask tensor (every layer of a forward passes the same one): an
     in-place change or a new tensor at a recycled address must never reuse stale blocks."""

@@ -11,12 +11,13 @@ chunk length (64); ``chunk_size`` is a detail of the torch reference and is igno
 The Hopper trap (DESIGN.md §4, fla issue #640): Triton ≥ 3.4, < 3.7.1 miscompiles fla's gated ``chunk_bwd_dqkwg``
 on sm_90, and fla-core ≥ 0.5 refuses that backward there outright. The miscompile needs a key tile of 64
 (BK = next_pow2(K) capped at 128 on Hopper, so 32 < K ≤ 64); our head dim is 128 (BK = 128), which computes
-correctly (fla #640's own tile sweep: 32 and 128 pass, 64 fails). So on that card and Triton, with
-``ORYX_FLA_HOPPER_BACKWARD=1``, we run fla's backward with its guard lifted, only for head dims whose tile is not 64
-and only inside our own backward call. It is opt-in until tests/test_gpu.py (which sets it) has passed on an H100:
-the first GPU runs of this backend ran out of device time while fla compiled and tuned its backward kernels
-(benchmarks/RESULTS.md). Without it, or for 32 < K ≤ 64, training calls there run the torch reference (correct, slow);
-inference calls, and every other card or Triton, use fla throughout.
+correctly (fla #640's own tile sweep: 32 and 128 pass, 64 fails). So on that card and Triton we run fla's backward
+with its guard lifted, only for head dims whose tile is not 64 and only inside our own backward call, where it has
+been verified: bf16 on an H100 with Triton 3.6 (tests/test_gpu.py against a float64 reference, GDN and simple_gla,
+values and all gradients ≤ 8.9e-3; benchmarks/RESULTS.md). ``ORYX_FLA_HOPPER_BACKWARD`` chooses: unset = bf16 only
+(the verified case; float32 and float16 train on the torch reference there), ``1`` = every dtype, ``0`` = never.
+For 32 < K ≤ 64 training there always runs the torch reference (correct, slow); inference calls, and every other
+card or Triton, use fla throughout.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from oryx.ops.scalar_decay import scalar_decay_rule_chunked
 Tensor = torch.Tensor
 
 SHORT = 64  # inference calls up to this many tokens use the fused recurrent kernels (no chunk set-up)
-HOPPER_BACKWARD_ENV = "ORYX_FLA_HOPPER_BACKWARD"  # "1": fla's backward on Hopper with Triton < 3.7.1, guard lifted
+HOPPER_BACKWARD_ENV = "ORYX_FLA_HOPPER_BACKWARD"  # guarded backward on Hopper: unset = bf16, 1 = all, 0 = none
 
 
 @functools.cache
@@ -97,11 +98,19 @@ class _UnguardedBackward(torch.autograd.Function):
         return (None, *(next(found) if x is not None and x.requires_grad else None for x in ctx.leaves))
 
 
+def _hopper_backward_allowed(dtype: torch.dtype) -> bool:
+    """Whether fla's guarded backward may run for inputs of ``dtype`` (see the module docstring)."""
+    choice = os.environ.get(HOPPER_BACKWARD_ENV, "")
+    if choice not in ("", "0", "1"):
+        raise ValueError(f"{HOPPER_BACKWARD_ENV}={choice!r}; use 1 (every dtype), 0 (never) or leave it unset (bf16)")
+    return choice == "1" or (choice == "" and dtype == torch.bfloat16)
+
+
 def _run_chunked(run: Callable, head_dim: int, *inputs: Tensor | None) -> tuple[Tensor, Tensor] | None:
     """fla's chunked op ``run`` with a backward that works on this card, or None when only the reference can train."""
     if not (needs_grad(*inputs) and _guarded_backward(inputs[0].device.index or 0)):
         return run(*inputs)
-    if _miscompiled_tile(head_dim) or os.environ.get(HOPPER_BACKWARD_ENV) != "1":
+    if _miscompiled_tile(head_dim) or not _hopper_backward_allowed(inputs[0].dtype):
         return None
     return _UnguardedBackward.apply(run, *inputs)
 
