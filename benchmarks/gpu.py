@@ -312,20 +312,30 @@ def bench_generate(gen: torch.Generator, prompt: int = 512, new: int = 128) -> l
         model = OryxForCausalLM(config).to(DEV, DT).eval()
         ids = torch.randint(0, config.vocab_size, (1, prompt), generator=gen).to(DEV)
         for schedule in ("linear", "attn", "tail:attn=64"):
+            for graphs in (False, True):
 
-            def run(model=model, ids=ids, schedule=schedule):
-                with torch.no_grad():
-                    model.generate(ids, schedule=schedule, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+                def run(model=model, ids=ids, schedule=schedule, graphs=graphs):
+                    with torch.no_grad():
+                        model.generate(
+                            ids,
+                            schedule=schedule,
+                            cuda_graphs=graphs,
+                            max_new_tokens=new,
+                            min_new_tokens=new,
+                            do_sample=False,
+                        )
 
-            run()
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            run()
-            torch.cuda.synchronize()
-            seconds = time.perf_counter() - start
-            row = {"variant": variant, "schedule": schedule, "prompt": prompt, "new": new, "tok_s": new / seconds}
-            print(f"  generate oryx-{variant}-130m schedule={schedule:<13} {row['tok_s']:8.1f} tokens/s (batch 1)")
-            results.append(row)
+                run()
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                run()  # prefill, 2 eager warm-up steps per kind of step, one capture, then replays (oryx.decoding)
+                torch.cuda.synchronize()
+                seconds = time.perf_counter() - start
+                row = {"variant": variant, "schedule": schedule, "cuda_graphs": graphs, "prompt": prompt, "new": new}
+                row["tok_s"] = new / seconds
+                label = "cuda graphs" if graphs else "eager"
+                print(f"  generate oryx-{variant}-130m schedule={schedule:<13} {label:<11} {row['tok_s']:8.1f} tok/s")
+                results.append(row)
     return results
 
 

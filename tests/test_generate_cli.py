@@ -66,6 +66,11 @@ def test_generate_greedy_is_deterministic_and_reads_a_prompt_file(checkpoint, tm
         assert result["attention_fraction"] == (1.0 if schedule == "attn" else 0.0)
     assert texts[0] == texts[1]
     assert "Once upon a time" in capsys.readouterr().out
+    # The static-cache decoding steps of --cuda-graphs (eager without CUDA) produce the same greedy text.
+    out = tmp_path / "g.json"
+    argv = ["generate", str(checkpoint), "--prompt-file", str(prompt_file), "--greedy", "--no-stream", "--cuda-graphs"]
+    assert main([*argv, "--schedule", "linear", "--max-new-tokens", "6", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["text"] == texts[0]
 
 
 def test_generate_rejects_a_bad_schedule(checkpoint, capsys):

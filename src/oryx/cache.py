@@ -15,6 +15,7 @@ rotary position of the next token of every row).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -32,6 +33,7 @@ class LayerState:
     key_buffer: torch.Tensor | None = None
     value_buffer: torch.Tensor | None = None
     kv_len: int = 0
+    write_index: torch.Tensor | None = None  # [1] long on the device: set once the cache is static (make_static)
 
     @property
     def key(self) -> torch.Tensor | None:
@@ -42,7 +44,13 @@ class LayerState:
         return None if self.value_buffer is None else self.value_buffer[:, : self.kv_len]
 
     def append_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append k, v [B, T, H, d] and return every cached key and value, these included."""
+        """Append k, v [B, T, H, d] and return every cached key and value, these included (a static cache: one
+        token written at the device-side index, and the whole fixed-size buffers returned)."""
+        if self.write_index is not None:
+            self.key_buffer.index_copy_(1, self.write_index, k)
+            self.value_buffer.index_copy_(1, self.write_index, v)
+            self.kv_len += 1
+            return self.key_buffer, self.value_buffer
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
             # Differentiable use of a cache (rare): in-place writes would break autograd, so concatenate.
             keys = k if self.key is None else torch.cat([self.key, k], dim=1)
@@ -65,8 +73,10 @@ class LayerState:
 
 
 def _grow(buffer: torch.Tensor | None, filled: int, capacity: int, like: torch.Tensor) -> torch.Tensor:
-    """A buffer of `capacity` positions holding the first `filled` positions of `buffer`."""
-    grown = like.new_empty(like.shape[0], capacity, *like.shape[2:])
+    """A buffer of `capacity` positions holding the first `filled` positions of `buffer`, zeros after them: a static
+    cache's attention reads the spare positions under a mask, and a masked softmax weight of 0 times an uninitialised
+    NaN would still be NaN."""
+    grown = like.new_zeros(like.shape[0], capacity, *like.shape[2:])
     if buffer is not None:
         grown[:, :filled] = buffer[:, :filled]
     return grown
@@ -89,9 +99,12 @@ class OryxCache:
     def __init__(self, config: OryxConfig):
         self.fingerprint = _fingerprint(config)
         self.layers = [LayerState() for _ in range(config.num_hidden_layers)]
-        self.key_mask: torch.Tensor | None = None  # [B, Tc] bool
+        self.key_mask: torch.Tensor | None = None  # [B, Tc] bool ([B, capacity] once static)
         self.num_real: torch.Tensor | None = None  # [B] long
         self.seq_len = 0
+        self.write_index: torch.Tensor | None = None  # [1] long: the next position, once static
+        self.step_flags: tuple[bool, bool] | None = None  # (has_attn, has_linear) of a static step, set by its caller
+        self.decoder: Any = None  # the oryx.decoding.StaticDecoder that steps this cache, if any
 
     @property
     def is_linear(self) -> list[bool]:
@@ -114,8 +127,41 @@ class OryxCache:
         if self.batch_size is not None and self.batch_size != batch_size:
             raise ValueError(f"the cache holds {self.batch_size} rows but input_ids has {batch_size}")
 
+    @property
+    def is_static(self) -> bool:
+        return self.write_index is not None
+
+    @property
+    def capacity(self) -> int | None:
+        return None if self.key_mask is None or not self.is_static else self.key_mask.shape[1]
+
+    def make_static(self, capacity: int) -> None:
+        """Preallocate every buffer to `capacity` positions so that each later one-token step reads and writes fixed
+        tensors only (what a CUDA graph replays): the KV append writes at a device-side index, attention reads all
+        `capacity` keys under the validity mask, and the counters advance in place. Call after the prompt."""
+        if self.num_real is None:
+            raise ValueError("make_static needs a prefilled cache: run the prompt through the model first")
+        if capacity <= self.seq_len:
+            raise ValueError(f"capacity {capacity} leaves no room: the cache already holds {self.seq_len} positions")
+        device = self.num_real.device
+        self.write_index = torch.tensor([self.seq_len], dtype=torch.long, device=device)
+        key_mask = self.key_mask.new_zeros(self.key_mask.shape[0], capacity)
+        key_mask[:, : self.seq_len] = self.key_mask
+        self.key_mask = key_mask
+        for layer in self.layers:
+            if layer.key_buffer is not None:
+                layer.key_buffer = _grow(layer.key_buffer, layer.kv_len, capacity, layer.key_buffer)
+                layer.value_buffer = _grow(layer.value_buffer, layer.kv_len, capacity, layer.value_buffer)
+                layer.write_index = self.write_index
+
     def advance(self, new_mask: torch.Tensor) -> None:
         """Record that a forward consumed the positions of `new_mask` [B, T] (True = real token)."""
+        if self.is_static:  # one real token, every counter advanced in place (no new tensors)
+            self.key_mask.index_fill_(1, self.write_index, True)
+            self.num_real.add_(1)
+            self.write_index.add_(1)
+            self.seq_len += 1
+            return
         if self.num_real is None:
             self.num_real = torch.zeros(new_mask.shape[0], dtype=torch.long, device=new_mask.device)
             self.key_mask = new_mask.new_zeros(new_mask.shape[0], 0)
@@ -125,6 +171,8 @@ class OryxCache:
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Select rows (beam search): every tensor of every layer, KV and recurrent alike."""
+        if self.is_static:
+            raise ValueError("a static cache (cuda_graphs=True) cannot reorder rows; use beam search without it")
         for layer in self.layers:
             for name, tensor in layer.tensors().items():
                 setattr(layer, name, tensor.index_select(0, beam_idx.to(tensor.device)))

@@ -39,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda (default: auto)")
     parser.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="preallocate the cache after the prompt and replay decoding steps from CUDA graphs (no beam search)",
+    )
     parser.add_argument("--json", default=None, metavar="FILE", help="also write text and statistics to this file")
 
 
@@ -55,6 +60,7 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     streamer: Any = None,
+    cuda_graphs: bool = False,
 ) -> dict[str, Any]:
     """Generate from `prompt`; returns the text, the token counts, the attention fraction and the state memory.
 
@@ -80,6 +86,7 @@ def generate(
         schedule=spec,
         max_new_tokens=max_new_tokens,
         streamer=streamer,
+        cuda_graphs=cuda_graphs,
         return_dict_in_generate=True,
         pad_token_id=tokenizer.eos_token_id,
         # ids past the tokenizer's (the vocabulary is padded for fast matmuls) have no text: never produce them
@@ -142,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
             top_p=args.top_p,
             seed=args.seed,
             streamer=streamer,
+            cuda_graphs=args.cuda_graphs,
         )
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"oryx generate: error: {err}", file=sys.stderr)

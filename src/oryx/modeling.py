@@ -137,6 +137,8 @@ class OryxModel(OryxPreTrainedModel):
 
     def _context(self, modes, attention_mask, cache: OryxCache | None, B: int, T: int, device) -> MixContext:
         """Validate modes and padding; derive rotary positions and the valid-key mask (cached keys included)."""
+        if cache is not None and cache.is_static:
+            return self._static_context(modes, cache, B, T, device)
         modes = self._check_modes(modes, B, T, device)
         past = 0 if cache is None else cache.get_seq_length()
         pad_mask = _new_token_mask(attention_mask, B, T, past, device)
@@ -160,6 +162,26 @@ class OryxModel(OryxPreTrainedModel):
         if not has_linear:
             attn_rows = None  # every row: attention can take its fused causal path
         return MixContext(modes, positions, pad_mask, key_mask, attn_rows, has_attn, has_linear)
+
+    def _static_context(self, modes, cache: OryxCache, B: int, T: int, device) -> MixContext:
+        """One token per row over a static cache, without reading anything back to the host (a CUDA graph captures
+        it): the new tokens are real, every cached key up to the new position is valid where the prompt was, and
+        the step's (has_attn, has_linear) come from `cache.step_flags` (set by the caller, which knows the modes on
+        the host) or, without them, from the modes themselves."""
+        if T != 1:
+            raise ValueError(f"a static cache takes one token per row and call, got {T}; prefill before make_static")
+        if cache.seq_len >= cache.capacity:
+            raise ValueError(f"the static cache is full ({cache.capacity} positions); make_static with more capacity")
+        if cache.step_flags is None:
+            modes = self._check_modes(modes, B, T, device)
+            has_attn, has_linear = bool((modes == ATTN).any()), bool((modes == LINEAR).any())
+        else:
+            has_attn, has_linear = cache.step_flags
+            modes = modes if modes is not None else torch.full((B, T), self.config.default_mode, device=device)
+        new_key = torch.arange(cache.capacity, device=device) == cache.write_index
+        key_mask = cache.key_mask | new_key
+        attn_rows = (modes == ATTN) if has_linear else None
+        return MixContext(modes, cache.num_real[:, None], None, key_mask, attn_rows, has_attn, has_linear)
 
     def _check_modes(self, modes, B: int, T: int, device) -> torch.Tensor:
         if modes is None:
@@ -237,6 +259,9 @@ class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
         """Logits [B, T, V] (or the last `logits_to_keep`) and, with `labels`, the next-token loss (labels are shifted
         inside; -100 is ignored). `cache`/`past_key_values` (the same thing) continues from an earlier call."""
         cache = cache if cache is not None else past_key_values
+        if cache is not None and cache.decoder is not None and not cache.decoder.busy:
+            logits = cache.decoder.step(input_ids, modes)  # generate(cuda_graphs=True): oryx.decoding
+            return CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})
         out = self.model(
             input_ids=input_ids,
             modes=modes,
@@ -259,10 +284,16 @@ class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: out.get(CACHE_FIELD)})
 
     # --- generation -------------------------------------------------------------------------------------------
-    def generate(self, inputs: torch.Tensor | None = None, schedule: Any = None, **kwargs: Any):
+    def generate(
+        self, inputs: torch.Tensor | None = None, schedule: Any = None, cuda_graphs: bool = False, **kwargs: Any
+    ):
         """transformers' `generate` plus `schedule`: a spec string or `oryx.schedule.Schedule` giving the mode of
         every prompt and generated token by absolute position (e.g. "tail:attn=64": linear prefill, attention for the
-        last 64 prompt tokens and all generated ones). Without a schedule every token uses `config.default_mode`."""
+        last 64 prompt tokens and all generated ones). Without a schedule every token uses `config.default_mode`.
+
+        `cuda_graphs=True`: after the prompt, preallocate the cache to the generation's length and replay every
+        decoding step from a CUDA graph (`oryx.decoding`); without CUDA the same fixed-buffer step runs eagerly.
+        Not with beam search."""
         from oryx.schedule import parse
 
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
@@ -273,10 +304,19 @@ class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
                 "assisted/speculative decoding needs a croppable cache; Oryx's recurrent state cannot be "
                 "rewound. Use greedy, sampling or beam search."
             )
+        capacity = None
+        if cuda_graphs:
+            if kwargs.get("num_beams", self.generation_config.num_beams or 1) > 1:
+                raise ValueError("cuda_graphs=True cannot run beam search (a static cache cannot reorder rows)")
+            new_tokens = kwargs.get("max_new_tokens")
+            if new_tokens is None:
+                new_tokens = kwargs.get("max_length", self.generation_config.max_length) - input_ids.shape[1]
+            capacity = input_ids.shape[1] + max(new_tokens, 1)
         return super().generate(
             input_ids,
             oryx_schedule=None if schedule is None else parse(schedule),
             oryx_prompt_length=input_ids.shape[1],
+            oryx_capacity=capacity,
             **kwargs,
         )
 
@@ -289,18 +329,25 @@ class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
         use_cache: bool = True,
         oryx_schedule: Any = None,
         oryx_prompt_length: int | None = None,
+        oryx_capacity: int | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
+        from oryx.decoding import StaticDecoder
+
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
             cache = OryxCache(self.config)
         seen = cache.get_seq_length() if cache is not None else 0
         new_ids = input_ids[:, seen:]
+        if oryx_capacity is not None and cache is not None and seen > 0 and cache.decoder is None:
+            cache.decoder = StaticDecoder(self, cache, oryx_capacity)  # after the prompt: decoding steps from here
         modes = None
         if oryx_schedule is not None:
             modes = oryx_schedule.modes(
                 new_ids.shape[0], new_ids.shape[1], offset=seen, prompt_length=oryx_prompt_length
-            ).to(new_ids.device)
+            )
+            if cache is None or cache.decoder is None:  # the decoder wants them on the host
+                modes = modes.to(new_ids.device)
         return {
             "input_ids": new_ids,
             "modes": modes,
