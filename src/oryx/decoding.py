@@ -61,7 +61,6 @@ class StaticDecoder:
         ]
         self._graphs: dict[tuple[bool, bool], _Graph] = {}
         self._eager_steps: Counter[tuple[bool, bool]] = Counter()
-        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.busy = False  # True while the model's forward runs for this decoder (it then must not route here)
 
     def step(self, input_ids: torch.Tensor, modes: torch.Tensor | None) -> torch.Tensor:
@@ -104,7 +103,7 @@ class StaticDecoder:
         static_ids, static_modes = input_ids.clone(), modes.clone()
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph):  # a private memory pool: the kinds of step replay in any order
             logits = self._run(kind, static_ids, static_modes)
         self.cache.seq_len = counters[0]
         for layer, kv_len in zip(self.cache.layers, counters[1], strict=True):
