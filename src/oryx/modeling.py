@@ -280,7 +280,10 @@ class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
                 )
             if logits_to_keep:
                 raise ValueError("labels need the logits of every position; do not pass logits_to_keep with labels")
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            # Position t predicts label t+1; the last position has none (-100). Shifting the labels, not the logits,
+            # keeps the [B·T, V] logits a view instead of a copy (at T = 4096, V = 8192: 134 MB per step).
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: out.get(CACHE_FIELD)})
 
     # --- generation -------------------------------------------------------------------------------------------
