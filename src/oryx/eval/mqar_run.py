@@ -436,7 +436,8 @@ def run_sweep(config: MQARSweepConfig, out_dir: str | Path, jobs: int = 1) -> li
             paths.append(_job(family, lr, config, str(out), torch.get_num_threads()))
             written = _write_summary(config, out, paths)
         return written
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    # GPU runs need one host thread each for launching (more only spin, and starve whatever shares the machine).
+    threads = 1 if config.device.startswith("cuda") else max(1, (os.cpu_count() or 1) // jobs)
     # spawn: CUDA cannot be used in forked children.
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(_job, family, lr, config, str(out), threads) for family, lr in pairs]
