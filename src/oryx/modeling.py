@@ -342,7 +342,8 @@ class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
             cache = OryxCache(self.config)
         seen = cache.get_seq_length() if cache is not None else 0
         new_ids = input_ids[:, seen:]
-        if oryx_capacity is not None and cache is not None and seen > 0 and cache.decoder is None:
+        one_token = seen > 0 and new_ids.shape[1] == 1  # past the prompt (a continued cache may bring several)
+        if oryx_capacity is not None and cache is not None and one_token and cache.decoder is None:
             cache.decoder = StaticDecoder(self, cache, oryx_capacity)  # after the prompt: decoding steps from here
         modes = None
         if oryx_schedule is not None:
