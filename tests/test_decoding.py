@@ -95,3 +95,4 @@ def test_static_cache_errors_name_the_fix(gen):
         fresh = OryxCache(model.config)
         model(ids, cache=fresh)
         StaticDecoder(model, fresh, capacity=9, use_graphs=True)
+    assert not fresh.is_static  # refused before anything changed

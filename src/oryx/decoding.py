@@ -46,12 +46,14 @@ class StaticDecoder:
     """One-token steps of `model` over `cache` (prefilled; made static here to `capacity` positions)."""
 
     def __init__(self, model: OryxForCausalLM, cache: OryxCache, capacity: int, use_graphs: bool | None = None):
-        cache.make_static(capacity)
-        self.model, self.cache = model, cache
+        if cache.num_real is None:
+            raise ValueError("make_static needs a prefilled cache: run the prompt through the model first")
         device = cache.num_real.device
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
         if self.use_graphs and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; this cache is on {device}")
+        cache.make_static(capacity)
+        self.model, self.cache = model, cache
         # The fixed homes of the states the mixers replace every step (see 2. above).
         self._states = [
             (layer, name, getattr(layer, name))
