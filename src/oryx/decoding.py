@@ -85,7 +85,15 @@ class StaticDecoder:
             self._graphs[kind] = self._capture(kind, input_ids, modes)
             return self._replay(self._graphs[kind], input_ids, modes)
         self._eager_steps[kind] += 1
-        return self._run(kind, input_ids, modes)
+        if not self.use_graphs:
+            return self._run(kind, input_ids, modes)
+        # Warm-up on a side stream, as torch.cuda.graphs asks (lazy handles and workspaces stay off the main stream).
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            logits = self._run(kind, input_ids, modes)
+        torch.cuda.current_stream().wait_stream(side)
+        return logits
 
     def _run(self, kind: tuple[bool, bool], input_ids: torch.Tensor, modes: torch.Tensor) -> torch.Tensor:
         """The model's forward on the static cache, then the replaced states copied home (steps 1-2 above)."""
