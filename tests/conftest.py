@@ -17,3 +17,13 @@ def gen() -> torch.Generator:
     seed = torch.seed() % (2**31)
     print(f"generator seed: {seed}")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny tensors/models: more only add barrier overhead, badly so on a busy
+    2-core machine. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,14 +18,7 @@ from oryx.eval.mqar_run import MQARSweepConfig, evaluate_mqar, protocol_modes_fo
 from oryx.eval.tasks.mqar import IGNORE_INDEX, MQARConfig, make_mqar
 from oryx.modeling import OryxForCausalLM
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: intra-op threads only add barrier overhead, badly so on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,7 @@ TOL = 1e-5
 B, H, K, V = 2, 2, 16, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: intra-op threads only add barrier overhead, badly so on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 # ------------------------------------------------------------------------------------------------------------
