@@ -154,6 +154,11 @@ class OryxCache:
                 layer.value_buffer = _grow(layer.value_buffer, layer.kv_len, capacity, layer.value_buffer)
                 layer.write_index = self.write_index
 
+    def check_room(self) -> None:
+        """ValueError when a static cache has no position left for another token."""
+        if self.seq_len >= self.capacity:
+            raise ValueError(f"the static cache is full ({self.capacity} positions); make_static with more capacity")
+
     def advance(self, new_mask: torch.Tensor) -> None:
         """Record that a forward consumed the positions of `new_mask` [B, T] (True = real token)."""
         if self.is_static:  # one real token, every counter advanced in place (no new tensors)

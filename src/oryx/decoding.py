@@ -46,9 +46,7 @@ class StaticDecoder:
     """One-token steps of `model` over `cache` (prefilled; made static here to `capacity` positions)."""
 
     def __init__(self, model: OryxForCausalLM, cache: OryxCache, capacity: int, use_graphs: bool | None = None):
-        if cache.num_real is None:
-            raise ValueError("make_static needs a prefilled cache: run the prompt through the model first")
-        device = cache.num_real.device
+        device = model.device
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
         if self.use_graphs and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; this cache is on {device}")
@@ -121,8 +119,7 @@ class StaticDecoder:
         return _Graph(graph, static_ids, static_modes, logits)
 
     def _replay(self, captured: _Graph, input_ids: torch.Tensor, modes: torch.Tensor) -> torch.Tensor:
-        if self.cache.seq_len >= self.cache.capacity:
-            raise ValueError(f"the static cache is full ({self.cache.capacity} positions)")
+        self.cache.check_room()
         captured.input_ids.copy_(input_ids)
         captured.modes.copy_(modes)
         captured.graph.replay()

@@ -170,8 +170,7 @@ class OryxModel(OryxPreTrainedModel):
         the host) or, without them, from the modes themselves."""
         if T != 1:
             raise ValueError(f"a static cache takes one token per row and call, got {T}; prefill before make_static")
-        if cache.seq_len >= cache.capacity:
-            raise ValueError(f"the static cache is full ({cache.capacity} positions); make_static with more capacity")
+        cache.check_room()
         if cache.step_flags is None:
             modes = self._check_modes(modes, B, T, device)
             has_attn, has_linear = bool((modes == ATTN).any()), bool((modes == LINEAR).any())
