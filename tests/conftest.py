@@ -1,5 +1,7 @@
 """Shared test helpers: the numerics policy of DESIGN.md §6."""
 
+import os
+
 import pytest
 import torch
 
@@ -27,3 +29,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """With ORYX_TEST_LOG set, every failure's message is appended to that file as it happens: on the device machine a
+    run cut short by its time limit loses pytest's final summary (a third-session GPU failure left no reason)."""
+    path = os.environ.get("ORYX_TEST_LOG")
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"{report.nodeid} FAILED ({report.when}):\n{report.longreprtext[-4000:]}\n")

@@ -72,6 +72,7 @@ from oryx.training.trainer import lr_factor, split_decay
 
 FAMILIES = ("transformer", "mamba2", "gdn", "oryx-tm", "oryx-tg")
 MQAR_PROTOCOLS = ("attn", "linear", "cross", "queries")
+PROBE_WARMUP, PROBE_STEPS = 2, 3  # untimed and timed steps per setting of the --train-minutes probe
 
 __all__ = ["FAMILIES", "MQAR_PROTOCOLS", "MQARSweepConfig", "evaluate_mqar", "query_modes", "run_sweep", "train_mqar"]
 
@@ -178,12 +179,19 @@ ModeDrawer = Callable[[int, MQARBatch], "torch.Tensor | None"]
 def _probe_seconds(
     model: OryxForCausalLM, train: list[MQARBatch], config: MQARSweepConfig, draw_modes: ModeDrawer
 ) -> list[float]:
-    """Seconds of one forward+backward step per training setting (the second of two; gradients discarded)."""
+    """Seconds of one forward+backward step per training setting: the median of PROBE_STEPS timed steps after
+    PROBE_WARMUP untimed ones (gradients discarded).
+
+    Several steps, because an Oryx step draws new modes each time and so meets new shapes (the attention rows'
+    blocks) for a while: on the H100 the second step of each setting still took ~4x a trained step (790 vs 210 ms),
+    which cut the Oryx runs of an equal-steps sweep short.
+    """
     device = next(model.parameters()).device
     seconds = []
     for batch in train:
         rows = torch.arange(min(config.batch_size, len(batch.input_ids)))
-        for _ in range(2):
+        timed = []
+        for step in range(PROBE_WARMUP + PROBE_STEPS):
             _sync(device)
             start = time.perf_counter()
             with autocast(device, config.precision):
@@ -192,8 +200,9 @@ def _probe_seconds(
                 )
             loss.backward()
             _sync(device)
-            elapsed = time.perf_counter() - start
-        seconds.append(elapsed)
+            if step >= PROBE_WARMUP:
+                timed.append(time.perf_counter() - start)
+        seconds.append(float(np.median(timed)))
     model.zero_grad(set_to_none=True)
     return seconds
 
