@@ -174,9 +174,8 @@ class OryxModel(OryxPreTrainedModel):
         if cache.step_flags is None:
             modes = self._check_modes(modes, B, T, device)
             has_attn, has_linear = bool((modes == ATTN).any()), bool((modes == LINEAR).any())
-        else:
+        else:  # set by StaticDecoder, which passes validated [B, 1] modes on the device
             has_attn, has_linear = cache.step_flags
-            modes = modes if modes is not None else torch.full((B, T), self.config.default_mode, device=device)
         new_key = torch.arange(cache.capacity, device=device) == cache.write_index
         key_mask = cache.key_mask | new_key
         attn_rows = (modes == ATTN) if has_linear else None
