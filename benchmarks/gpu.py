@@ -170,7 +170,7 @@ def mixer_point(T: int, rows: list[float], variants: list[str], gen: torch.Gener
         mask = flex.block_mask(attn_rows, None, B, T, T, torch.device(DEV))
 
         def flex_only(mask=mask):
-            return flex._flex()(*heads, block_mask=mask)
+            return flex._flex(*heads, mask, heads[0].shape[-1] ** -0.5)
 
         record(f"attn{p:g}_fwdbwd", fwd_bwd(attention, [qa, ka, va]))
         record(f"flex{p:g}_fwdbwd", fwd_bwd(flex_only, [qa, ka, va]))

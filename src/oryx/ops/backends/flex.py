@@ -30,19 +30,27 @@ Tensor = torch.Tensor
 
 BLOCK = 128  # flex block size for queries and keys (also the training mix's chunk: a chunk maps to one block)
 FEW_ROWS = 16  # up to this many query rows, SDPA with a dense [Tq, Tk] mask is cheaper than building a block mask
+# Compiled variants of flex_attention one process may hold. Each dtype, grad mode, head count or batch size gets its
+# own (lengths turn dynamic after two or three compiles), and past dynamo's default of 8 flex silently runs eagerly,
+# materialising every score ([B, H, Tq, Tk]: out of memory at long contexts). A process that trains, evaluates and
+# generates in several dtypes can pass 8; the GPU test module did (H100, torch 2.11: the ninth ran eagerly).
+RECOMPILE_LIMIT = 64
 
 _compiled_flex: Callable | None = None
 _block_masks = DerivedFromMasks()  # one BlockMask per forward, shared by its layers
 
 
-def _flex() -> Callable:
-    """``flex_attention`` compiled once per process, on first use (the eager version materialises all scores)."""
+def _flex(q: Tensor, k: Tensor, v: Tensor, mask, scale: float) -> Tensor:
+    """``flex_attention`` compiled once per process, on first use, kept compiled past dynamo's recompile limit."""
     global _compiled_flex
     if _compiled_flex is None:
         from torch.nn.attention.flex_attention import flex_attention
 
         _compiled_flex = torch.compile(flex_attention)
-    return _compiled_flex
+    if torch.compiler.is_compiling():  # inside a compiled model: inlined there, under the caller's settings
+        return _compiled_flex(q, k, v, block_mask=mask, scale=scale)
+    with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
+        return _compiled_flex(q, k, v, block_mask=mask, scale=scale)
 
 
 def _pad_rows(mask: Tensor, length: int, value: bool) -> Tensor:
@@ -145,7 +153,7 @@ def _flex_backend(
         o = _sdpa_rows(qh, kh, vh, key_mask, scale)
     else:
         mask = _shared_block_mask(query_mask, key_mask, B, Tq, Tk, q.device)
-        o = _flex()(qh, kh, vh, block_mask=mask, scale=scale)
+        o = _flex(qh, kh, vh, mask, scale)
     o = o.transpose(1, 2)
     keep = query_mask
     if key_mask is not None:
