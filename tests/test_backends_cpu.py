@@ -53,6 +53,35 @@ def test_flex_stays_compiled_when_the_process_has_spent_dynamo_recompile_budget(
         assert rel_err(got, expected) <= tol, (dtype, rel_err(got, expected))
 
 
+def test_flex_pads_to_few_compiled_lengths_and_stays_exact(gen):
+    """flex runs at bucketed lengths with the causal offset as data: calls whose lengths share a bucket reuse one
+    compiled kernel, even with different offsets (cached continuations), and every result matches the float64
+    reference, padded keys (left padding) and unselected rows included."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from oryx import ops
+
+    lengths = [flex.compiled_length(n) for n in (1, 128, 129, 300, 385, 2048, 2049)]
+    assert lengths == [128, 128, 256, 384, 512, 2048, 3072]
+    B, H, D = 2, 2, 32
+    kernels = []
+    for Tq, Tk, padded in ((200, 200, False), (240, 240, False), (150, 230, True), (250, 256, True)):
+        q = torch.randn(B, Tq, H, D, generator=gen)
+        k, v = (torch.randn(B, Tk, H, D, generator=gen) for _ in range(2))
+        rows = torch.rand(B, Tq, generator=gen) < 0.4
+        keys = torch.ones(B, Tk, dtype=torch.bool)
+        keys[0, : Tk // 2] = False
+        keys = keys if padded else None
+        got = flex._flex_backend(q, k, v, rows, keys, D**-0.5)
+        expected = ops.causal_attention(q.double(), k.double(), v.double(), rows, keys, backend="torch")
+        assert rel_err(got, expected) <= 1e-5, (Tq, Tk, rel_err(got, expected))
+        kernels.append(len(_debug_get_cache_entry_list(flex_attention.__code__)))
+    # Every length here is in the 256 bucket: the second call of each mask function (without, then with key padding)
+    # runs the kernel compiled for the first.
+    assert kernels[1] == kernels[0] and kernels[3] == kernels[2], kernels
+
+
 def test_fast_backends_get_one_dtype_for_mixed_precision_inputs():
     """Triton dots need equal operand types: mixed inputs meet at the autocast dtype in autocast, else the widest."""
     bf16, fp32 = torch.randn(2, dtype=torch.bfloat16), torch.randn(2)

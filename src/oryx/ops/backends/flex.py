@@ -7,6 +7,12 @@ before the block's first row (and free of padding) are "full" blocks that skip t
 block that are not selected are computed too and then replaced by exact zeros, which is what the reference returns, so
 token-granular switches stay exact (the mixer then picks per token). A row with no valid key at all is zero as well.
 
+flex is compiled for static shapes, at a few lengths only: queries and keys are padded at the end to
+``compiled_length`` (whole blocks, rounded up to 2^k or 3·2^k blocks, ≤ 33 % padding and none at 2k/8k/32k). Padded
+query rows are never selected (no work) and padded keys come after every real row (causally hidden), so the padding
+costs a copy, not attention. Without it every new length compiled flex again and, once dynamo turned the lengths
+dynamic, a float32 flex kernel with Oryx-TM's head dims took minutes to compile on an H100.
+
 With at most ``FEW_ROWS`` query rows (decoding, short continuations) the block mask would cost more than the
 attention: those calls go to ``scaled_dot_product_attention`` over the whole cache with an explicit mask (none at all
 for one row without padding, which lets SDPA pick its flash kernel).
@@ -17,6 +23,7 @@ k [B, Tk, H, D], v [B, Tk, H, Dv], row i of q at key position Tk − Tq + i; ret
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 
 import torch
@@ -35,6 +42,7 @@ FEW_ROWS = 16  # up to this many query rows, SDPA with a dense [Tq, Tk] mask is 
 # materialising every score ([B, H, Tq, Tk]: out of memory at long contexts). A process that trains, evaluates and
 # generates in several dtypes can pass 8; the GPU test module did (H100, torch 2.11: the ninth ran eagerly).
 RECOMPILE_LIMIT = 64
+_LENGTH_BLOCKS = sorted({2**i for i in range(24)} | {3 * 2**i for i in range(23)})  # 1, 2, 3, 4, 6, 8, 12, 16, ...
 
 _compiled_flex: Callable | None = None
 _block_masks = DerivedFromMasks()  # one BlockMask per forward, shared by its layers
@@ -46,11 +54,23 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, mask, scale: float) -> Tensor:
     if _compiled_flex is None:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _compiled_flex = torch.compile(flex_attention)
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
     if torch.compiler.is_compiling():  # inside a compiled model: inlined there, under the caller's settings
         return _compiled_flex(q, k, v, block_mask=mask, scale=scale)
     with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
         return _compiled_flex(q, k, v, block_mask=mask, scale=scale)
+
+
+def compiled_length(n_tokens: int) -> int:
+    """The length flex runs at for ``n_tokens`` queries or keys (see the module docstring)."""
+    blocks = -(-n_tokens // BLOCK)
+    return BLOCK * _LENGTH_BLOCKS[bisect.bisect_left(_LENGTH_BLOCKS, blocks)]
+
+
+def _pad_length(x: Tensor, length: int) -> Tensor:
+    """[B, T, H, D] -> [B, length, H, D], zeros appended: the layout (strides) of an unpadded input, which the
+    compiled kernel is specialised to as well."""
+    return x if x.shape[1] == length else F.pad(x, (0, 0, 0, 0, 0, length - x.shape[1]))
 
 
 def _pad_rows(mask: Tensor, length: int, value: bool) -> Tensor:
@@ -68,12 +88,14 @@ def _blocks_to_indices(blocks: Tensor) -> tuple[Tensor, Tensor]:
 def block_mask(query_mask: Tensor | None, key_mask: Tensor | None, B: int, Tq: int, Tk: int, device: torch.device):
     """The ``BlockMask`` of causal attention restricted to the query blocks that hold a selected row.
 
-    query_mask [B, Tq] and key_mask [B, Tk] bool or None; row i sits at key position Tk − Tq + i.
+    query_mask [B, Tq] and key_mask [B, Tk] bool or None; row i sits at key position Tk − Tq + i. The mask is for
+    queries and keys padded to ``compiled_length`` (its ``seq_lengths``), where padded rows are unselected.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
     offset = Tk - Tq
-    nq, nk = -(-Tq // BLOCK), -(-Tk // BLOCK)
+    Pq, Pk = compiled_length(Tq), compiled_length(Tk)
+    nq, nk = Pq // BLOCK, Pk // BLOCK
     starts = torch.arange(nq, device=device) * BLOCK
     first_row = offset + starts  # key position of each query block's first and last row
     last_row = offset + torch.clamp(starts + BLOCK, max=Tq) - 1
@@ -81,34 +103,35 @@ def block_mask(query_mask: Tensor | None, key_mask: Tensor | None, B: int, Tq: i
     visible = key_start[None, :] <= last_row[:, None]  # [Nq, Nk]: some key of block j is at or before a row
     before = key_start[None, :] + BLOCK - 1 <= first_row[:, None]  # all of block j is before every row
     if query_mask is None:
-        active = torch.ones(B, nq, dtype=torch.bool, device=device)
-    else:
-        active = _pad_rows(query_mask, nq * BLOCK, False).view(B, nq, BLOCK).any(-1)
+        query_mask = torch.ones(B, Tq, dtype=torch.bool, device=device)
+    active = _pad_rows(query_mask, Pq, False).view(B, nq, BLOCK).any(-1)
     if key_mask is None:
-        any_key = all_keys = torch.ones(B, nk, dtype=torch.bool, device=device)
+        any_key = all_keys = (key_start < Tk)[None].expand(B, nk)  # blocks of padding only are skipped
     else:
-        padded = _pad_rows(key_mask, nk * BLOCK, True).view(B, nk, BLOCK)
-        any_key, all_keys = _pad_rows(key_mask, nk * BLOCK, False).view(B, nk, BLOCK).any(-1), padded.all(-1)
+        key_mask = _pad_rows(key_mask, Pk, False)
+        any_key, all_keys = key_mask.view(B, nk, BLOCK).any(-1), key_mask.view(B, nk, BLOCK).all(-1)
     live = active[:, :, None] & any_key[:, None, :]  # [B, Nq, Nk]: blocks of only padding keys are skipped
     full = live & before & all_keys[:, None, :]
     partial = live & visible & ~full
+    # A tensor, not an int: the compiled kernel would otherwise be specialised to (and recompiled for) each offset.
+    shift = torch.tensor(offset, device=device)
 
     if key_mask is None:
 
         def mask_mod(b, h, q_idx, kv_idx):
-            return kv_idx <= q_idx + offset
+            return kv_idx <= q_idx + shift
 
     else:
 
         def mask_mod(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx + offset) & key_mask[b, kv_idx]
+            return (kv_idx <= q_idx + shift) & key_mask[b, kv_idx]
 
     return BlockMask.from_kv_blocks(
         *_blocks_to_indices(partial),
         *_blocks_to_indices(full),
         BLOCK_SIZE=BLOCK,
         mask_mod=mask_mod,
-        seq_lengths=(Tq, Tk),
+        seq_lengths=(Pq, Pk),
     )
 
 
@@ -148,12 +171,13 @@ def _flex_backend(
 ) -> Tensor:
     B, Tq = q.shape[:2]
     Tk = k.shape[1]
-    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
     if Tq <= FEW_ROWS:
-        o = _sdpa_rows(qh, kh, vh, key_mask, scale)
+        o = _sdpa_rows(*(x.transpose(1, 2) for x in (q, k, v)), key_mask, scale)  # [B, H, T, D]
     else:
         mask = _shared_block_mask(query_mask, key_mask, B, Tq, Tk, q.device)
-        o = _flex(qh, kh, vh, mask, scale)
+        Pq, Pk = mask.seq_lengths
+        padded = (_pad_length(x, P).transpose(1, 2) for x, P in ((q, Pq), (k, Pk), (v, Pk)))
+        o = _flex(*padded, mask, scale)[:, :, :Tq]
     o = o.transpose(1, 2)
     keep = query_mask
     if key_mask is not None:
