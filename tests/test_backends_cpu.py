@@ -35,22 +35,21 @@ def test_block_mask_is_built_once_per_mask_tensor_and_rebuilt_when_it_changes(ge
     assert torch.equal(_dense(with_keys), _dense(flex.block_mask(rows, keys, B, T, T, cpu)))
 
 
-def test_flex_stays_compiled_when_the_process_has_spent_dynamo_recompile_budget(gen, monkeypatch):
+def test_flex_stays_compiled_when_the_process_has_spent_dynamo_recompile_budget(gen):
     """Past dynamo's recompile limit, flex_attention would run eagerly (every score materialised). The flex backend
     keeps its own budget: with the process-wide limit already spent (set to 1 here, with a hard failure instead of the
     silent eager fallback), a second dtype still compiles, and both results match the float64 reference."""
     from oryx import ops
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     B, T, H, D = 2, 200, 2, 32
     q, k, v = (torch.randn(B, T, H, D, generator=gen) for _ in range(3))
     rows = torch.rand(B, T, generator=gen) < 0.4
     expected = ops.causal_attention(q.double(), k.double(), v.double(), query_mask=rows, backend="torch")
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-        got = flex._flex_backend(q.to(dtype), k.to(dtype), v.to(dtype), rows, None, D**-0.5)
-        assert got.dtype == dtype
-        assert rel_err(got, expected) <= tol, (dtype, rel_err(got, expected))
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+            got = flex._flex_backend(q.to(dtype), k.to(dtype), v.to(dtype), rows, None, D**-0.5)
+            assert got.dtype == dtype
+            assert rel_err(got, expected) <= tol, (dtype, rel_err(got, expected))
 
 
 def test_flex_pads_to_few_compiled_lengths_and_stays_exact(gen):
