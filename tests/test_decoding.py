@@ -10,7 +10,7 @@ import torch
 from conftest import rel_err
 
 from oryx import OryxConfig, OryxForCausalLM
-from oryx.cache import OryxCache
+from oryx.cache import OryxCache, static_kv_buffer
 from oryx.configuration import ATTN, LINEAR
 from oryx.decoding import StaticDecoder
 
@@ -32,6 +32,19 @@ def step_modes(model: OryxForCausalLM, B: int, t: int) -> torch.Tensor:
     if t % 4 == 1:
         modes[0] = 1 - modes[0]
     return modes
+
+
+def test_static_kv_buffer_keeps_each_position_of_every_row_contiguous(gen):
+    """The static KV buffer is [B, capacity, H, d] with the prompt's positions copied and zeros after them, stored
+    position-major: the one position a decoding step writes, for all rows, is one contiguous block."""
+    B, T, H, d, capacity = 3, 7, 2, 5, 12
+    keys = torch.randn(B, T, H, d, generator=gen)
+    static = static_kv_buffer(keys, T, capacity)
+    assert static.shape == (B, capacity, H, d)
+    assert torch.equal(static[:, :T], keys) and torch.equal(static[:, T:], torch.zeros(B, capacity - T, H, d))
+    assert static[:, T].is_contiguous()
+    static.index_copy_(1, torch.tensor([T]), keys[:, :1])
+    assert torch.equal(static[:, T], keys[:, 0])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
