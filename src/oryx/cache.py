@@ -148,7 +148,8 @@ class OryxCache:
     def make_static(self, capacity: int) -> None:
         """Preallocate every buffer to `capacity` positions so that each later one-token step reads and writes fixed
         tensors only (what a CUDA graph replays): the KV append writes at a device-side index, attention reads all
-        `capacity` keys under the validity mask, and the counters advance in place. Call after the prompt."""
+        `capacity` keys under the validity mask (position-major buffers: `static_kv_buffer`), and the counters
+        advance in place. Call after the prompt."""
         if self.num_real is None:
             raise ValueError("make_static needs a prefilled cache: run the prompt through the model first")
         if capacity <= self.seq_len:
