@@ -37,10 +37,10 @@ Tensor = torch.Tensor
 
 BLOCK = 128  # flex block size for queries and keys (also the training mix's chunk: a chunk maps to one block)
 FEW_ROWS = 16  # up to this many query rows, SDPA with a dense [Tq, Tk] mask is cheaper than building a block mask
-# Compiled variants of flex_attention one process may hold. Each dtype, grad mode, head count or batch size gets its
-# own (lengths turn dynamic after two or three compiles), and past dynamo's default of 8 flex silently runs eagerly,
-# materialising every score ([B, H, Tq, Tk]: out of memory at long contexts). A process that trains, evaluates and
-# generates in several dtypes can pass 8; the GPU test module did (H100, torch 2.11: the ninth ran eagerly).
+# Compiled variants of flex_attention one process may hold: one per dtype, grad mode, head count, batch size and pair
+# of compiled lengths (prompts of any length up to 128k fall in about 20 length buckets). Past dynamo's default of 8,
+# flex silently runs eagerly, materialising every score ([B, H, Tq, Tk]: out of memory at long contexts); a process
+# that trains, evaluates and generates can pass 8, and the GPU test module did (H100, torch 2.11).
 RECOMPILE_LIMIT = 64
 _LENGTH_BLOCKS = sorted({2**i for i in range(24)} | {3 * 2**i for i in range(23)})  # 1, 2, 3, 4, 6, 8, 12, 16, ...
 
