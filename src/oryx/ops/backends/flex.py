@@ -106,7 +106,8 @@ def block_mask(query_mask: Tensor | None, key_mask: Tensor | None, B: int, Tq: i
         query_mask = torch.ones(B, Tq, dtype=torch.bool, device=device)
     active = _pad_rows(query_mask, Pq, False).view(B, nq, BLOCK).any(-1)
     if key_mask is None:
-        any_key = all_keys = (key_start < Tk)[None].expand(B, nk)  # blocks of padding only are skipped
+        any_key = (key_start < Tk)[None].expand(B, nk)  # blocks of padding only are skipped
+        all_keys = (key_start + BLOCK <= Tk)[None].expand(B, nk)  # a block holding padding is never "full"
     else:
         key_mask = _pad_rows(key_mask, Pk, False)
         any_key, all_keys = key_mask.view(B, nk, BLOCK).any(-1), key_mask.view(B, nk, BLOCK).all(-1)
