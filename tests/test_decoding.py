@@ -59,7 +59,7 @@ def test_static_steps_equal_the_growing_cache(variant, gen):
     with torch.no_grad():
         for cache in (reference, static):
             model(ids[:, :prompt], modes=prompt_modes, attention_mask=mask, cache=cache)
-        decoder = StaticDecoder(model, static, capacity=prompt + steps)
+        decoder = StaticDecoder(model, capacity=prompt + steps, cache=static)
         for t in range(steps):
             token, modes = ids[:, prompt + t : prompt + t + 1], step_modes(model, B, t)
             expected = model(token, modes=modes, cache=reference).logits
@@ -87,14 +87,14 @@ def test_generate_with_cuda_graphs_flag_scores_like_plain_generate(gen):
 def test_static_cache_errors_name_the_fix(gen):
     model = small_model("tg", 0)
     with pytest.raises(ValueError, match="prefilled cache"):
-        StaticDecoder(model, OryxCache(model.config), capacity=8)
+        StaticDecoder(model, capacity=8, cache=OryxCache(model.config))
     cache = OryxCache(model.config)
     ids = torch.randint(0, 300, (1, 6), generator=gen)
     with torch.no_grad():
         model(ids, cache=cache)
         with pytest.raises(ValueError, match="leaves no room"):
-            StaticDecoder(model, cache, capacity=6)
-        decoder = StaticDecoder(model, cache, capacity=7)
+            StaticDecoder(model, capacity=6, cache=cache)
+        decoder = StaticDecoder(model, capacity=7, cache=cache)
         decoder.step(ids[:, :1], None)
         with pytest.raises(ValueError, match="full"):
             decoder.step(ids[:, :1], None)
@@ -107,5 +107,5 @@ def test_static_cache_errors_name_the_fix(gen):
     with pytest.raises(ValueError, match="need a CUDA device"):
         fresh = OryxCache(model.config)
         model(ids, cache=fresh)
-        StaticDecoder(model, fresh, capacity=9, use_graphs=True)
+        StaticDecoder(model, capacity=9, cache=fresh, use_graphs=True)
     assert not fresh.is_static  # refused before anything changed

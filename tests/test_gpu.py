@@ -343,7 +343,7 @@ def test_cuda_graph_decoding_matches_the_growing_cache(variant, gen):
     with torch.no_grad():
         for cache in (reference, static):
             model(ids[:, :prompt], cache=cache)
-        decoder = StaticDecoder(model, static, capacity=prompt + steps)
+        decoder = StaticDecoder(model, capacity=prompt + steps, cache=static)
         assert decoder.use_graphs
         worst = 0.0
         for t in range(steps):

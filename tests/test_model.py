@@ -1,5 +1,6 @@
-"""Model-level semantics (DESIGN.md §3): switching, cached continuation, padding, references, generation, errors."""
+"""Model-level semantics (docs/design.md): switching, cached continuation, padding, references, generation, errors."""
 
+import dataclasses
 import math
 
 import pytest
@@ -12,8 +13,9 @@ import oryx
 from oryx import ATTN, OryxCache, OryxConfig, OryxForCausalLM
 from oryx.ops.attention import count_score_elements
 
-ORYX_VARIANTS = ["tg", "tm"]
-ALL_VARIANTS = ["tg", "tm", "transformer", "gdn", "mamba2"]
+ORYX_VARIANTS = oryx.variants.oryx_variants()
+ALL_VARIANTS = list(oryx.variants.VARIANTS)
+RECURRENT_VARIANTS = [name for name, row in oryx.variants.VARIANTS.items() if row.recurrence is not None]
 
 
 def tiny_config(variant: str, **overrides) -> OryxConfig:
@@ -140,7 +142,7 @@ def _shared_kv(mixer, x):
     W = mixer.conv_weight.shape[1]
     padded = torch.cat([kv.new_zeros(B, W - 1, kv.shape[-1]), kv], 1)
     conv = torch.stack([(padded[:, t : t + W] * mixer.conv_weight.double().T).sum(1) for t in range(T)], 1)
-    if mixer.variant == "tg":
+    if mixer.recurrence.feature_silu:  # Gated DeltaNet style (Oryx-TG)
         conv = F.silu(conv)
     H, d = mixer.num_heads, mixer.head_dim
     k, v = conv.view(B, T, 2, H, d).unbind(2)
@@ -160,7 +162,7 @@ def _finish(mixer, x, o):
     B, T = x.shape[:2]
     gate = F.silu(x.double() @ mixer.g_proj.weight.double().T)
     w = mixer.norm_weight.double()
-    if mixer.variant == "tm":
+    if mixer.recurrence.output_norm == "full":  # Mamba-2 style (Oryx-TM)
         y = o.reshape(B, T, -1) * gate
         y = y / torch.sqrt(y.pow(2).mean(-1, keepdim=True) + mixer.eps) * w
     else:
@@ -200,15 +202,16 @@ def test_all_linear_equals_plain_recurrence(variant, gen):
         k, v = _shared_kv(mixer, x)
         xd = x.double()
         q = (xd @ mixer.q_linear.weight.double().T).view(k.shape)
-        A = -mixer.A_log.double().exp()
+        A = -mixer.recurrence.A_log.double().exp()
         H, d = mixer.num_heads, mixer.head_dim
         S = torch.zeros(B, H, d, d, dtype=torch.float64)
         outs = []
         if variant == "tg":
             q = F.normalize(F.silu(q), dim=-1, eps=0)
             k = F.normalize(k, dim=-1, eps=0)
-            beta = torch.sigmoid(xd @ mixer.b_proj.weight.double().T)
-            decay = torch.exp(A * F.softplus(xd @ mixer.a_proj.weight.double().T + mixer.dt_bias.double()))
+            rec = mixer.recurrence
+            beta = torch.sigmoid(xd @ rec.b_proj.weight.double().T)
+            decay = torch.exp(A * F.softplus(xd @ rec.a_proj.weight.double().T + rec.dt_bias.double()))
             for t in range(T):
                 kt, vt, bt = k[:, t], v[:, t], beta[:, t, :, None, None]
                 S = decay[:, t, :, None, None] * (S - bt * kt[..., :, None] * (kt[..., None, :] @ S))
@@ -216,7 +219,7 @@ def test_all_linear_equals_plain_recurrence(variant, gen):
                 outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S) / math.sqrt(d))
             o = torch.stack(outs, 1)
         else:
-            dt = F.softplus(xd @ mixer.dt_proj.weight.double().T + mixer.dt_bias.double())
+            dt = F.softplus(xd @ mixer.recurrence.dt_proj.weight.double().T + mixer.recurrence.dt_bias.double())
             q, k = _rope64(q, mixer.rope_theta), _rope64(k, mixer.rope_theta)
             for t in range(T):
                 S = (
@@ -224,7 +227,7 @@ def test_all_linear_equals_plain_recurrence(variant, gen):
                     + (dt[:, t, :, None] * k[:, t])[..., :, None] * v[:, t][..., None, :]
                 )
                 outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
-            o = torch.stack(outs, 1) + mixer.D.double()[:, None] * v
+            o = torch.stack(outs, 1) + mixer.recurrence.D.double()[:, None] * v
         want = _finish(mixer, x, o)
     assert rel_err(got, want) <= 1e-5
 
@@ -428,15 +431,21 @@ def test_param_report_matches_paper_labels(size):
         assert abs(reports[fam]["active_attention" if fam == "transformer" else "active_linear"] / target - 1) < 0.01
 
 
-@pytest.mark.parametrize("variant", ["tg", "tm", "gdn", "mamba2"])
+@pytest.mark.parametrize("variant", RECURRENT_VARIANTS)
 def test_config_chunk_size_reaches_the_recurrence(variant, gen, monkeypatch):
     """The tests above rely on chunk 16 so that short sequences cross chunk boundaries: check it is really used."""
-    import oryx.layers.mixers as mixers
+    from oryx.ops import dispatch
 
     seen = []
-    op_name = "gated_delta_rule" if variant in ("tg", "gdn") else "scalar_decay_rule"
-    op = getattr(mixers, op_name)
-    monkeypatch.setattr(mixers, op_name, lambda *a, **kw: seen.append(kw["chunk_size"]) or op(*a, **kw))
+    resolve = dispatch.resolve
+
+    def recording(op, x, backend="auto"):
+        chosen = resolve(op, x, backend)
+        if op == "causal_conv1d" or op == "causal_attention":
+            return chosen
+        return dataclasses.replace(chosen, fn=lambda *a, **kw: seen.append(kw["chunk_size"]) or chosen.fn(*a, **kw))
+
+    monkeypatch.setattr(dispatch, "resolve", recording)
     model = tiny_model(variant, gen)
     model(torch.randint(0, 97, (1, 40), generator=gen), modes=torch.full((1, 40), oryx.LINEAR))
     assert seen == [16] * model.config.num_hidden_layers

@@ -7,7 +7,7 @@ out = model(input_ids, modes=modes)       # modes [B, T]: 0 = attention, 1 = lin
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from oryx import ops, schedule
+from oryx import ops, schedule, variants
 from oryx.cache import OryxCache
 from oryx.configuration import ATTN, LINEAR, OryxConfig, preset_names
 from oryx.modeling import OryxForCausalLM, OryxModel, OryxPreTrainedModel
@@ -31,4 +31,5 @@ __all__ = [
     "param_report",
     "preset_names",
     "schedule",
+    "variants",
 ]

@@ -1,6 +1,6 @@
 """The inference cache: per layer, the short-conv window, the KV cache and the recurrent state.
 
-Oryx keeps *both* token-mixing states current on every token, whatever its mode (DESIGN.md §3.1): the KV cache holds
+Oryx keeps *both* token-mixing states current on every token, whatever its mode (docs/design.md): the KV cache holds
 the keys and values of linear-mode tokens too, and the recurrent state has absorbed attention-mode tokens too. A switch
 therefore needs no conversion: the next token simply reads whichever state its mode selects.
 
@@ -15,7 +15,6 @@ rotary position of the next token of every row).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -113,8 +112,6 @@ class OryxCache:
         self.num_real: torch.Tensor | None = None  # [B] long
         self.seq_len = 0
         self.write_index: torch.Tensor | None = None  # [1] long: the next position, once static
-        self.step_flags: tuple[bool, bool] | None = None  # (has_attn, has_linear) of a static step, set by its caller
-        self.decoder: Any = None  # the oryx.decoding.StaticDecoder that steps this cache, if any
 
     @property
     def is_linear(self) -> list[bool]:

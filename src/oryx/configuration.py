@@ -1,8 +1,8 @@
-"""`OryxConfig`: one config for Oryx (`tg`, `tm`) and the single-mixer baselines built from the same parts.
+"""`OryxConfig`: one config for the Oryx variants and the single-mixer baselines built from the same parts.
 
-Presets are named `<family>-<size>`: family ∈ {oryx-tg, oryx-tm, transformer, mamba2, gdn}, size ∈ {tiny, small,
-medium} (CPU work) or the paper's {130m, 380m, 810m, 1.4b} (layers × width 12×768, 24×1024, 24×1536, 24×2048,
-GPT-2 vocabulary; paper-notes §2.2).
+Variants and families come from the variant table (`oryx.variants`). Presets are named `<family>-<size>`: family ∈
+{oryx-tg, oryx-tm, oryx-tk, transformer, gdn, mamba2, kda}, size ∈ {tiny, small, medium} (CPU work) or the paper's
+{130m, 380m, 810m, 1.4b} (layers × width 12×768, 24×1024, 24×1536, 24×2048, GPT-2 vocabulary; docs/paper.md).
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-ATTN, LINEAR = 0, 1
-VARIANTS = ("tg", "tm", "transformer", "mamba2", "gdn")
-FAMILY_TO_VARIANT = {"oryx-tg": "tg", "oryx-tm": "tm", "transformer": "transformer", "mamba2": "mamba2", "gdn": "gdn"}
+from oryx.variants import ATTN, FAMILIES, LINEAR, VARIANTS, variant
+
+__all__ = ["ATTN", "GPT2_VOCAB", "LINEAR", "SIZES", "OryxConfig", "preset_names"]
+
 GPT2_VOCAB = 50257
 
 # size -> (num_hidden_layers, hidden_size, head_dim)
@@ -26,7 +27,7 @@ SIZES: dict[str, tuple[int, int, int]] = {
     "810m": (24, 1536, 128),
     "1.4b": (24, 2048, 128),
 }
-# Transformer++ baselines keep GPT-3's head structure (paper-notes §4).
+# Transformer++ baselines keep GPT-3's head structure (docs/paper.md).
 TRANSFORMER_HEAD_DIM = {"130m": 64, "380m": 64, "810m": 96, "1.4b": 128}
 
 
@@ -34,18 +35,20 @@ class OryxConfig(PreTrainedConfig):
     """Configuration of an Oryx model or of one of its single-mixer baselines.
 
     Args:
-        variant: "tg" (attention + Gated DeltaNet), "tm" (attention + Mamba-2), or a baseline: "transformer",
-            "mamba2", "gdn".
+        variant: a row of the variant table (`oryx.variants.VARIANTS`): "tg" (attention + Gated DeltaNet), "tm"
+            (attention + Mamba-2), "tk" (attention + Kimi Delta Attention), or a baseline: "transformer", "gdn",
+            "mamba2", "kda".
         vocab_size, hidden_size, num_hidden_layers, max_position_embeddings: as in transformers.
         head_dim: per-head width of q, k, v (128 in the paper); num_heads = hidden_size // head_dim.
         intermediate_size: SwiGLU hidden width. None picks ≈ 8D/3 for Oryx and, for the baselines, the width that
-            matches Oryx's active parameters per layer (paper-notes §2.2).
+            matches Oryx's active parameters per layer (docs/design.md); a baseline's is resolved when its model is
+            built (`oryx.layers.mixers.matched_intermediate_size`).
         conv_size: width of the short causal depthwise conv on the shared keys and values.
         default_mode: the mode used when `modes=None` (0 = attention, 1 = linear). Baselines have one mode.
         chunk_size: chunk length of the chunked linear-recurrence algorithm (a numerical detail, not the mode chunk).
         mamba_head_dim, mamba_d_state, mamba_expand: the Mamba-2 baseline's shape (64, 128, 2).
-        gdn_num_heads, gdn_head_dim_v: the Gated DeltaNet baseline's shape (default ≈ 0.75·D/128 heads, value
-            width 256, i.e. 1.5× Oryx's recurrent state as in the paper).
+        gdn_num_heads, gdn_head_dim_v: the delta-rule baselines' shape (gdn, kda; default ≈ 0.75·D/128 heads,
+            value width 256, i.e. 1.5× Oryx's recurrent state as in the paper).
     """
 
     model_type = "oryx"
@@ -77,8 +80,9 @@ class OryxConfig(PreTrainedConfig):
         pad_token_id: int | None = None,
         **kwargs: Any,
     ):
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        row = VARIANTS.get(variant)
+        if row is None:
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
         if hidden_size % head_dim:
             raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of head_dim ({head_dim})")
         if head_dim % 2:
@@ -101,7 +105,8 @@ class OryxConfig(PreTrainedConfig):
         self.gdn_num_heads = gdn_num_heads or max(1, round(0.75 * hidden_size / 128))
         self.gdn_head_dim_v = gdn_head_dim_v
         self.default_mode = self._check_default_mode(variant, default_mode)
-        self.intermediate_size = intermediate_size or self._matched_intermediate_size()
+        # A baseline's width matched to Oryx's parameters needs its mixers: resolved when the model is built.
+        self.intermediate_size = intermediate_size or (round(8 * hidden_size / 3 / 8) * 8 if row.is_oryx else None)
         super().__init__(
             tie_word_embeddings=tie_word_embeddings,
             bos_token_id=bos_token_id,
@@ -112,56 +117,43 @@ class OryxConfig(PreTrainedConfig):
 
     @property
     def is_oryx(self) -> bool:
-        """True for the two multi-mixer variants, False for the single-mixer baselines."""
-        return self.variant in ("tg", "tm")
+        """True for the multi-mixer variants, False for the single-mixer baselines (the variant table)."""
+        return variant(self.variant).is_oryx
 
     @property
     def supported_modes(self) -> tuple[int, ...]:
-        if self.is_oryx:
-            return (ATTN, LINEAR)
-        return (ATTN,) if self.variant == "transformer" else (LINEAR,)
+        """The modes a token may take: (ATTN, LINEAR) for Oryx, the one mode of a baseline."""
+        return variant(self.variant).modes
 
     @staticmethod
-    def _check_default_mode(variant: str, default_mode: int | None) -> int:
-        only = {"transformer": ATTN, "mamba2": LINEAR, "gdn": LINEAR}.get(variant)
+    def _check_default_mode(name: str, default_mode: int | None) -> int:
+        row = variant(name)
         if default_mode is None:
-            return ATTN if only is None else only
+            return row.default_mode
         if default_mode not in (ATTN, LINEAR):
             raise ValueError(f"default_mode must be 0 (attention) or 1 (linear), got {default_mode!r}")
-        if only is not None and default_mode != only:
+        if default_mode not in row.modes:
             raise ValueError(
-                f"variant {variant!r} has a single mixer (mode {only}); default_mode {default_mode} is invalid"
+                f"variant {name!r} has a single mixer (mode {row.modes[0]}); default_mode {default_mode} is invalid"
             )
         return default_mode
-
-    def _matched_intermediate_size(self) -> int:
-        """≈ 8D/3 for Oryx; for a baseline, the width giving the same active parameters per layer as Oryx."""
-        d = self.hidden_size
-        oryx_mlp = _round_to(8 * d / 3, 8)
-        if self.is_oryx:
-            return oryx_mlp
-        from oryx.layers.mixers import mixer_parameter_count  # local import: layers depend on this module
-
-        oryx = OryxConfig(
-            variant="tg", hidden_size=d, num_hidden_layers=1, head_dim=self.head_dim, conv_size=self.conv_size
-        )
-        target = mixer_parameter_count(oryx, mode=ATTN) + 3 * d * oryx_mlp
-        return max(8, _round_to((target - mixer_parameter_count(self)) / (3 * d), 8))
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> OryxConfig:
         """Build a preset config, e.g. `OryxConfig.from_preset("oryx-tg-130m", vocab_size=8192)`."""
         family, _, size = name.rpartition("-")
-        if family not in FAMILY_TO_VARIANT or size not in SIZES:
+        if family not in FAMILIES or size not in SIZES:
             raise ValueError(
                 f"unknown preset {name!r}; presets are <family>-<size> with family in "
-                f"{sorted(FAMILY_TO_VARIANT)} and size in {list(SIZES)}: {', '.join(preset_names())}"
+                f"{sorted(FAMILIES)} and size in {list(SIZES)}: {', '.join(preset_names())}"
             )
         layers, width, head_dim = SIZES[size]
-        variant = FAMILY_TO_VARIANT[family]
-        if variant == "transformer":
+        variant_name = FAMILIES[family].name
+        if variant_name == "transformer":
             head_dim = TRANSFORMER_HEAD_DIM.get(size, head_dim)
-        fields: dict[str, Any] = dict(variant=variant, hidden_size=width, num_hidden_layers=layers, head_dim=head_dim)
+        fields: dict[str, Any] = dict(
+            variant=variant_name, hidden_size=width, num_hidden_layers=layers, head_dim=head_dim
+        )
         if size in TRANSFORMER_HEAD_DIM:
             fields.update(vocab_size=GPT2_VOCAB, max_position_embeddings=2048)
         fields.update(overrides)
@@ -169,8 +161,5 @@ class OryxConfig(PreTrainedConfig):
 
 
 def preset_names() -> list[str]:
-    return [f"{family}-{size}" for family in FAMILY_TO_VARIANT for size in SIZES]
-
-
-def _round_to(x: float, multiple: int) -> int:
-    return round(x / multiple) * multiple
+    """Every preset, `<family>-<size>`, in the variant table's order."""
+    return [f"{family}-{size}" for family in FAMILIES for size in SIZES]

@@ -1,8 +1,9 @@
 """Decoding steps replayed from CUDA graphs: `generate(..., cuda_graphs=True)`.
 
-Eager decoding launches about a hundred kernels per layer for every token, so it is host-bound: a 130m model decodes
-~35 tokens/s at batch 1 on an H100 while one layer's recurrent step takes 0.13 ms eagerly and 0.008 ms from a graph.
-`StaticDecoder` removes the host from the loop; with it the same model decodes 185-254 tokens/s (benchmarks/RESULTS.md):
+Eager decoding launches about a hundred kernels per layer for every token, so it is host-bound. `StaticDecoder`
+removes the host from the loop (benchmarks/RESULTS.md has the measured tokens/s). The decoder drives the model: it
+calls the model's forward for each step, telling it on the host which modes the step holds (`active_modes`), and
+`generate(cuda_graphs=True)` hands it every step after the prompt:
 
 1. After the prompt, the cache is made static (`OryxCache.make_static`): every buffer is preallocated to the
    generation's length, the KV append writes at a device-side index, and attention reads all positions under a
@@ -21,15 +22,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from oryx.cache import OryxCache
-from oryx.configuration import ATTN, LINEAR
-
-if TYPE_CHECKING:
-    from oryx.modeling import OryxForCausalLM
+from oryx.variants import ATTN, LINEAR
 
 WARMUP_STEPS = 2  # eager steps of a kind before it is captured
 
@@ -43,15 +41,29 @@ class _Graph:
 
 
 class StaticDecoder:
-    """One-token steps of `model` over `cache` (prefilled; made static here to `capacity` positions)."""
+    """One-token steps of an `OryxForCausalLM` over a prefilled cache, made static to `capacity` positions.
 
-    def __init__(self, model: OryxForCausalLM, cache: OryxCache, capacity: int, use_graphs: bool | None = None):
+    `attach(cache)` after the prompt, then `step(input_ids, modes)` per token (or `StaticDecoder(model, capacity,
+    cache=cache)` at once)."""
+
+    def __init__(
+        self, model: nn.Module, capacity: int, cache: OryxCache | None = None, use_graphs: bool | None = None
+    ) -> None:
         device = model.device
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
         if self.use_graphs and device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA device; this cache is on {device}")
-        cache.make_static(capacity)
-        self.model, self.cache = model, cache
+            raise ValueError(f"CUDA graphs need a CUDA device; this model is on {device}")
+        self.model, self.capacity = model, capacity
+        self.cache: OryxCache | None = None
+        self._graphs: dict[tuple[bool, bool], _Graph] = {}
+        self._eager_steps: Counter[tuple[bool, bool]] = Counter()
+        if cache is not None:
+            self.attach(cache)
+
+    def attach(self, cache: OryxCache) -> None:
+        """Make the prefilled `cache` static and step it from now on."""
+        cache.make_static(self.capacity)
+        self.cache = cache
         # The fixed homes of the states the mixers replace every step (see 2. above).
         self._states = [
             (layer, name, getattr(layer, name))
@@ -59,12 +71,11 @@ class StaticDecoder:
             for name in ("conv", "recurrent")
             if getattr(layer, name) is not None
         ]
-        self._graphs: dict[tuple[bool, bool], _Graph] = {}
-        self._eager_steps: Counter[tuple[bool, bool]] = Counter()
-        self.busy = False  # True while the model's forward runs for this decoder (it then must not route here)
 
     def step(self, input_ids: torch.Tensor, modes: torch.Tensor | None) -> torch.Tensor:
         """Logits [B, 1, V] of one token per row; `modes` [B, 1] on the host (None = the model's default mode)."""
+        if self.cache is None:
+            raise ValueError("the decoder has no cache yet: attach(cache) after the prompt")
         B = input_ids.shape[0]
         if modes is None:
             modes = torch.full((B, 1), self.model.config.default_mode, dtype=torch.long)
@@ -95,11 +106,9 @@ class StaticDecoder:
 
     def _run(self, kind: tuple[bool, bool], input_ids: torch.Tensor, modes: torch.Tensor) -> torch.Tensor:
         """The model's forward on the static cache, then the replaced states copied home (steps 1-2 above)."""
-        self.cache.step_flags, self.busy = kind, True
-        try:
-            logits = self.model(input_ids=input_ids, modes=modes, cache=self.cache, use_cache=True).logits
-        finally:
-            self.cache.step_flags, self.busy = None, False
+        logits = self.model(
+            input_ids=input_ids, modes=modes, cache=self.cache, use_cache=True, active_modes=kind
+        ).logits
         for layer, name, home in self._states:
             home.copy_(getattr(layer, name))
             setattr(layer, name, home)

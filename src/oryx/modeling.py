@@ -6,6 +6,7 @@ baseline's single mixer); `modes` [B, T] (0 = attention, 1 = linear) is the same
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,10 +17,13 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from oryx import compat
 from oryx.cache import OryxCache
-from oryx.configuration import ATTN, LINEAR, OryxConfig
+from oryx.configuration import OryxConfig
+from oryx.decoding import StaticDecoder
 from oryx.layers.common import RMSNorm, SwiGLU
-from oryx.layers.mixers import MixContext, build_mixer
+from oryx.layers.mixers import MixContext, build_mixer, matched_intermediate_size
+from oryx.variants import ATTN, LINEAR
 
 # transformers renamed the outputs' cache field from `past_key_values` to `cache` during 5.x; generation looks for
 # the name its version knows, so the cache is returned under that one.
@@ -32,6 +36,8 @@ class OryxBlock(GradientCheckpointingLayer):
         self.layer_idx = layer_idx
         self.mixer_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mixer = build_mixer(config)
+        if config.intermediate_size is None:  # a baseline's MLP, widened to match Oryx's active parameters
+            config.intermediate_size = matched_intermediate_size(config)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
@@ -68,6 +74,29 @@ class OryxPreTrainedModel(PreTrainedModel):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # generation uses OryxCache, created in prepare_inputs_for_generation
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args: Any, **kwargs: Any):
+        """transformers' `from_pretrained`; a local folder saved by Oryx 0.1.0 loads through `oryx.compat`'s key
+        remap (with its config, onto the CPU; `dtype` is honoured)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        folder = Path(pretrained_model_name_or_path)
+        shards = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+        keys = [key for shard in shards for key in safe_open(shard, "pt").keys()]  # noqa: SIM118 (not a dict)
+        if not compat.is_legacy(keys):
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        config = kwargs.get("config") or OryxConfig.from_pretrained(folder)
+        model = cls(config)
+        state = compat.upgrade_state({k: v for shard in shards for k, v in load_file(shard).items()}, config)
+        if not hasattr(model, "model"):  # the base model from a causal-LM folder
+            state = {k.removeprefix(f"{cls.base_model_prefix}."): v for k, v in state.items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:  # the tied head is saved once, as the embedding
+            raise ValueError(f"{folder} does not fit {cls.__name__}: missing {missing}, unexpected {unexpected}")
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        return (model.to(dtype) if isinstance(dtype, torch.dtype) else model).eval()
+
 
 class OryxModel(OryxPreTrainedModel):
     def __init__(self, config: OryxConfig):
@@ -76,9 +105,7 @@ class OryxModel(OryxPreTrainedModel):
         self.layers = nn.ModuleList(OryxBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         for block in self.layers:
-            for name in ("o_proj", "out_proj"):
-                if hasattr(block.mixer, name):
-                    getattr(block.mixer, name)._is_residual_output = True
+            block.mixer.o_proj._is_residual_output = True
             block.mlp.down_proj._is_residual_output = True
         self.gradient_checkpointing = False
         self.post_init()
@@ -97,8 +124,12 @@ class OryxModel(OryxPreTrainedModel):
         cache: OryxCache | None = None,
         use_cache: bool | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        active_modes: tuple[bool, bool] | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
+        """Final hidden states [B, T, D]. `modes` [B, T] (0 = attention, 1 = linear; None = `config.default_mode`);
+        `active_modes` = (whether any row of `modes` is attention, whether any is linear) when the caller knows it on
+        the host (a CUDA-graph capture cannot read it back from the device); None derives it from `modes`."""
         hidden = self._embed(input_ids, inputs_embeds)
         B, T = hidden.shape[:2]
         if cache is None and use_cache:
@@ -115,7 +146,7 @@ class OryxModel(OryxPreTrainedModel):
                 f"sequence length {past + T} (cached {past} + new {T}) exceeds max_position_embeddings "
                 f"{self.config.max_position_embeddings}; shorten the input or raise max_position_embeddings"
             )
-        ctx = self._context(modes, attention_mask, cache, B, T, hidden.device)
+        ctx = self._context(modes, attention_mask, cache, B, T, hidden.device, active_modes)
         for block in self.layers:
             hidden = block(hidden, ctx, cache)
         if cache is not None:
@@ -135,10 +166,12 @@ class OryxModel(OryxPreTrainedModel):
             raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
         return self.embed_tokens(input_ids)
 
-    def _context(self, modes, attention_mask, cache: OryxCache | None, B: int, T: int, device) -> MixContext:
+    def _context(
+        self, modes, attention_mask, cache: OryxCache | None, B: int, T: int, device, active_modes=None
+    ) -> MixContext:
         """Validate modes and padding; derive rotary positions and the valid-key mask (cached keys included)."""
         if cache is not None and cache.is_static:
-            return self._static_context(modes, cache, B, T, device)
+            return self._static_context(modes, cache, B, T, device, active_modes)
         modes = self._check_modes(modes, B, T, device)
         past = 0 if cache is None else cache.get_seq_length()
         pad_mask = _new_token_mask(attention_mask, B, T, past, device)
@@ -157,25 +190,28 @@ class OryxModel(OryxPreTrainedModel):
             new = pad_mask if pad_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
             key_mask = new if cached_mask is None else torch.cat([cached_mask, new], dim=1)
         attn_rows = modes == ATTN if pad_mask is None else (modes == ATTN) & pad_mask
-        has_attn = bool(attn_rows.any())
-        has_linear = bool((modes == LINEAR).any()) or not has_attn
+        if active_modes is None:
+            has_attn, has_linear = bool(attn_rows.any()), bool((modes == LINEAR).any())
+        else:
+            has_attn, has_linear = active_modes
+        has_linear = has_linear or not has_attn
         if not has_linear:
             attn_rows = None  # every row: attention can take its fused causal path
         return MixContext(modes, positions, pad_mask, key_mask, attn_rows, has_attn, has_linear)
 
-    def _static_context(self, modes, cache: OryxCache, B: int, T: int, device) -> MixContext:
-        """One token per row over a static cache, without reading anything back to the host (a CUDA graph captures
-        it): the new tokens are real, every cached key up to the new position is valid where the prompt was, and
-        the step's (has_attn, has_linear) come from `cache.step_flags` (set by the caller, which knows the modes on
-        the host) or, without them, from the modes themselves."""
+    def _static_context(self, modes, cache: OryxCache, B: int, T: int, device, active_modes) -> MixContext:
+        """One token per row over a static cache, without reading anything back to the host when the caller gives
+        `active_modes` (a CUDA graph captures it; `oryx.decoding.StaticDecoder` passes them with validated [B, 1]
+        modes on the device): the new tokens are real, and every cached key up to the new position is valid where
+        the prompt was."""
         if T != 1:
             raise ValueError(f"a static cache takes one token per row and call, got {T}; prefill before make_static")
         cache.check_room()
-        if cache.step_flags is None:
+        if active_modes is None:
             modes = self._check_modes(modes, B, T, device)
             has_attn, has_linear = bool((modes == ATTN).any()), bool((modes == LINEAR).any())
-        else:  # set by StaticDecoder, which passes validated [B, 1] modes on the device
-            has_attn, has_linear = cache.step_flags
+        else:
+            has_attn, has_linear = active_modes
         new_key = torch.arange(cache.capacity, device=device) == cache.write_index
         key_mask = cache.key_mask | new_key
         attn_rows = (modes == ATTN) if has_linear else None
@@ -252,14 +288,17 @@ class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         inputs_embeds: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        active_modes: tuple[bool, bool] | None = None,
+        decoder: StaticDecoder | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Logits [B, T, V] (or the last `logits_to_keep`) and, with `labels`, the next-token loss (labels are shifted
-        inside; -100 is ignored). `cache`/`past_key_values` (the same thing) continues from an earlier call."""
+        inside; -100 is ignored). `cache`/`past_key_values` (the same thing) continues from an earlier call;
+        `active_modes` as in `OryxModel.forward`. `decoder`: a `StaticDecoder` that runs this one-token step instead
+        (what `generate(cuda_graphs=True)` passes for every step after the prompt)."""
         cache = cache if cache is not None else past_key_values
-        if cache is not None and cache.decoder is not None and not cache.decoder.busy:
-            logits = cache.decoder.step(input_ids, modes)  # generate(cuda_graphs=True): oryx.decoding
-            return CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})
+        if decoder is not None:
+            return CausalLMOutputWithPast(logits=decoder.step(input_ids, modes), **{CACHE_FIELD: decoder.cache})
         out = self.model(
             input_ids=input_ids,
             modes=modes,
@@ -267,6 +306,7 @@ class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
             cache=cache,
             use_cache=use_cache,
             inputs_embeds=inputs_embeds,
+            active_modes=active_modes,
         )
         hidden = out.last_hidden_state if not logits_to_keep else out.last_hidden_state[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
@@ -305,19 +345,19 @@ class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
                 "assisted/speculative decoding needs a croppable cache; Oryx's recurrent state cannot be "
                 "rewound. Use greedy, sampling or beam search."
             )
-        capacity = None
+        decoder = None
         if cuda_graphs:
             if kwargs.get("num_beams", self.generation_config.num_beams or 1) > 1:
                 raise ValueError("cuda_graphs=True cannot run beam search (a static cache cannot reorder rows)")
             new_tokens = kwargs.get("max_new_tokens")
             if new_tokens is None:
                 new_tokens = kwargs.get("max_length", self.generation_config.max_length) - input_ids.shape[1]
-            capacity = input_ids.shape[1] + max(new_tokens, 1)
+            decoder = StaticDecoder(self, capacity=input_ids.shape[1] + max(new_tokens, 1))
         return super().generate(
             input_ids,
             oryx_schedule=None if schedule is None else parse(schedule),
             oryx_prompt_length=input_ids.shape[1],
-            oryx_capacity=capacity,
+            oryx_decoder=decoder,
             **kwargs,
         )
 
@@ -330,25 +370,24 @@ class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
         use_cache: bool = True,
         oryx_schedule: Any = None,
         oryx_prompt_length: int | None = None,
-        oryx_capacity: int | None = None,
+        oryx_decoder: StaticDecoder | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        from oryx.decoding import StaticDecoder
-
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
             cache = OryxCache(self.config)
         seen = cache.get_seq_length() if cache is not None else 0
         new_ids = input_ids[:, seen:]
         one_token = seen > 0 and new_ids.shape[1] == 1  # past the prompt (a continued cache may bring several)
-        if oryx_capacity is not None and cache is not None and one_token and cache.decoder is None:
-            cache.decoder = StaticDecoder(self, cache, oryx_capacity)  # after the prompt: decoding steps from here
+        decoder = oryx_decoder if oryx_decoder is not None and cache is not None and one_token else None
+        if decoder is not None and decoder.cache is None:
+            decoder.attach(cache)  # after the prompt: every decoding step from here runs on the static cache
         modes = None
         if oryx_schedule is not None:
             modes = oryx_schedule.modes(
                 new_ids.shape[0], new_ids.shape[1], offset=seen, prompt_length=oryx_prompt_length
             )
-            if cache is None or cache.decoder is None:  # the decoder wants them on the host
+            if decoder is None:  # the decoder wants them on the host
                 modes = modes.to(new_ids.device)
         return {
             "input_ids": new_ids,
@@ -356,4 +395,5 @@ class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
             "attention_mask": attention_mask,
             "cache": cache,
             "use_cache": use_cache,
+            "decoder": decoder,
         }

@@ -1,15 +1,17 @@
 """Parameter accounting: total, active per mode, shared, and the shared fraction as the paper counts it.
 
-The paper's ">90% shared" is shared / active-per-mode with embeddings excluded (paper-notes §2.2, footnote 5): per
-layer the modes share W_K, W_V, W_G, W_O, the conv, the norms and the MLP (12D²) out of 13D² active.
+The paper's ">90% shared" is shared / active-per-mode with embeddings excluded (docs/paper.md): per layer the modes
+share W_K, W_V, W_G, W_O, the conv, the norms and the MLP (12D²) out of ≈ 13D² active. Which parameter belongs to
+which mode is the mixer's knowledge (`OryxMixer.mode_of`: the attention query, or the linear query and the
+recurrence); a baseline's parameters all serve its one mode.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from oryx.configuration import ATTN, LINEAR
 from oryx.layers.mixers import mode_specific
+from oryx.variants import ATTN, LINEAR
 
 
 def param_report(model: nn.Module, verbose: bool = True) -> dict[str, float]:
@@ -24,7 +26,7 @@ def param_report(model: nn.Module, verbose: bool = True) -> dict[str, float]:
     param_mode = {
         id(p): mode_specific(m, name)
         for m in model.modules()
-        if hasattr(m, "ATTN_PARAMS")
+        if hasattr(m, "mode_of")
         for name, p in m.named_parameters()
     }
     counts = {"embedding": 0, "shared": 0, ATTN: 0, LINEAR: 0}

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from oryx.configuration import ATTN, FAMILY_TO_VARIANT, LINEAR, OryxConfig
+from oryx.configuration import OryxConfig
 from oryx.eval.perplexity import autocast
 from oryx.eval.report import ResultRow, write_report, write_results
 from oryx.eval.tasks.mqar import (
@@ -69,8 +69,10 @@ from oryx.eval.tasks.mqar import (
 from oryx.modeling import OryxForCausalLM
 from oryx.schedule import parse
 from oryx.training.trainer import lr_factor, split_decay
+from oryx.variants import ATTN, LINEAR, MODE_NAMES, family_names
+from oryx.variants import FAMILIES as FAMILY_TABLE
 
-FAMILIES = ("transformer", "mamba2", "gdn", "oryx-tm", "oryx-tg")
+FAMILIES = tuple(family_names())  # every family of the variant table, the baselines first
 MQAR_PROTOCOLS = ("attn", "linear", "cross", "queries")
 PROBE_WARMUP, PROBE_STEPS = 2, 3  # untimed and timed steps per setting of the --train-minutes probe
 
@@ -107,7 +109,7 @@ class MQARSweepConfig:
     def __post_init__(self) -> None:
         if not self.families or not self.lrs:
             raise ValueError("an MQAR sweep needs at least one family and one learning rate")
-        unknown = [f for f in self.families if f not in FAMILY_TO_VARIANT]
+        unknown = [f for f in self.families if f not in FAMILIES]
         if unknown:
             raise ValueError(f"unknown families {unknown}; choose from {', '.join(FAMILIES)}")
         bad = [p for p in self.protocols if p not in MQAR_PROTOCOLS]
@@ -130,7 +132,7 @@ def build_model(family: str, config: MQARSweepConfig) -> OryxForCausalLM:
     longest = max(c.seq_len for c in (*config.train_mix, *config.test_grid))
     return OryxForCausalLM(
         OryxConfig(
-            variant=FAMILY_TO_VARIANT[family],
+            variant=FAMILY_TABLE[family].name,
             vocab_size=config.vocab,
             hidden_size=config.hidden_size,
             num_hidden_layers=config.num_layers,
@@ -349,7 +351,7 @@ def train_mqar(family: str, lr: float, config: MQARSweepConfig, log: Callable[[s
         "final_loss": float(np.mean(losses[-config.log_every :])),
         "train_schedule": config.oryx_schedule
         if schedule is not None
-        else ("attn" if family == "transformer" else "linear"),
+        else MODE_NAMES[FAMILY_TABLE[family].default_mode],
         "results": results,
     }
 

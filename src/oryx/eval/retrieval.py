@@ -22,6 +22,7 @@ from oryx.eval.inference import ModeRule, greedy_generate
 from oryx.eval.report import ResultRow
 from oryx.eval.scoring import MAX_GEN_TOKENS, contains
 from oryx.eval.tasks import NIAH_TASKS, make_niah, make_records
+from oryx.variants import variant
 
 RECORD_TASKS = {"records_kv": "kv", "records_html": "html"}
 RETRIEVAL_TASKS = (*NIAH_TASKS, *RECORD_TASKS)
@@ -30,9 +31,8 @@ __all__ = ["RETRIEVAL_TASKS", "family_of", "run_retrieval"]
 
 
 def family_of(model: torch.nn.Module) -> str:
-    """The family name of a model's variant (oryx-tg, oryx-tm, transformer, mamba2, gdn)."""
-    variant = model.config.variant
-    return f"oryx-{variant}" if variant in ("tg", "tm") else variant
+    """The preset family of a model's variant (oryx-tg, gdn, ...; the variant table)."""
+    return variant(model.config.variant).family
 
 
 def _samples(task: str, length: int, n: int, tokenizer, seed: int) -> tuple[list[list[int]], list[int], list[str]]:

@@ -1,6 +1,13 @@
-"""Small building blocks shared by every mixer and block: norms, rotary embeddings, the SwiGLU MLP."""
+"""Small building blocks shared by every mixer and block: norms, rotary embeddings, the SwiGLU MLP, padding masks,
+and the weight-decay tags.
+
+A module names the parameters it defines that take no weight decay in its class attribute ``no_weight_decay`` (norm
+weights, the recurrences' decay, step and skip parameters); ``no_decay_names`` collects them for the optimizer.
+"""
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +21,29 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (x32 * weight.float()).to(x.dtype)
 
 
+def mask_padding(x: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero padded positions of x [B, T, ...] (pad_mask [B, T], True = real token): they then enter no conv window
+    and write nothing to any state."""
+    if pad_mask is None:
+        return x
+    return x * pad_mask.view(*pad_mask.shape, *([1] * (x.dim() - 2))).to(x.dtype)
+
+
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Names (as in ``model.named_parameters()``) of the parameters that take no weight decay: those a module lists
+    in its ``no_weight_decay`` attribute, and biases."""
+    names = set()
+    for prefix, module in model.named_modules():
+        own = (name for name, _ in module.named_parameters(recurse=False))
+        for name in own:
+            if name in getattr(module, "no_weight_decay", ()) or name == "bias":
+                names.add(f"{prefix}.{name}" if prefix else name)
+    return names
+
+
 class RMSNorm(nn.Module):
+    no_weight_decay: ClassVar[tuple[str, ...]] = ("weight",)
+
     def __init__(self, size: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))

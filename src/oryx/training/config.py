@@ -24,9 +24,10 @@ from typing import Any
 
 import yaml
 
-from oryx.configuration import FAMILY_TO_VARIANT, preset_names
+from oryx.configuration import preset_names
 from oryx.data.corpus import CORPORA, SPLITS
 from oryx.schedule import Fixed, parse
+from oryx.variants import FAMILIES, MODE_NAMES, Variant
 
 TRAINING_MIX = "chunks:size=128,p_attn=0.25"
 # GPT-3's peak LR by size (paper-notes §4); Oryx trains at 10x it, the baselines at 5x. The CPU sizes take the
@@ -160,29 +161,29 @@ class TrainConfig:
 
     # --- derived values ---------------------------------------------------------------------------------------
     @property
+    def family(self) -> Variant:
+        """The preset's row of the variant table."""
+        return FAMILIES[self.preset.rpartition("-")[0]]
+
+    @property
     def variant(self) -> str:
-        return FAMILY_TO_VARIANT[self.preset.rpartition("-")[0]]
+        return self.family.name
 
     @property
     def is_oryx(self) -> bool:
-        return self.variant in ("tg", "tm")
+        return self.family.is_oryx
 
     @property
     def schedule_spec(self) -> str:
         """The schedule actually trained with: the given one, or the recipe's default for the variant."""
         if self.schedule is not None:
             return self.schedule
-        if self.is_oryx:
-            return TRAINING_MIX
-        return "attn" if self.variant == "transformer" else "linear"
+        return TRAINING_MIX if self.is_oryx else MODE_NAMES[self.family.default_mode]
 
     @property
     def eval_modes(self) -> dict[str, str]:
         """Validation modes, name -> schedule: both for Oryx, the one mode for a baseline."""
-        if self.is_oryx:
-            return {"attn": "attn", "linear": "linear"}
-        mode = "attn" if self.variant == "transformer" else "linear"
-        return {mode: mode}
+        return {MODE_NAMES[mode]: MODE_NAMES[mode] for mode in self.family.modes}
 
     @property
     def peak_lr(self) -> float:

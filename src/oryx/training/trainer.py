@@ -36,10 +36,11 @@ from torch.distributed.checkpoint.state_dict import (
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
+from oryx import compat
 from oryx.configuration import OryxConfig
 from oryx.data import PackedDataset, load_tokenizer, load_tokens
 from oryx.eval.perplexity import PerplexityResult, autocast, evaluate
-from oryx.layers.common import RMSNorm
+from oryx.layers.common import no_decay_names
 from oryx.modeling import OryxForCausalLM
 from oryx.schedule import Schedule, parse
 from oryx.training import checkpoint as ckpt
@@ -47,8 +48,6 @@ from oryx.training import distributed
 from oryx.training.config import ConfigError, TrainConfig
 
 METRICS = "metrics.jsonl"
-# Parameters that take no weight decay (DESIGN §2): norms, biases and the recurrences' decay/step/skip parameters.
-NO_DECAY_NAMES = ("bias", "norm_weight", "A_log", "dt_bias", "D")
 
 
 class TrainingDiverged(RuntimeError):
@@ -87,14 +86,14 @@ def model_config(config: TrainConfig, tokenizer: Any) -> OryxConfig:
 def split_decay(
     model: nn.Module, decay_embeddings: bool = True
 ) -> tuple[dict[str, nn.Parameter], dict[str, nn.Parameter]]:
-    """(decayed, not decayed) parameters by name. Not decayed: norm weights, biases, A_log, dt_bias, D, and the
-    embedding when `decay_embeddings` is False. The tied LM head is the embedding and appears once."""
-    norm_params = {id(p) for m in model.modules() if isinstance(m, RMSNorm) for p in m.parameters()}
+    """(decayed, not decayed) parameters by name. Not decayed: what the modules tag (`no_weight_decay`: norm weights,
+    the recurrences' decay, step and skip parameters), biases, and the embedding when `decay_embeddings` is False. The
+    tied LM head is the embedding and appears once."""
+    tagged = no_decay_names(model)
     embedding = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     decay, no_decay = {}, {}
     for name, param in model.named_parameters():
-        skip = id(param) in norm_params or name.rpartition(".")[2] in NO_DECAY_NAMES
-        skip = skip or (id(param) in embedding and not decay_embeddings)
+        skip = name in tagged or (id(param) in embedding and not decay_embeddings)
         (no_decay if skip else decay)[name] = param
     return decay, no_decay
 
@@ -321,6 +320,9 @@ def _train(
     state = None
     if resume_from is not None:
         state = ckpt.read(resume_from)
+        if compat.is_legacy(state.model_state):  # written by Oryx 0.1.0: parameter names of that layout
+            state.model_state = compat.upgrade_state(state.model_state, model.config)
+            state.optimizer_state = compat.upgrade_optimizer_state(state.optimizer_state, model.config)
         missing, unexpected = model.load_state_dict(state.model_state, strict=False)
         if unexpected or set(missing) - {"lm_head.weight"}:  # the tied head is saved once, as the embedding
             raise ckpt.CheckpointError(
