@@ -17,11 +17,9 @@ writing its op (with its reference and tests), its module, and one row of ``RECU
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-
-from oryx.layers.recurrences.base import Recurrence
-from oryx.layers.recurrences.gated_delta import GatedDeltaNet
-from oryx.layers.recurrences.mamba2 import Mamba2
+from typing import Any
 
 ATTN, LINEAR = 0, 1  # the two modes of a token: softmax attention, or the layer's linear recurrence
 MODE_NAMES = {ATTN: "attn", LINEAR: "linear"}
@@ -33,13 +31,13 @@ class RecurrenceEntry:
 
     oryx: str  # the Oryx variant, e.g. "tg"; its preset family is "oryx-tg"
     baseline: str  # the single-mixer baseline's variant and preset family, e.g. "gdn"
-    module: type[Recurrence]  # the recurrence module (oryx.layers.recurrences)
+    module: str  # "module:Class" of its recurrence (oryx.layers.recurrences), imported when a model is built
     title: str  # its name in tables and help texts
 
 
 RECURRENCES: tuple[RecurrenceEntry, ...] = (
-    RecurrenceEntry("tg", "gdn", GatedDeltaNet, "Gated DeltaNet"),
-    RecurrenceEntry("tm", "mamba2", Mamba2, "Mamba-2"),
+    RecurrenceEntry("tg", "gdn", "oryx.layers.recurrences.gated_delta:GatedDeltaNet", "Gated DeltaNet"),
+    RecurrenceEntry("tm", "mamba2", "oryx.layers.recurrences.mamba2:Mamba2", "Mamba-2"),
 )
 
 
@@ -50,8 +48,17 @@ class Variant:
     name: str  # config.variant
     family: str  # preset family: "oryx-tg", "gdn", ...
     modes: tuple[int, ...]  # the modes a token may take: (ATTN, LINEAR) for Oryx, one mode for a baseline
-    recurrence: type[Recurrence] | None  # None for the Transformer
+    recurrence_path: str | None  # "module:Class" of its recurrence; None for the Transformer
     title: str
+
+    @property
+    def recurrence(self) -> Any:
+        """The recurrence module class (a subclass of `oryx.layers.recurrences.Recurrence`), or None. The table
+        names it rather than importing it, so that the config, which reads this table, depends on no layer."""
+        if self.recurrence_path is None:
+            return None
+        module, _, name = self.recurrence_path.partition(":")
+        return getattr(importlib.import_module(module), name)
 
     @property
     def is_oryx(self) -> bool:
@@ -92,9 +99,3 @@ def family_names(oryx_last: bool = True) -> list[str]:
     """Every preset family; the baselines first and the Oryx families last (the order of comparison tables)."""
     families = list(FAMILIES)
     return sorted(families, key=lambda f: FAMILIES[f].is_oryx) if oryx_last else families
-
-
-def paired_oryx(name: str) -> str | None:
-    """The Oryx variant a baseline is compared with ("gdn" -> "tg"); None for the Transformer and Oryx variants."""
-    entry = next((e for e in RECURRENCES if e.baseline == name), None)
-    return None if entry is None else entry.oryx
