@@ -1,4 +1,4 @@
-"""Shared test helpers: the numerics policy of DESIGN.md §6."""
+"""Shared test helpers: the numerics policy of docs/design.md §12."""
 
 import os
 

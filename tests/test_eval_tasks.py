@@ -1,4 +1,4 @@
-"""Evaluation task generators checked against their definitions (data-sources.md §3), and scoring by hand."""
+"""Evaluation task generators checked against their definitions (docs/data.md §7), and scoring by hand."""
 
 from __future__ import annotations
 

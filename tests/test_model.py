@@ -1,4 +1,5 @@
-"""Model-level semantics (docs/design.md): switching, cached continuation, padding, references, generation, errors."""
+"""Model-level semantics (docs/design.md §9): switching, cached continuation, padding, references, generation,
+errors."""
 
 import dataclasses
 import math

@@ -1,8 +1,8 @@
 """The inference cache: per layer, the short-conv window, the KV cache and the recurrent state.
 
-Oryx keeps *both* token-mixing states current on every token, whatever its mode (docs/design.md): the KV cache holds
-the keys and values of linear-mode tokens too, and the recurrent state has absorbed attention-mode tokens too. A switch
-therefore needs no conversion: the next token simply reads whichever state its mode selects.
+Oryx keeps *both* token-mixing states current on every token, whatever its mode (docs/design.md §9.1): the KV cache
+holds the keys and values of linear-mode tokens too, and the recurrent state has absorbed attention-mode tokens too. A
+switch therefore needs no conversion: the next token simply reads whichever state its mode selects.
 
 Per layer (Oryx; baselines keep only the parts their mixer has):
     conv       [B, C, W-1]   the last W-1 inputs of the shared K/V short conv

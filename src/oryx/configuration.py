@@ -2,7 +2,8 @@
 
 Variants and families come from the variant table (`oryx.variants`). Presets are named `<family>-<size>`: family ∈
 {oryx-tg, oryx-tm, oryx-tk, transformer, gdn, mamba2, kda}, size ∈ {tiny, small, medium} (CPU work) or the paper's
-{130m, 380m, 810m, 1.4b} (layers × width 12×768, 24×1024, 24×1536, 24×2048, GPT-2 vocabulary; docs/paper.md).
+{130m, 380m, 810m, 1.4b} (layers × width 12×768, 24×1024, 24×1536, 24×2048, GPT-2 vocabulary;
+docs/paper.md §3.3).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ SIZES: dict[str, tuple[int, int, int]] = {
     "810m": (24, 1536, 128),
     "1.4b": (24, 2048, 128),
 }
-# Transformer++ baselines keep GPT-3's head structure (docs/paper.md).
+# Transformer++ baselines keep GPT-3's head structure (docs/paper.md §4.3).
 TRANSFORMER_HEAD_DIM = {"130m": 64, "380m": 64, "810m": 96, "1.4b": 128}
 
 
@@ -41,7 +42,7 @@ class OryxConfig(PreTrainedConfig):
         vocab_size, hidden_size, num_hidden_layers, max_position_embeddings: as in transformers.
         head_dim: per-head width of q, k, v (128 in the paper); num_heads = hidden_size // head_dim.
         intermediate_size: SwiGLU hidden width. None picks ≈ 8D/3 for Oryx and, for the baselines, the width that
-            matches Oryx's active parameters per layer (docs/design.md); a baseline's is resolved when its model is
+            matches Oryx's active parameters per layer (docs/design.md §4); a baseline's is resolved when its model is
             built (`oryx.layers.mixers.matched_intermediate_size`).
         conv_size: width of the short causal depthwise conv on the shared keys and values.
         default_mode: the mode used when `modes=None` (0 = attention, 1 = linear). Baselines have one mode.

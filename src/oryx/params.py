@@ -1,8 +1,8 @@
 """Parameter accounting: total, active per mode, shared, and the shared fraction as the paper counts it.
 
-The paper's ">90% shared" is shared / active-per-mode with embeddings excluded (docs/paper.md): per layer the modes
-share W_K, W_V, W_G, W_O, the conv, the norms and the MLP (12D²) out of ≈ 13D² active. Which parameter belongs to
-which mode is the mixer's knowledge (`OryxMixer.mode_of`: the attention query, or the linear query and the
+The paper's ">90% shared" is shared / active-per-mode with embeddings excluded (docs/paper.md §3.1): per layer the
+modes share W_K, W_V, W_G, W_O, the conv, the norms and the MLP (12D²) out of ≈ 13D² active. Which parameter belongs
+to which mode is the mixer's knowledge (`OryxMixer.mode_of`: the attention query, or the linear query and the
 recurrence); a baseline's parameters all serve its one mode.
 """
 

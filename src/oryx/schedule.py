@@ -1,7 +1,7 @@
 """Mode schedules: which tokens use attention (`oryx.ATTN`) and which the linear recurrence (`oryx.LINEAR`).
 
 A schedule maps absolute positions to modes. It is written as a short spec string, so that it works on the
-command line and in configs (DESIGN.md §1, paper-notes.md §3.2):
+command line and in configs (docs/design.md §6, docs/paper.md §4.2):
 
     attn                          every token in attention
     linear                        every token in the linear recurrence

@@ -3,7 +3,7 @@
 the benchmark runners (``oryx.eval.cli``) and the ``oryx eval`` command (``oryx.eval.command``).
 
 Every task yields text (or, for MQAR, token ids) plus the context/prompt boundary that the paper's cross-mode
-protocol needs (paper-notes.md §5.1): ``protocol_modes`` turns boundaries into a ``[B, T]`` modes tensor and
+protocol needs (docs/paper.md §6.4): ``protocol_modes`` turns boundaries into a ``[B, T]`` modes tensor and
 ``protocol_schedule`` into an ``oryx.schedule`` spec for generation.
 """
 

@@ -1,5 +1,5 @@
 """The MQAR sweep: train a small model of every family on Zoology's MQAR mix and test it on the standard grid, in
-every mode it has and under the cross-mode protocols (data-sources.md §3.4, paper-notes.md §5).
+every mode it has and under the cross-mode protocols (docs/data.md §7.2, docs/paper.md §6).
 
     python -m oryx.eval mqar --out runs/mqar                       # the full sweep (GPU: see benchmarks/mqar_gpu.sh)
     python -m oryx.eval mqar --out /tmp/mqar --vocab 512 --hidden-size 64 --head-dim 32 --train-mix 64:4:8000 \
@@ -21,7 +21,7 @@ mode        what runs in attention                                 attention fra
 ==========  =====================================================  ============================
 attn        every token                                            1
 linear      none                                                   0
-cross       every token after the key–value block (paper §5.1)     (L − 2K) / L
+cross       every token after the key–value block (docs/paper.md §6.4)     (L − 2K) / L
 queries     only the K query tokens (the minimum MQAR needs)       K / L
 ==========  =====================================================  ============================
 

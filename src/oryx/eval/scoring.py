@@ -1,4 +1,4 @@
-"""Model-independent scoring, with lm-eval's conventions (data-sources.md §3.3).
+"""Model-independent scoring, with lm-eval's conventions (docs/data.md §7.7).
 
 * Generation tasks (records/SWDE/FDA, NIAH): greedy, stop at ``"\\n"``, at most ``MAX_GEN_TOKENS`` new tokens,
   ``contains``: case-insensitive search of ``re.escape(gold)`` in the generation.

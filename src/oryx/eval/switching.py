@@ -4,7 +4,7 @@ switch between the modes at given positions, both ways.
 For a switch at p, tokens 0…p−1 run in one mode and p…L−1 in the other. Their prefix is exactly the no-switch run of
 the first mode, so it is computed once: each no-switch run goes through the sequence segment by segment with an
 `OryxCache`, and at every switch position a copy of the cache continues in the other mode. This also exercises what
-makes switching free in Oryx: both states advanced over every token (DESIGN §3.1).
+makes switching free in Oryx: both states advanced over every token (docs/design.md §9.1).
 
 Curves are per-position means of the negative log-likelihood over many validation windows; `smoothed_perplexity`
 applies a trailing moving average (so a jump stays at or after its switch) and exponentiates.

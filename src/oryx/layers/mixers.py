@@ -8,7 +8,7 @@ optional `LayerState` that it reads and advances in place (the inference cache o
     a Recurrence   the linear recurrence: its gates, op and state (oryx.layers.recurrences)
     gated_output   RMSNorm and the SiLU gate, per head or full width, as the recurrence prescribes
 
-Oryx mixer (docs/design.md; D = H·d, d = head_dim), parameters:
+Oryx mixer (docs/design.md §2; D = H·d, d = head_dim), parameters:
     shared:    W_K, W_V (D×D each), short conv on [K; V] (2D×W), W_G (D×D), gated-norm weight, W_O (D×D)
     attention: W_Qa (D×D)
     linear:    W_Ql (D×D) + the recurrence's own (gates: Gated DeltaNet 2DH + 2H, Mamba-2 DH + 3H)

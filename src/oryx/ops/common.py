@@ -87,7 +87,7 @@ def segsum(g: Tensor) -> Tensor:
 
     g: [..., C] -> [..., C, C]. Summing each segment directly (not as G_i − G_j from a cumulative sum)
     avoids cancellation, and masking *before* ``exp`` keeps the upper triangle at exp(−inf) = 0 instead of
-    overflowing to inf, which would poison gradients even when masked afterwards (DESIGN.md §8).
+    overflowing to inf, which would poison gradients even when masked afterwards (docs/design.md §13.1).
     """
     C = g.shape[-1]
     x = g.unsqueeze(-1).expand(*g.shape, C)  # x[..., i, j] = g_i

@@ -1,8 +1,8 @@
 """What every evaluation task shares: the cross-mode protocols, piecewise tokenisation, sentence splitting,
 held-out text and JSONL export.
 
-Cross-mode protocols (paper §5.1, Table 3) split each sample into a *context* and a *prompt* (+ generation),
-each processed in one mode:
+Cross-mode protocols (docs/paper.md §6.4, Table 3 in §7.3) split each sample into a *context* and a *prompt*
+(+ generation), each processed in one mode:
 
 ===================  ==============  ==================
 protocol             context         prompt + gen

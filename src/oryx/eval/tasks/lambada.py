@@ -1,4 +1,4 @@
-"""LAMBADA-style last-word prediction from held-out prose (data-sources.md §3.2).
+"""LAMBADA-style last-word prediction from held-out prose (docs/data.md §7.5).
 
 A sample is a window of at least ``min_words`` consecutive words of one document whose final word is not a
 stopword and already occurs earlier in the window (case-insensitively), so predicting it needs the long-range

@@ -1,4 +1,4 @@
-"""Multi-query associative recall (Zoology's MQAR), generated as data-sources.md §3.4 describes.
+"""Multi-query associative recall (Zoology's MQAR), generated as docs/data.md §7.2 describes.
 
 A row of length L holds K key–value pairs ``k1 v1 k2 v2 … kK vK`` (the *context block*, 2K tokens), then
 (L − 2K)/2 two-token query slots. Each key is written once more, at the start of a distinct slot drawn from a

@@ -1,4 +1,4 @@
-"""Multiple-choice next sentence from held-out prose: a HellaSwag/ARC-style substitute (data-sources.md §3.2).
+"""Multiple-choice next sentence from held-out prose: a HellaSwag/ARC-style substitute (docs/data.md §7.6).
 
 The context is ``context_sentences`` consecutive sentences of a document; the choices are the true next
 sentence and ``num_choices − 1`` sentences drawn from other documents of the same source (for a source with a

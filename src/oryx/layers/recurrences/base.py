@@ -43,7 +43,7 @@ class HeadLayout:
 class Recurrence(nn.Module):
     """Base class of the recurrences (see the module docstring for the call)."""
 
-    # How an Oryx layer pairs the recurrence with attention (docs/design.md, "Oryx-TG and Oryx-TM"):
+    # How an Oryx layer pairs the recurrence with attention (docs/design.md §3):
     feature_silu: ClassVar[bool]  # SiLU on the shared K/V after the conv and on both queries (Gated DeltaNet style)
     rotary_linear: ClassVar[bool]  # RoPE on the linear query and key too, not only attention's (Mamba-2 style)
     output_norm: ClassVar[str]  # "head": RMSNorm(o) per head, then ⊙ silu(gate); "full": RMSNorm(o ⊙ silu(gate))
