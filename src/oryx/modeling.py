@@ -169,9 +169,14 @@ class OryxModel(OryxPreTrainedModel):
     def _context(
         self, modes, attention_mask, cache: OryxCache | None, B: int, T: int, device, active_modes=None
     ) -> MixContext:
-        """Validate modes and padding; derive rotary positions and the valid-key mask (cached keys included)."""
+        """Validate modes and padding; derive rotary positions and the valid-key mask (cached keys included).
+
+        Inside `torch.compile` nothing is read back to the host (it would break the graph): the modes' values are not
+        checked, masks are kept even when all-true, and without `active_modes` both mixers run (exact, since each
+        token then selects its mode's output)."""
         if cache is not None and cache.is_static:
             return self._static_context(modes, cache, B, T, device, active_modes)
+        tracing = torch.compiler.is_compiling()
         modes = self._check_modes(modes, B, T, device)
         past = 0 if cache is None else cache.get_seq_length()
         pad_mask = _new_token_mask(attention_mask, B, T, past, device)
@@ -186,14 +191,16 @@ class OryxModel(OryxPreTrainedModel):
             positions = first[:, None] + (pad_mask.long().cumsum(1) - 1).clamp_min(0)
         key_mask = None
         cached_mask = None if cache is None else cache.key_mask
-        if pad_mask is not None or (cached_mask is not None and not bool(cached_mask.all())):
+        if pad_mask is not None or (cached_mask is not None and (tracing or not bool(cached_mask.all()))):
             new = pad_mask if pad_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
             key_mask = new if cached_mask is None else torch.cat([cached_mask, new], dim=1)
         attn_rows = modes == ATTN if pad_mask is None else (modes == ATTN) & pad_mask
-        if active_modes is None:
-            has_attn, has_linear = bool(attn_rows.any()), bool((modes == LINEAR).any())
-        else:
+        if active_modes is not None:
             has_attn, has_linear = active_modes
+        elif tracing:
+            has_attn = has_linear = True
+        else:
+            has_attn, has_linear = bool(attn_rows.any()), bool((modes == LINEAR).any())
         has_linear = has_linear or not has_attn
         if not has_linear:
             attn_rows = None  # every row: attention can take its fused causal path
@@ -231,7 +238,7 @@ class OryxModel(OryxPreTrainedModel):
             raise ValueError(f"modes has shape {list(modes.shape)} but input_ids has {[B, T]}")
         allowed = self.config.supported_modes
         bad = ~torch.isin(modes, torch.tensor(allowed, device=modes.device))
-        if bool(bad.any()):
+        if not torch.compiler.is_compiling() and bool(bad.any()):
             value = modes[bad][0].item()
             raise ValueError(
                 f"modes contains {value}; variant {self.config.variant!r} accepts only {list(allowed)} "
@@ -250,7 +257,7 @@ def _new_token_mask(attention_mask, B: int, T: int, past: int, device) -> torch.
             f"or [{B}, {past + T}] (cached + new)"
         )
     mask = attention_mask[:, -T:].to(device=device, dtype=torch.bool)
-    return None if bool(mask.all()) else mask
+    return mask if torch.compiler.is_compiling() or not bool(mask.all()) else None
 
 
 class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
