@@ -9,12 +9,13 @@ import pytest
 import torch
 from conftest import rel_err
 
+import oryx
 from oryx import OryxConfig, OryxForCausalLM
 from oryx.cache import OryxCache, static_kv_buffer
 from oryx.configuration import ATTN, LINEAR
 from oryx.decoding import StaticDecoder
 
-VARIANTS = ["tg", "tm", "transformer", "gdn", "mamba2"]
+VARIANTS = list(oryx.variants.VARIANTS)
 
 
 def small_model(variant: str, seed: int) -> OryxForCausalLM:

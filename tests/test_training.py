@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import oryx
 from oryx import OryxConfig, OryxForCausalLM
 from oryx.cli import main
 from oryx.data import PackedDataset, load_documents, load_tokenizer, load_tokens
@@ -140,7 +141,7 @@ def test_help_documents_every_key(capsys):
 
 
 # --- optimizer groups ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("variant", ["tg", "tm", "transformer", "mamba2", "gdn"])
+@pytest.mark.parametrize("variant", list(oryx.variants.VARIANTS))
 def test_no_decay_groups_are_exactly_norms_and_recurrence_parameters(variant):
     config = OryxConfig(variant=variant, vocab_size=300, hidden_size=64, num_hidden_layers=2, head_dim=32)
     model = OryxForCausalLM(config)

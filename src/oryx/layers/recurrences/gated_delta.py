@@ -25,13 +25,17 @@ from oryx.ops import gated_delta_rule
 
 
 def delta_gates(
-    a_proj: nn.Linear, b_proj: nn.Linear, A_log: torch.Tensor, dt_bias: torch.Tensor, x: torch.Tensor, pad_mask
+    decay_logits: torch.Tensor,
+    beta_logits: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    pad_mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(g, β) of a delta rule: g = −exp(A_log)·softplus(a_proj(x) + dt_bias) and β = sigmoid(b_proj(x)), float32, with
-    g = 0 and β = 0 (an identity step) at padded positions. A_log and dt_bias broadcast over the last dim of a_proj's
-    output: [H] for a per-head decay, [H·K] for a per-channel one."""
-    beta = mask_padding(torch.sigmoid(b_proj(x).float()), pad_mask)
-    g = mask_padding(-A_log.exp() * F.softplus(a_proj(x).float() + dt_bias), pad_mask)
+    """(g, β) of a delta rule, float32: g = −exp(A_log)·softplus(decay_logits + dt_bias), β = sigmoid(beta_logits),
+    with g = 0 and β = 0 (an identity step) at padded positions. decay_logits [B, T, H] (a decay per head) or
+    [B, T, H, K] (per key channel), with A_log and dt_bias broadcasting against it; beta_logits [B, T, H]."""
+    beta = mask_padding(torch.sigmoid(beta_logits.float()), pad_mask)
+    g = mask_padding(-A_log.exp() * F.softplus(decay_logits.float() + dt_bias), pad_mask)
     return g, beta
 
 
@@ -57,7 +61,7 @@ class GatedDeltaNet(Recurrence):
         init_decay(self.A_log, self.dt_bias)
 
     def forward(self, x, q, k, v, pad_mask, initial_state=None, output_final_state=False):
-        g, beta = delta_gates(self.a_proj, self.b_proj, self.A_log, self.dt_bias, x, pad_mask)
+        g, beta = delta_gates(self.a_proj(x), self.b_proj(x), self.A_log, self.dt_bias, pad_mask)
         return gated_delta_rule(
             l2_normalize(q),
             l2_normalize(k),
