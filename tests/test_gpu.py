@@ -14,6 +14,7 @@ Tolerances, per path and dtype (H100, torch 2.11, Triton 3.6, fla-core 0.6.0; be
   bfloat16 ≤ 2e-2 (dg/dβ sum many bf16 products). Measured on an H100 with fla's Hopper guard lifted: bfloat16 ≤ 8.9e-3,
   float32 ≤ 1.5e-3. Hopper + Triton < 3.7.1 still trains float32 on fla only with ORYX_FLA_HOPPER_BACKWARD=1 (these
   tests set it; see oryx/ops/backends/fla.py).
+- KDA (kimi_delta_rule: chunk_kda, fused_recurrent_kda) is held to the same tolerances; not yet run on a GPU.
 """
 
 from __future__ import annotations
