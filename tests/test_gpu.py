@@ -14,6 +14,7 @@ Tolerances, per path and dtype (H100, torch 2.11, Triton 3.6, fla-core 0.6.0; be
   bfloat16 ≤ 2e-2 (dg/dβ sum many bf16 products). Measured on an H100 with fla's Hopper guard lifted: bfloat16 ≤ 8.9e-3,
   float32 ≤ 1.5e-3. Hopper + Triton < 3.7.1 still trains float32 on fla only with ORYX_FLA_HOPPER_BACKWARD=1 (these
   tests set it; see oryx/ops/backends/fla.py).
+- KDA (kimi_delta_rule: chunk_kda, fused_recurrent_kda) is held to the same tolerances; not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ LINEAR_TOL = {torch.float32: 5e-3, torch.bfloat16: 2e-2}
 RECURRENT_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 ATTN_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.bfloat16]
+LINEAR_OPS = ["gated_delta_rule", "scalar_decay_rule", "kimi_delta_rule"]
 
 
 def needs_fla() -> None:
@@ -67,10 +69,12 @@ def linear_inputs(op: str, B: int, T: int, H: int, K: int, gen: torch.Generator,
     q = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
     k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
     v = torch.randn(B, T, H, K, generator=gen)
-    # Gates from near 1 to very small (log-decay down to about −8), as the design's extreme-gate checks ask.
-    g = -F.softplus(2 * torch.randn(B, T, H, generator=gen)) * torch.rand(B, T, H, generator=gen) * 3
+    # Gates from near 1 to very small (log-decay down to about −8), as the design's extreme-gate checks ask; KDA has
+    # one per key channel.
+    g_shape = (B, T, H, K) if op == "kimi_delta_rule" else (B, T, H)
+    g = -F.softplus(2 * torch.randn(g_shape, generator=gen)) * torch.rand(g_shape, generator=gen) * 3
     h0 = torch.randn(B, H, K, K, generator=gen) * 0.5 if state else None
-    if op == "gated_delta_rule":
+    if op in ("gated_delta_rule", "kimi_delta_rule"):
         return [q, k, v, g, torch.rand(B, T, H, generator=gen)], h0
     return [q, k, v, g], h0
 
@@ -90,9 +94,11 @@ def test_auto_picks_fast_backends_on_cuda_and_env_forces_torch(monkeypatch):
     if dispatch._REGISTRY["gated_delta_rule"]["fla"].supports(x):
         assert dispatch.resolve("gated_delta_rule", x).name == "fla"
         assert dispatch.resolve("scalar_decay_rule", x).name == "fla"
+        assert dispatch.resolve("kimi_delta_rule", x).name == "fla"
     assert dispatch.resolve("gated_delta_rule", x.cpu()).name == "torch"
+    assert dispatch.resolve("kimi_delta_rule", x.cpu()).name == "torch"
     monkeypatch.setenv(dispatch.ENV_VAR, "torch")
-    for op in ("gated_delta_rule", "scalar_decay_rule", "causal_attention"):
+    for op in ("gated_delta_rule", "scalar_decay_rule", "kimi_delta_rule", "causal_attention"):
         assert dispatch.resolve(op, x).name == "torch"
 
 
@@ -102,7 +108,7 @@ def test_auto_picks_fast_backends_on_cuda_and_env_forces_torch(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("op", ["gated_delta_rule", "scalar_decay_rule"])
+@pytest.mark.parametrize("op", LINEAR_OPS)
 @pytest.mark.parametrize(("B", "T", "state"), [(2, 257, True), (3, 100, False)])
 def test_linear_chunked_values_and_gradients(op, dtype, B, T, state, gen, monkeypatch):
     """Training path: fla's chunked kernels (on Hopper with Triton < 3.7.1: its backward with the guard lifted)."""
@@ -127,7 +133,7 @@ def test_linear_chunked_values_and_gradients(op, dtype, B, T, state, gen, monkey
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("op", ["gated_delta_rule", "scalar_decay_rule"])
+@pytest.mark.parametrize("op", LINEAR_OPS)
 @pytest.mark.parametrize("T", [1, 37])
 def test_linear_inference_fused_recurrent(op, dtype, T, gen):
     """Decoding and short continuations without gradients: fla's fused recurrent kernels, from a given state."""
@@ -141,21 +147,76 @@ def test_linear_inference_fused_recurrent(op, dtype, T, gen):
     check("final state", s, s_ref, RECURRENT_TOL[dtype])
 
 
-def test_linear_training_with_head_dim_64_stays_correct(gen):
-    """Head dim 64 is the tile fla miscompiles on Hopper with Triton < 3.7.1: gradients must still be right."""
+@pytest.mark.parametrize("op", ["gated_delta_rule", "kimi_delta_rule"])
+def test_linear_training_with_head_dim_64_stays_correct(op, gen):
+    """Head dim 64 is the tile fla miscompiles on Hopper with Triton < 3.7.1: gradients must still be right (GDN trains
+    on the torch reference there; KDA's backward has other kernels, with no guard, and runs on fla: this checks it)."""
     needs_fla()
-    tensors, h0 = linear_inputs("gated_delta_rule", 2, 130, 2, 64, gen, state=True)
+    tensors, h0 = linear_inputs(op, 2, 130, 2, 64, gen, state=True)
     fast, ref = leaves(*tensors, h0, dtype=torch.float32)
-    o, s = run_linear("gated_delta_rule", fast[:-1], fast[-1], "fla")
-    o_ref, s_ref = run_linear("gated_delta_rule", ref[:-1], ref[-1], "torch")
+    o, s = run_linear(op, fast[:-1], fast[-1], "fla")
+    o_ref, s_ref = run_linear(op, ref[:-1], ref[-1], "torch")
     do = torch.randn(o.shape, generator=gen).to(DEV)
     ((o * do).sum() + s.sum()).backward()
     ((o_ref * do.double()).sum() + s_ref.sum()).backward()
-    print("\ngated_delta_rule float32 K=64 training")
+    print(f"\n{op} float32 K=64 training")
     check("o", o, o_ref, LINEAR_TOL[torch.float32])
     check("final state", s, s_ref, LINEAR_TOL[torch.float32])
     for name, a, b in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], fast, ref, strict=True):
         check(name, a.grad, b.grad, LINEAR_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kimi_delta_chunked_with_extreme_channel_gates(dtype, gen):
+    """chunk_kda with per-channel gates at both ends: about half the channels barely decay (g ≈ −1e-4), the others
+    forget everything at every step (g ≈ −30) or until a time of their own and then stop; values and gradients."""
+    needs_fla()
+    B, T, H, K = 2, 200, 4, 128
+    tensors, h0 = linear_inputs("kimi_delta_rule", B, T, H, K, gen, state=True)
+    slow = -1e-4 * torch.rand(B, T, H, K, generator=gen)
+    fast_decay = -30 - torch.rand(B, T, H, K, generator=gen)
+    stop = torch.randint(0, T + 1, (B, 1, H, K), generator=gen)
+    stopped = torch.arange(T)[None, :, None, None] >= stop
+    kind = torch.randint(0, 3, (B, 1, H, K), generator=gen)  # 0: slow, 1: fast, 2: fast until `stop`, then slow
+    tensors[3] = torch.where((kind == 0) | ((kind == 2) & stopped), slow, fast_decay)
+    fast, ref = leaves(*tensors, h0, dtype=dtype)
+    o, s = run_linear("kimi_delta_rule", fast[:-1], fast[-1], "fla")
+    o_ref, s_ref = run_linear("kimi_delta_rule", ref[:-1], ref[-1], "torch")
+    do = torch.randn(o.shape, generator=gen).to(DEV)
+    ds = torch.randn(s.shape, generator=gen).to(DEV)
+    ((o.float() * do).sum() + (s * ds).sum()).backward()
+    ((o_ref * do.double()).sum() + (s_ref * ds.double()).sum()).backward()
+    print(f"\nkimi_delta_rule {dtype} extreme per-channel gates")
+    tol = LINEAR_TOL[dtype]
+    check("o", o, o_ref, tol)
+    check("final state", s, s_ref, tol)
+    for name, a, b in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], fast, ref, strict=True):
+        check(name, a.grad, b.grad, tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kimi_delta_prefill_then_decoding_steps(dtype, gen):
+    """Inference as generation runs it: a prompt longer than SHORT through chunk_kda (no gradients), then one-token
+    steps through fused_recurrent_kda from the carried float32 state; against one float64 reference call over it all."""
+    needs_fla()
+    from oryx.ops.backends.fla import SHORT
+
+    B, T, steps, H, K = 4, SHORT + 36, 6, 4, 128
+    tensors, h0 = linear_inputs("kimi_delta_rule", B, T + steps, H, K, gen, state=True)
+    inputs = [t.to(DEV, dtype) for t in tensors]
+    with torch.no_grad():
+        o_prompt, state = run_linear("kimi_delta_rule", [t[:, :T] for t in inputs], h0.to(DEV), "fla")
+        decoded = []
+        for t in range(T, T + steps):
+            o_t, state = run_linear("kimi_delta_rule", [x[:, t : t + 1] for x in inputs], state, "fla")
+            decoded.append(o_t)
+        o_ref, s_ref = run_linear("kimi_delta_rule", [t.double() for t in inputs], h0.to(DEV).double(), "torch")
+    print(f"\nkimi_delta_rule {dtype} prefill T={T} + {steps} decoding steps")
+    assert o_prompt.dtype == dtype and state.dtype == torch.float32
+    tol = LINEAR_TOL[dtype]  # the steps start from the chunked prefill's state
+    check("prompt o", o_prompt, o_ref[:, :T], tol)
+    check("decoded o", torch.cat(decoded, dim=1), o_ref[:, T:], tol)
+    check("final state", state, s_ref, tol)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -46,6 +46,23 @@ def loop_gated_delta(q, k, v, g, beta, scale, initial_state):
     return torch.stack(outs, dim=1), state
 
 
+def loop_kimi_delta(q, k, v, g, beta, scale, initial_state):
+    """S_t = (I − β_t k_t k_tᵀ) Diag(exp(g_t)) S_{t−1} + β_t k_t v_tᵀ, explicit K×K matrices; o_t = scale S_tᵀ q_t."""
+    q, k, v, g, beta = (x.double() for x in (q, k, v, g, beta))
+    b, t_len, h, d_k = q.shape
+    state = torch.zeros(b, h, d_k, v.shape[-1], dtype=torch.float64)
+    if initial_state is not None:
+        state = initial_state.double()
+    eye = torch.eye(d_k, dtype=torch.float64)
+    outs = []
+    for t in range(t_len):
+        kt, bt = k[:, t], beta[:, t, :, None, None]
+        transition = (eye - bt * torch.einsum("bhi,bhj->bhij", kt, kt)) @ torch.diag_embed(g[:, t].exp())
+        state = transition @ state + bt * torch.einsum("bhi,bhj->bhij", kt, v[:, t])
+        outs.append(scale * torch.einsum("bhkv,bhk->bhv", state, q[:, t]))
+    return torch.stack(outs, dim=1), state
+
+
 def loop_scalar_decay(q, k, v, g, scale, initial_state):
     """S_t = exp(g_t) S_{t−1} + k_t v_tᵀ; o_t = scale S_tᵀ q_t."""
     q, k, v, g = (x.double() for x in (q, k, v, g))
@@ -102,13 +119,23 @@ def linear_inputs(gen, op, t_len, initial_state=True, gate="mixed", beta="unifor
     def rand(*shape):
         return torch.rand(*shape, generator=gen)
 
+    g_shape = (B, t_len, H, K) if op == "kimi_delta" else (B, t_len, H)  # KDA: one log-decay per key channel
     gates = {
-        "mixed": F.logsigmoid(2 * randn(B, t_len, H) + 2),
-        "near_zero": -1e-4 * rand(B, t_len, H),
-        "very_negative": -30 - rand(B, t_len, H),
+        "mixed": F.logsigmoid(2 * randn(*g_shape) + 2),
+        "near_zero": -1e-4 * rand(*g_shape),
+        "very_negative": -30 - rand(*g_shape),
+        "zero": torch.zeros(g_shape),
     }
-    # The delta rule takes L2-normalised q, k (the caller's job); SSD takes q = C and k = dt·B as they come.
-    normalise = (lambda x: F.normalize(x, dim=-1)) if op == "gated_delta" else (lambda x: 0.5 * x)
+    if op == "kimi_delta":
+        # Per channel: about half the channels barely decay, the others forget everything at every step ...
+        gates["per_channel"] = torch.where(rand(B, 1, H, K) < 0.5, gates["near_zero"], gates["very_negative"])
+        # ... or forget everything until a time of their own, then stop decaying (|G| large, differences small).
+        stop = torch.randint(0, t_len + 1, (B, 1, H, K), generator=gen)
+        stopped = torch.arange(t_len)[None, :, None, None] >= stop
+        gates["switching"] = torch.where(stopped, gates["near_zero"], gates["very_negative"])
+    # The delta rules take L2-normalised q, k (the caller's job); SSD takes q = C and k = dt·B as they come.
+    delta = op in ("gated_delta", "kimi_delta")
+    normalise = (lambda x: F.normalize(x, dim=-1)) if delta else (lambda x: 0.5 * x)
     inputs = {
         "q": normalise(randn(B, t_len, H, K)),
         "k": normalise(randn(B, t_len, H, K)),
@@ -116,7 +143,7 @@ def linear_inputs(gen, op, t_len, initial_state=True, gate="mixed", beta="unifor
         "g": gates[gate],
         "initial_state": randn(B, H, K, V) if initial_state else None,
     }
-    if op == "gated_delta":
+    if delta:
         betas = {
             "uniform": rand(B, t_len, H),
             "zero": torch.zeros(B, t_len, H),
@@ -138,13 +165,22 @@ IMPLS = {
         "recurrent": ops.scalar_decay_rule_recurrent,
         "public": ops.scalar_decay_rule,
     },
+    "kimi_delta": {
+        "chunked": ops.kimi_delta_rule_chunked,
+        "recurrent": ops.kimi_delta_rule_recurrent,
+        "public": ops.kimi_delta_rule,
+    },
 }
+STEPS = {"gated_delta": ops.gated_delta_step, "scalar_decay": ops.scalar_decay_step, "kimi_delta": ops.kimi_delta_step}
+LINEAR_OPS = list(IMPLS)
 
 
 def loop_reference(op, inputs, scale):
     x = dict(inputs)
     if op == "gated_delta":
         return loop_gated_delta(x["q"], x["k"], x["v"], x["g"], x["beta"], scale, x["initial_state"])
+    if op == "kimi_delta":
+        return loop_kimi_delta(x["q"], x["k"], x["v"], x["g"], x["beta"], scale, x["initial_state"])
     return loop_scalar_decay(x["q"], x["k"], x["v"], x["g"], scale, x["initial_state"])
 
 
@@ -189,7 +225,7 @@ def check_linear_op(gen, op, impl, inputs, scale, **kwargs):
 # ------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("op", ["gated_delta", "scalar_decay"])
+@pytest.mark.parametrize("op", LINEAR_OPS)
 @pytest.mark.parametrize("t_len", [1, 7, 63, 130])
 @pytest.mark.parametrize("chunk_size", [64, 16])
 @pytest.mark.parametrize("initial_state", [True, False])
@@ -211,6 +247,14 @@ EXTREMES = [
     ("gated_delta", "mixed", "zero_and_one"),
     ("scalar_decay", "near_zero", None),
     ("scalar_decay", "very_negative", None),
+    ("kimi_delta", "near_zero", "uniform"),
+    ("kimi_delta", "very_negative", "uniform"),
+    ("kimi_delta", "zero", "one"),
+    ("kimi_delta", "mixed", "zero"),
+    ("kimi_delta", "mixed", "zero_and_one"),
+    ("kimi_delta", "per_channel", "uniform"),
+    ("kimi_delta", "per_channel", "one"),
+    ("kimi_delta", "switching", "uniform"),
 ]
 
 
@@ -221,7 +265,7 @@ def test_linear_ops_extreme_gates(gen, op, gate, beta, impl):
     check_linear_op(gen, op, impl, inputs, scale=0.3)
 
 
-@pytest.mark.parametrize("op", ["gated_delta", "scalar_decay"])
+@pytest.mark.parametrize("op", LINEAR_OPS)
 def test_linear_ops_default_scale_and_no_final_state(gen, op):
     inputs = linear_inputs(gen, op, 9)
     o, final = IMPLS[op]["public"](**inputs)
@@ -230,7 +274,7 @@ def test_linear_ops_default_scale_and_no_final_state(gen, op):
     assert_close(o, o_ref, "default scale K**-0.5")
 
 
-@pytest.mark.parametrize("op", ["gated_delta", "scalar_decay"])
+@pytest.mark.parametrize("op", LINEAR_OPS)
 def test_linear_ops_split_calls_equal_one_call(gen, op):
     """Carrying the final state into the next call, in pieces of any size (decode steps included)."""
     t_len = 100
@@ -248,18 +292,17 @@ def test_linear_ops_split_calls_equal_one_call(gen, op):
     assert_close(state, s_full, "split final state")
 
 
-@pytest.mark.parametrize("op", ["gated_delta", "scalar_decay"])
+@pytest.mark.parametrize("op", LINEAR_OPS)
 def test_linear_ops_step_equals_one_token_call(gen, op):
     inputs = linear_inputs(gen, op, 1)
     o, state = IMPLS[op]["public"](**inputs, output_final_state=True)
     one = {n: t[:, 0] for n, t in inputs.items() if n != "initial_state"}
-    step = ops.gated_delta_step if op == "gated_delta" else ops.scalar_decay_step
-    o_step, state_step = step(**one, state=inputs["initial_state"])
+    o_step, state_step = STEPS[op](**one, state=inputs["initial_state"])
     assert_close(o_step, o[:, 0], "step output")
     assert_close(state_step, state, "step state")
 
 
-@pytest.mark.parametrize("op", ["gated_delta", "scalar_decay"])
+@pytest.mark.parametrize("op", LINEAR_OPS)
 def test_linear_ops_low_precision_keeps_float32_state(gen, op):
     inputs = linear_inputs(gen, op, 40)
     low = {n: None if t is None else t.bfloat16() for n, t in inputs.items()}
@@ -269,6 +312,52 @@ def test_linear_ops_low_precision_keeps_float32_state(gen, op):
     o_ref, s_ref = loop_reference(op, low, K**-0.5)
     assert_close(o, o_ref, "bf16 output", tol=1e-2)
     assert_close(state, s_ref, "bf16 state", tol=1e-2)
+
+
+@pytest.mark.parametrize("gate", ["mixed", "very_negative"])
+@pytest.mark.parametrize("chunk_size", [64, 16])
+def test_kimi_delta_with_equal_channels_is_gated_delta(gen, gate, chunk_size):
+    """With one log-decay shared by all K channels, KDA is the gated delta rule: values and all gradients (dg summed
+    over the channels) against gated_delta_rule in float64."""
+    inputs = linear_inputs(gen, "gated_delta", 100, gate=gate)
+    cotangents = (
+        torch.randn(B, 100, H, V, generator=gen, dtype=torch.float64),
+        torch.randn(B, H, K, V, generator=gen, dtype=torch.float64),
+    )
+
+    def kimi(g, **x):
+        return ops.kimi_delta_rule(
+            g=g[..., None].expand(*g.shape, K), **x, output_final_state=True, chunk_size=chunk_size
+        )
+
+    ref, ref_grads = with_grads(
+        lambda **x: ops.gated_delta_rule(**x, output_final_state=True), inputs, cotangents, torch.float64
+    )
+    out, grads = with_grads(kimi, inputs, cotangents, torch.float32)
+    assert_close(out[0], ref[0], "output")
+    assert_close(out[1], ref[1], "final state")
+    for name, grad in grads.items():
+        assert_close(grad, ref_grads[name], f"d{name}")
+
+
+def test_kimi_delta_chunked_keeps_no_pairwise_decay_tensor(gen):
+    """The per-channel pairwise decays never exist as a [B, H, N, C, C, K] tensor: nothing autograd keeps for the
+    backward is larger than the [B, H, N, 2, C, C] score pair (the [.., C, C, K] tensor would be K/2 = 8 times that)."""
+    t_len, chunk = 130, 64
+    inputs = {n: t.requires_grad_() for n, t in linear_inputs(gen, "kimi_delta", t_len).items()}
+    largest = 0
+
+    def pack(t):
+        nonlocal largest
+        largest = max(largest, t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        o, _ = ops.kimi_delta_rule_chunked(**inputs, chunk_size=chunk)
+    n_chunks = -(-t_len // chunk)
+    assert 0 < largest <= B * H * n_chunks * 2 * chunk * chunk
+    o.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in inputs.values())
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -425,6 +514,18 @@ def test_bad_linear_inputs_raise_clear_errors(gen):
         ops.gated_delta_rule(**{**x, "q": x["q"].long()})
     with pytest.raises(ValueError, match=r"backend 'nope' is not available"):
         ops.scalar_decay_rule(x["q"], x["k"], x["v"], x["g"], backend="nope")
+    # KDA declares g per key channel: [B, T, H, K]; its other inputs are checked as for the gated delta rule.
+    kda = linear_inputs(gen, "kimi_delta", 8)
+    with pytest.raises(
+        ValueError, match=r"g has shape \[2, 8, 2\] but q has \[2, 8, 2, 16\]; g must be \[B, T, H, K\]"
+    ):
+        ops.kimi_delta_rule(**{**kda, "g": x["g"]})
+    with pytest.raises(ValueError, match=r"g has shape \[2, 8, 2, 8\] but q has \[2, 8, 2, 16\]"):
+        ops.kimi_delta_rule(**{**kda, "g": kda["g"][..., :8]})
+    with pytest.raises(ValueError, match=r"beta has shape \[2, 8, 2, 16\] but q has \[2, 8, 2, \.\.\.\]"):
+        ops.kimi_delta_rule(**{**kda, "beta": kda["g"]})
+    with pytest.raises(ValueError, match=r"initial_state has shape \[2, 2, 16, 16\]"):
+        ops.kimi_delta_rule(**{**kda, "initial_state": torch.zeros(2, 2, 16, 16)})
 
 
 def test_bad_attention_and_conv_inputs_raise_clear_errors(gen):

@@ -30,10 +30,13 @@ def check_linear_inputs(
     g: Tensor,
     initial_state: Tensor | None,
     chunk_size: int,
+    *,
+    g_per_key: bool = False,
     **per_head: Tensor,
 ) -> None:
     """Validate the inputs of a linear recurrence: q, k [B, T, H, K], v [B, T, H, V], g and ``per_head``
-    [B, T, H], initial_state [B, H, K, V]. Raises ValueError naming the tensor and both shapes."""
+    [B, T, H] (g [B, T, H, K] with ``g_per_key``: one log-decay per key channel), initial_state [B, H, K, V].
+    Raises ValueError naming the tensor and both shapes."""
     check_floating(q=q, k=k, v=v, g=g, initial_state=initial_state, **per_head)
     if q.dim() != 4:
         raise ValueError(f"q must be 4-D [B, T, H, K], got shape {_dims(q)}")
@@ -44,7 +47,10 @@ def check_linear_inputs(
         raise ValueError(f"k has shape {_dims(k)} but q has {_dims(q)}; they must match")
     if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"v has shape {_dims(v)} but q has [{B}, {T}, {H}, ...]; v must be [B, T, H, V]")
-    for name, t in {"g": g, **per_head}.items():
+    if g_per_key and g.shape != q.shape:
+        raise ValueError(f"g has shape {_dims(g)} but q has {_dims(q)}; g must be [B, T, H, K], one per key channel")
+    per_token = per_head if g_per_key else {"g": g, **per_head}
+    for name, t in per_token.items():
         if t.shape != q.shape[:3]:
             raise ValueError(f"{name} has shape {_dims(t)} but q has [{B}, {T}, {H}, ...]; {name} must be [B, T, H]")
     expected = [B, H, K, v.shape[-1]]

@@ -3,10 +3,13 @@
 - ``gated_delta_rule``  -> ``fla.ops.gated_delta_rule.chunk_gated_delta_rule`` (``fused_recurrent_*`` for short
   inference calls, decoding included);
 - ``scalar_decay_rule`` -> ``fla.ops.simple_gla.chunk_simple_gla`` (same recurrence: S_t = exp(g_t) S_{t−1} + k_t v_tᵀ,
-  o_t = scale · S_tᵀ q_t), ``fused_recurrent_simple_gla`` for short inference calls.
+  o_t = scale · S_tᵀ q_t), ``fused_recurrent_simple_gla`` for short inference calls;
+- ``kimi_delta_rule``   -> ``fla.ops.kda.chunk_kda`` (``fused_recurrent_kda`` for short inference calls), given our
+  precomputed log-decays (``use_gate_in_kernel=False``: no A_log / dt_bias gate inside the kernel), β in [0, 1] as is,
+  q and k as the caller normalised them.
 
-Both follow our conventions already: [B, T, H, D], log-space g [B, T, H], state [B, H, K, V] float32. fla uses its own
-chunk length (64); ``chunk_size`` is a detail of the torch reference and is ignored here.
+All follow our conventions already: [B, T, H, D], log-space g [B, T, H] ([B, T, H, K] for KDA), state [B, H, K, V]
+float32. fla uses its own chunk length (64); ``chunk_size`` is a detail of the torch reference and is ignored here.
 
 The Hopper trap (DESIGN.md §4, fla issue #640): Triton ≥ 3.4, < 3.7.1 miscompiles fla's gated ``chunk_bwd_dqkwg``
 on sm_90, and fla-core ≥ 0.5 refuses that backward there outright. The miscompile needs a key tile of 64
@@ -19,6 +22,16 @@ values and all gradients ≤ 8.9e-3; float32 since measured at ≤ 1.5e-3, TF32-
 ``1`` = every dtype, ``0`` = never.
 For 32 < K ≤ 64 training there always runs the torch reference (correct, slow); inference calls, and every other
 card or Triton, use fla throughout.
+
+KDA is outside that trap as fla-core 0.6.0 is written: ``chunk_kda``'s backward (``fla/ops/kda/chunk_bwd.py``,
+``chunk_kda_bwd``) never calls the guarded ``chunk_bwd_dqkwg`` of ``fla/ops/common/chunk_o.py``. It recomputes w, u
+(``kda/wy_fast.py``), passes states with the ``common/chunk_delta_h`` kernels GDN's backward also uses (in their
+per-key ``gk`` variant), and takes dq, dk, dg, dβ from kernels of its own (``chunk_kda_bwd_dAv``,
+``chunk_kda_bwd_wy_dqkg_fused``, ``chunk_kda_bwd_intra``). Nothing refuses to run on Hopper, so there is no guard to
+lift (no ``_run_chunked``) and every head dim and dtype trains on fla; fla's own Hopper workaround there is to drop
+the (BK = 32, 4 warps) autotune config of ``chunk_kda_bwd_kernel_wy_dqkg_fused``. Whether #640's miscompile (a key
+tile of 64 in ``chunk_bwd_kernel_dqkwg``) has a twin in those kernels on Triton < 3.7.1 is not known yet:
+tests/test_gpu.py checks KDA training, K = 64 included, against a float64 reference.
 """
 
 from __future__ import annotations
@@ -181,6 +194,52 @@ def _scalar_decay_fla(
     return o, (final if output_final_state else None)
 
 
+def _kimi_delta_fla(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    scale: float,
+    initial_state: Tensor | None,
+    output_final_state: bool,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor | None]:
+    from fla.ops.kda import chunk_kda, fused_recurrent_kda
+
+    out_dtype, dtype = q.dtype, common_dtype(q, k, v)
+    q, k, v, beta = (x.to(dtype) for x in (q, k, v, beta))
+    if initial_state is not None:
+        initial_state = initial_state.float()  # chunk_kda asserts a float32 state
+    grad = needs_grad(q, k, v, g, beta, initial_state)
+    if not grad and q.shape[1] <= SHORT:
+        o, final = fused_recurrent_kda(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            use_gate_in_kernel=False,
+        )
+        return o.to(out_dtype), final
+    # No _run_chunked: chunk_kda's backward is not the guarded one (module docstring), so fla trains it everywhere.
+    o, final = chunk_kda(
+        q,
+        k,
+        v,
+        g,
+        beta,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        use_gate_in_kernel=False,
+    )
+    return o.to(out_dtype), final
+
+
 def _supports(x: Tensor) -> bool:
     # fla's kernels take head dims up to 256 (one key tile per program in the fused recurrent kernels).
     return x.is_cuda and x.dtype in FAST_DTYPES and x.shape[-1] <= 256 and importable("triton", "fla")
@@ -188,3 +247,4 @@ def _supports(x: Tensor) -> bool:
 
 dispatch.register("gated_delta_rule", "fla", _gated_delta_fla, supports=_supports, priority=10)
 dispatch.register("scalar_decay_rule", "fla", _scalar_decay_fla, supports=_supports, priority=10)
+dispatch.register("kimi_delta_rule", "fla", _kimi_delta_fla, supports=_supports, priority=10)
