@@ -181,7 +181,7 @@ def test_all_attention_equals_plain_softmax_attention(variant, gen):
         got = mixer(x, model.model._context(torch.zeros_like(ids), None, None, 2, 37, x.device))
         k, v = _shared_kv(mixer, x)
         q = (x.double() @ mixer.q_attn.weight.double().T).view(k.shape)
-        if variant == "tg":
+        if mixer.recurrence.feature_silu:  # Gated DeltaNet style pairing (TG, TK): SiLU on both queries
             q = F.silu(q)
         q, k = _rope64(q, mixer.rope_theta), _rope64(k, mixer.rope_theta)
         scores = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(k.shape[-1])
@@ -207,16 +207,21 @@ def test_all_linear_equals_plain_recurrence(variant, gen):
         H, d = mixer.num_heads, mixer.head_dim
         S = torch.zeros(B, H, d, d, dtype=torch.float64)
         outs = []
-        if variant == "tg":
+        if variant in ("tg", "tk"):  # delta rules: per-head (TG) or per-key-channel (TK) decay
             q = F.normalize(F.silu(q), dim=-1, eps=0)
             k = F.normalize(k, dim=-1, eps=0)
             rec = mixer.recurrence
             beta = torch.sigmoid(xd @ rec.b_proj.weight.double().T)
-            decay = torch.exp(A * F.softplus(xd @ rec.a_proj.weight.double().T + rec.dt_bias.double()))
+            if variant == "tg":
+                decay = torch.exp(A * F.softplus(xd @ rec.a_proj.weight.double().T + rec.dt_bias.double()))
+                decay = decay[..., None].expand(B, T, H, d)
+            else:
+                logits = (xd @ rec.a_down.weight.double().T @ rec.a_up.weight.double().T).view(B, T, H, d)
+                decay = torch.exp(A[:, None] * F.softplus(logits + rec.dt_bias.double().view(H, d)))
             for t in range(T):
                 kt, vt, bt = k[:, t], v[:, t], beta[:, t, :, None, None]
-                S = decay[:, t, :, None, None] * (S - bt * kt[..., :, None] * (kt[..., None, :] @ S))
-                S = S + bt * kt[..., :, None] * vt[..., None, :]
+                S = decay[:, t, :, :, None] * S  # decay each key row, then the delta-rule write
+                S = S + bt * kt[..., :, None] * (vt[..., None, :] - kt[..., None, :] @ S)
                 outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S) / math.sqrt(d))
             o = torch.stack(outs, 1)
         else:

@@ -38,6 +38,7 @@ class RecurrenceEntry:
 RECURRENCES: tuple[RecurrenceEntry, ...] = (
     RecurrenceEntry("tg", "gdn", "oryx.layers.recurrences.gated_delta:GatedDeltaNet", "Gated DeltaNet"),
     RecurrenceEntry("tm", "mamba2", "oryx.layers.recurrences.mamba2:Mamba2", "Mamba-2"),
+    RecurrenceEntry("tk", "kda", "oryx.layers.recurrences.kimi_delta:KimiDelta", "Kimi Delta Attention"),
 )
 
 
