@@ -106,3 +106,78 @@ def test_hopper_backward_policy_rejects_unknown_values(monkeypatch):
     monkeypatch.setenv(fla.HOPPER_BACKWARD_ENV, "yes")
     with pytest.raises(ValueError, match="ORYX_FLA_HOPPER_BACKWARD='yes'; use 1"):
         fla._hopper_backward_allowed(torch.bfloat16)
+
+
+# --- fla's kernels as custom ops: checked on CPU with the torch reference standing in for fla's kernels ------------
+def _reference_kernels() -> dict:
+    """The torch reference in fla's call convention (q, k, v, g, beta, scale, h0) -> (o, final state)."""
+    from oryx import ops
+
+    def chunked(op):
+        def run(q, k, v, g, beta, scale, h0):
+            extra = () if op == "scalar_decay_rule" else (beta,)
+            fn = getattr(ops, op.replace("_rule", "_rule_chunked"))
+            return fn(q, k, v, g, *extra, scale=scale, initial_state=h0, output_final_state=True, chunk_size=16)
+
+        return run
+
+    return {op: (chunked(op), chunked(op)) for op in fla.KERNELS}
+
+
+def _linear_inputs(op: str, gen: torch.Generator, T: int = 40, initial: bool = True):
+    B, H, K, V = 2, 2, 16, 8
+    q, k = (torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1) for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=gen)
+    g = -torch.rand(B, T, H, *([K] if op == "kimi_delta_rule" else []), generator=gen)
+    beta = None if op == "scalar_decay_rule" else torch.rand(B, T, H, generator=gen)
+    h0 = torch.randn(B, H, K, V, generator=gen) if initial else None
+    return [x if x is None else x.requires_grad_() for x in (q, k, v, g, beta, h0)]
+
+
+@pytest.mark.parametrize("op", list(fla.KERNELS))
+def test_fla_custom_ops_have_consistent_fake_and_autograd_registrations(op, gen, monkeypatch):
+    monkeypatch.setattr(fla, "KERNELS", _reference_kernels())
+    q, k, v, g, beta, h0 = _linear_inputs(op, gen)
+    torch.library.opcheck(fla.fla_chunk, (op, q, k, v, g, beta, h0, 0.25))
+    inference = [None if x is None else x.detach() for x in (q, k, v, g, beta)]
+    torch.library.opcheck(fla.fla_recurrent, (op, *inference, None, 0.25))
+
+
+@pytest.mark.parametrize("op", list(fla.KERNELS))
+@pytest.mark.parametrize(("compiled", "final_in_loss"), [(False, True), (False, False), (True, True)])
+def test_fla_backend_values_and_gradients_match_the_reference_through_its_custom_ops(
+    op, compiled, final_in_loss, gen, monkeypatch
+):
+    """The backend's whole path (dtype unification, the chunked custom op, its recomputing backward) against the
+    reference op called directly, with and without the final state in the loss (its gradient then None); compiled
+    with fullgraph=True, the custom ops are the only thing the compiler sees of fla."""
+    from oryx import ops
+
+    monkeypatch.setattr(fla, "KERNELS", _reference_kernels())
+    monkeypatch.setattr(fla, "_guarded_backward", lambda device_index: False)
+    inputs = _linear_inputs(op, gen)
+    q, k, v, g, beta, h0 = inputs
+    extra = () if beta is None else (beta,)
+    backend = {"gated_delta_rule": fla._gated_delta_fla, "scalar_decay_rule": fla._scalar_decay_fla,
+               "kimi_delta_rule": fla._kimi_delta_fla}[op]  # fmt: skip
+
+    def run(q, k, v, g, *rest):
+        *extra, h0 = rest
+        o, final = backend(q, k, v, g, *extra, 0.25, h0, final_in_loss, 16)
+        return (o * o).sum() + (final.sum() if final_in_loss else 0.0)
+
+    if compiled:
+        torch._dynamo.reset()
+        run = torch.compile(run, backend="aot_eager_decomp_partition", fullgraph=True)
+    loss = run(q, k, v, g, *extra, h0)
+    present = [x for x in inputs if x is not None]
+    got = torch.autograd.grad(loss, present)
+    doubles = [x.detach().double().requires_grad_() for x in present]
+    o, final = getattr(ops, op)(*doubles[:4], *doubles[4:-1], scale=0.25, initial_state=doubles[-1],
+                                output_final_state=True, backend="torch")  # fmt: skip
+    expected_loss = (o * o).sum() + (final.sum() if final_in_loss else 0.0)
+    expected = torch.autograd.grad(expected_loss, doubles)
+    assert rel_err(loss, expected_loss) < 1e-5
+    names = [name for name, x in zip(["q", "k", "v", "g", "beta", "h0"], inputs, strict=True) if x is not None]
+    for name, a, b in zip(names, got, expected, strict=True):
+        assert rel_err(a, b) < 1e-5, name

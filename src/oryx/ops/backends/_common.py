@@ -10,9 +10,11 @@ import torch
 FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@torch.compiler.assume_constant_result
 @functools.cache
 def importable(*modules: str) -> bool:
-    """Whether every named module can be imported (looked up once per process, on the first call that asks)."""
+    """Whether every named module can be imported (looked up once per process, on the first call that asks; a
+    constant to torch.compile, which would otherwise trace into importlib)."""
     return all(importlib.util.find_spec(name) is not None for name in modules)
 
 

@@ -1,37 +1,31 @@
-"""The linear recurrences on CUDA through fla-core's Triton kernels (``pip install fla-core``).
+"""The linear recurrences on CUDA through fla-core's Triton kernels (``pip install fla-core``), as custom ops.
 
-- ``gated_delta_rule``  -> ``fla.ops.gated_delta_rule.chunk_gated_delta_rule`` (``fused_recurrent_*`` for short
-  inference calls, decoding included);
-- ``scalar_decay_rule`` -> ``fla.ops.simple_gla.chunk_simple_gla`` (same recurrence: S_t = exp(g_t) S_{t−1} + k_t v_tᵀ,
-  o_t = scale · S_tᵀ q_t), ``fused_recurrent_simple_gla`` for short inference calls;
-- ``kimi_delta_rule``   -> ``fla.ops.kda.chunk_kda`` (``fused_recurrent_kda`` for short inference calls), given our
-  precomputed log-decays (``use_gate_in_kernel=False``: no A_log / dt_bias gate inside the kernel), β in [0, 1] as is,
-  q and k as the caller normalised them.
+    op                 chunked (training, prefill)             fused recurrent (inference calls of ≤ 64 tokens)
+    gated_delta_rule   fla.ops.gated_delta_rule.chunk_...       fused_recurrent_gated_delta_rule
+    scalar_decay_rule  fla.ops.simple_gla.chunk_simple_gla      fused_recurrent_simple_gla (same recurrence:
+                                                                S_t = exp(g_t) S_{t−1} + k_t v_tᵀ, o_t = scale·S_tᵀ q_t)
+    kimi_delta_rule    fla.ops.kda.chunk_kda                    fused_recurrent_kda (our precomputed log-decays:
+                                                                use_gate_in_kernel=False)
 
 All follow our conventions already: [B, T, H, D], log-space g [B, T, H] ([B, T, H, K] for KDA), state [B, H, K, V]
 float32. fla uses its own chunk length (64); ``chunk_size`` is a detail of the torch reference and is ignored here.
 
-The Hopper trap (DESIGN.md §4, fla issue #640): Triton ≥ 3.4, < 3.7.1 miscompiles fla's gated ``chunk_bwd_dqkwg``
-on sm_90, and fla-core ≥ 0.5 refuses that backward there outright. The miscompile needs a key tile of 64
-(BK = next_pow2(K) capped at 128 on Hopper, so 32 < K ≤ 64); our head dim is 128 (BK = 128), which computes
-correctly (fla #640's own tile sweep: 32 and 128 pass, 64 fails). So on that card and Triton we run fla's backward
-with its guard lifted, only for head dims whose tile is not 64 and only inside our own backward call, where it has
-been verified: bf16 on an H100 with Triton 3.6 (tests/test_gpu.py against a float64 reference, GDN and simple_gla,
-values and all gradients ≤ 8.9e-3; float32 since measured at ≤ 1.5e-3, TF32-level; benchmarks/RESULTS.md).
-``ORYX_FLA_HOPPER_BACKWARD`` chooses: unset = bf16 only (float32 and float16 train on the torch reference there),
-``1`` = every dtype, ``0`` = never.
-For 32 < K ≤ 64 training there always runs the torch reference (correct, slow); inference calls, and every other
-card or Triton, use fla throughout.
+**Custom ops, so that torch.compile sees through them.** fla's functions are opaque to the compiler (they are
+``torch.compiler.disable``d), which breaks a compiled model's graph at every layer. Here they run inside
+``torch.library`` custom ops with fake (shape-only) implementations: ``oryx::fla_chunk`` (its autograd formula calls
+``oryx::fla_chunk_backward``, which recomputes fla's chunked forward with autograd and backpropagates through it: one
+extra forward of the recurrence per backward, and no intermediate kept between forward and backward) and
+``oryx::fla_recurrent``. Inside a custom op the dispatcher has autograd switched off; ``_autograd_inside_op`` switches
+it back on for that recomputation only.
 
-KDA is outside that trap as fla-core 0.6.0 is written: ``chunk_kda``'s backward (``fla/ops/kda/chunk_bwd.py``,
-``chunk_kda_bwd``) never calls the guarded ``chunk_bwd_dqkwg`` of ``fla/ops/common/chunk_o.py``. It recomputes w, u
-(``kda/wy_fast.py``), passes states with the ``common/chunk_delta_h`` kernels GDN's backward also uses (in their
-per-key ``gk`` variant), and takes dq, dk, dg, dβ from kernels of its own (``chunk_kda_bwd_dAv``,
-``chunk_kda_bwd_wy_dqkg_fused``, ``chunk_kda_bwd_intra``). Nothing refuses to run on Hopper, so there is no guard to
-lift (no ``_run_chunked``) and every head dim and dtype trains on fla; fla's own Hopper workaround there is to drop
-the (BK = 32, 4 warps) autotune config of ``chunk_kda_bwd_kernel_wy_dqkg_fused``. Whether #640's miscompile (a key
-tile of 64 in ``chunk_bwd_kernel_dqkwg``) has a twin in those kernels on Triton < 3.7.1 is not known yet:
-tests/test_gpu.py checks KDA training, K = 64 included, against a float64 reference.
+**The Hopper trap** (docs/design.md §11, fla issue #640): Triton ≥ 3.4, < 3.7.1 miscompiles fla's gated
+``chunk_bwd_dqkwg`` on sm_90 for a key tile of 64 (BK = next_pow2(K) capped at 128, so 32 < K ≤ 64), and fla-core
+≥ 0.5 refuses that backward there outright. Gated DeltaNet and simple_gla use it; at our head dim 128 (tile 128) it
+computes correctly, so on that card and Triton ``oryx::fla_chunk_backward`` lifts fla's guard for tiles other than 64
+(checked against float64 by tests/test_gpu.py; the measurements are in benchmarks/RESULTS.md).
+``ORYX_FLA_HOPPER_BACKWARD`` chooses: unset = bf16 only (float32 and float16 train on the torch reference there),
+``1`` = every dtype, ``0`` = never. K ≤ 64 training on that card always runs the torch reference. KDA's backward
+(``fla/ops/kda/chunk_bwd.py``) never calls the guarded kernel, so it trains on fla everywhere.
 """
 
 from __future__ import annotations
@@ -52,8 +46,165 @@ Tensor = torch.Tensor
 
 SHORT = 64  # inference calls up to this many tokens use the fused recurrent kernels (no chunk set-up)
 HOPPER_BACKWARD_ENV = "ORYX_FLA_HOPPER_BACKWARD"  # guarded backward on Hopper: unset = bf16, 1 = all, 0 = none
+GUARDED_OPS = ("gated_delta_rule", "scalar_decay_rule")  # their backward runs fla's guarded chunk_bwd_dqkwg
 
 
+# --- fla's kernels: (q, k, v, g, beta, scale, initial_state) -> (o, final_state) -------------------------------------
+def _gdn_chunk(q, k, v, g, beta, scale, h0):
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    return chunk_gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=h0, output_final_state=True)
+
+
+def _gdn_recurrent(q, k, v, g, beta, scale, h0):
+    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+
+    return fused_recurrent_gated_delta_rule(
+        q, k, v, g, beta=beta, scale=scale, initial_state=h0, output_final_state=True
+    )
+
+
+def _ssd_chunk(q, k, v, g, beta, scale, h0):
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    return chunk_simple_gla(q, k, v, g=g, scale=scale, initial_state=h0, output_final_state=True)
+
+
+def _ssd_recurrent(q, k, v, g, beta, scale, h0):
+    from fla.ops.simple_gla import fused_recurrent_simple_gla
+
+    return fused_recurrent_simple_gla(q, k, v, g=g, scale=scale, initial_state=h0, output_final_state=True)
+
+
+def _kda_chunk(q, k, v, g, beta, scale, h0):
+    from fla.ops.kda import chunk_kda
+
+    return chunk_kda(q, k, v, g, beta, scale=scale, initial_state=h0, output_final_state=True, use_gate_in_kernel=False)
+
+
+def _kda_recurrent(q, k, v, g, beta, scale, h0):
+    from fla.ops.kda import fused_recurrent_kda
+
+    return fused_recurrent_kda(
+        q, k, v, g, beta, scale=scale, initial_state=h0, output_final_state=True, use_gate_in_kernel=False
+    )
+
+
+Kernel = Callable[..., tuple[Tensor, Tensor]]
+# op -> (chunked, fused recurrent); the tests swap in the torch reference to check the custom ops on the CPU.
+KERNELS: dict[str, tuple[Kernel, Kernel]] = {
+    "gated_delta_rule": (_gdn_chunk, _gdn_recurrent),
+    "scalar_decay_rule": (_ssd_chunk, _ssd_recurrent),
+    "kimi_delta_rule": (_kda_chunk, _kda_recurrent),
+}
+
+
+# --- the custom ops ---------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _autograd_inside_op() -> Iterator[None]:
+    """Autograd on again inside a custom op's implementation (where the dispatcher excludes it), for the backward's
+    recomputation: the dispatch-key guard drops the autograd key from this thread's excluded set until it exits."""
+    C = torch._C
+    excluded = C._dispatch_tls_local_exclude_set().remove(C.DispatchKey.AutogradFunctionality)
+    with C._ForceDispatchKeyGuard(C._dispatch_tls_local_include_set(), excluded), torch.enable_grad():
+        yield
+
+
+def _outputs_like(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Empty o [B, T, H, V] in q's dtype and final state [B, H, K, V] float32."""
+    B, T, H, K = q.shape
+    return q.new_empty(B, T, H, v.shape[-1]), q.new_empty(B, H, K, v.shape[-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("oryx::fla_chunk", mutates_args=())
+def fla_chunk(
+    op: str, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor | None, initial_state: Tensor | None, scale: float
+) -> tuple[Tensor, Tensor]:
+    """fla's chunked form of ``op``: (o, final state)."""
+    with torch.no_grad():
+        o, final = KERNELS[op][0](q, k, v, g, beta, scale, initial_state)
+    return o.to(q.dtype).contiguous(), final.contiguous()
+
+
+@fla_chunk.register_fake
+def _(op, q, k, v, g, beta, initial_state, scale):
+    return _outputs_like(q, v)
+
+
+@torch.library.custom_op("oryx::fla_chunk_backward", mutates_args=())
+def fla_chunk_backward(
+    op: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor | None,
+    initial_state: Tensor | None,
+    scale: float,
+    grad_o: Tensor,
+    grad_final: Tensor,
+) -> list[Tensor]:
+    """Gradients of ``fla_chunk`` for q, k, v, g, then beta and initial_state where given."""
+    inputs = [x for x in (q, k, v, g, beta, initial_state) if x is not None]
+    guarded = op in GUARDED_OPS and q.is_cuda and _guarded_backward(q.device.index or 0)
+    guard = _lift_hopper_guard() if guarded else None
+    with _autograd_inside_op(), guard or contextlib.nullcontext():
+        leaves = [x.detach().requires_grad_() for x in inputs]
+        it = iter(leaves)
+        q_, k_, v_, g_ = (next(it) for _ in range(4))
+        beta_ = next(it) if beta is not None else None
+        h0 = next(it) if initial_state is not None else None
+        o, final = KERNELS[op][0](q_, k_, v_, g_, beta_, scale, h0)
+        grads = torch.autograd.grad((o, final), leaves, (grad_o.to(o.dtype), grad_final), allow_unused=True)
+    return [
+        x.new_zeros(x.shape) if d is None else d.to(x.dtype).contiguous() for x, d in zip(inputs, grads, strict=True)
+    ]
+
+
+@fla_chunk_backward.register_fake
+def _(op, q, k, v, g, beta, initial_state, scale, grad_o, grad_final):
+    return [x.new_empty(x.shape) for x in (q, k, v, g, beta, initial_state) if x is not None]
+
+
+def _setup_chunk(ctx, inputs, output) -> None:
+    op, q, k, v, g, beta, initial_state, scale = inputs
+    ctx.op, ctx.scale, ctx.has = op, scale, (beta is not None, initial_state is not None)
+    ctx.save_for_backward(q, k, v, g, beta, initial_state)
+
+
+def _backward_chunk(ctx, grad_o: Tensor | None, grad_final: Tensor | None):
+    q, k, v, g, beta, initial_state = ctx.saved_tensors
+    if grad_o is None or grad_final is None:  # an output that took no part in the loss
+        empty_o, empty_final = _outputs_like(q, v)
+        grad_o = empty_o.zero_() if grad_o is None else grad_o
+        grad_final = empty_final.zero_() if grad_final is None else grad_final
+    grads = iter(fla_chunk_backward(ctx.op, q, k, v, g, beta, initial_state, ctx.scale, grad_o, grad_final))
+    dq, dk, dv, dg = (next(grads) for _ in range(4))
+    dbeta = next(grads) if ctx.has[0] else None
+    dh0 = next(grads) if ctx.has[1] else None
+    return None, dq, dk, dv, dg, dbeta, dh0, None
+
+
+fla_chunk.register_autograd(_backward_chunk, setup_context=_setup_chunk)
+
+
+@torch.library.custom_op("oryx::fla_recurrent", mutates_args=())
+def fla_recurrent(
+    op: str, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor | None, initial_state: Tensor | None, scale: float
+) -> tuple[Tensor, Tensor]:
+    """fla's fused recurrent form of ``op`` (inference only): (o, final state)."""
+    with torch.no_grad():
+        o, final = KERNELS[op][1](q, k, v, g, beta, scale, initial_state)
+    return o.to(q.dtype).contiguous(), final.contiguous()
+
+
+@fla_recurrent.register_fake
+def _(op, q, k, v, g, beta, initial_state, scale):
+    return _outputs_like(q, v)
+
+
+# --- the Hopper guard -----------------------------------------------------------------------------------------------
+@torch.compiler.assume_constant_result
 @functools.cache
 def _guarded_backward(device_index: int) -> bool:
     """Whether this card and Triton are in the range where fla refuses its gated backward (Hopper, [3.4, 3.7.1))."""
@@ -85,33 +236,6 @@ def _lift_hopper_guard() -> Iterator[None]:
         chunk_o.TRITON_ABOVE_3_7_1 = saved
 
 
-class _UnguardedBackward(torch.autograd.Function):
-    """Runs ``run(*inputs) -> (o, final_state)`` (an fla op, with its own autograd) and backpropagates through it with
-    the Hopper guard lifted. The fla graph is built in forward and kept on ctx, as autograd would keep it anyway."""
-
-    @staticmethod
-    def forward(ctx, run: Callable, *inputs: Tensor | None) -> tuple[Tensor, Tensor]:
-        ctx.set_materialize_grads(False)
-        ctx.leaves = [
-            None if x is None else x.detach().requires_grad_(need)
-            for x, need in zip(inputs, ctx.needs_input_grad[1:], strict=True)
-        ]
-        with torch.enable_grad():
-            ctx.outputs = run(*ctx.leaves)
-        return tuple(t.detach() for t in ctx.outputs)
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        pairs = [(t, g) for t, g in zip(ctx.outputs, grads, strict=True) if g is not None and t.requires_grad]
-        wanted = [x for x in ctx.leaves if x is not None and x.requires_grad]
-        if not pairs or not wanted:
-            return (None,) * (len(ctx.leaves) + 1)
-        outputs, grad_outputs = zip(*pairs, strict=True)
-        with _lift_hopper_guard():
-            found = iter(torch.autograd.grad(outputs, wanted, grad_outputs, allow_unused=True))
-        return (None, *(next(found) if x is not None and x.requires_grad else None for x in ctx.leaves))
-
-
 def _hopper_backward_allowed(dtype: torch.dtype) -> bool:
     """Whether fla's guarded backward may run for inputs of ``dtype`` (see the module docstring)."""
     choice = os.environ.get(HOPPER_BACKWARD_ENV, "")
@@ -120,124 +244,57 @@ def _hopper_backward_allowed(dtype: torch.dtype) -> bool:
     return choice == "1" or (choice == "" and dtype == torch.bfloat16)
 
 
-def _run_chunked(run: Callable, head_dim: int, *inputs: Tensor | None) -> tuple[Tensor, Tensor] | None:
-    """fla's chunked op ``run`` with a backward that works on this card, or None when only the reference can train."""
-    if not (needs_grad(*inputs) and _guarded_backward(inputs[0].device.index or 0)):
-        return run(*inputs)
-    if _miscompiled_tile(head_dim) or not _hopper_backward_allowed(inputs[0].dtype):
-        return None
-    return _UnguardedBackward.apply(run, *inputs)
+def _fla_trains(op: str, q: Tensor) -> bool:
+    """Whether fla's chunked backward is right for these inputs on this card (else the torch reference trains)."""
+    if op not in GUARDED_OPS or not q.is_cuda or not _guarded_backward(q.device.index or 0):
+        return True
+    return not _miscompiled_tile(q.shape[-1]) and _hopper_backward_allowed(q.dtype)
 
 
-def _gated_delta_fla(
+# --- the backends -----------------------------------------------------------------------------------------------------
+REFERENCES: dict[str, Callable] = {
+    "gated_delta_rule": gated_delta_rule_chunked,
+    "scalar_decay_rule": lambda q, k, v, g, beta, *rest: scalar_decay_rule_chunked(q, k, v, g, *rest),
+}
+
+
+def _run(
+    op: str,
     q: Tensor,
     k: Tensor,
     v: Tensor,
     g: Tensor,
-    beta: Tensor,
+    beta: Tensor | None,
     scale: float,
     initial_state: Tensor | None,
     output_final_state: bool,
     chunk_size: int,
 ) -> tuple[Tensor, Tensor | None]:
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
-
-    dtype = common_dtype(q, k, v)
-    q, k, v, beta = (x.to(dtype) for x in (q, k, v, beta))
-    grad = needs_grad(q, k, v, g, beta, initial_state)
-    if not grad and q.shape[1] <= SHORT:
-        o, final = fused_recurrent_gated_delta_rule(
-            q, k, v, g, beta=beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state
-        )
-        return o, final
-
-    def run(q, k, v, g, beta, initial_state):
-        return chunk_gated_delta_rule(
-            q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=True
-        )
-
-    result = _run_chunked(run, q.shape[-1], q, k, v, g, beta, initial_state)
-    if result is None:
-        return gated_delta_rule_chunked(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size)
-    o, final = result
-    return o, (final if output_final_state else None)
-
-
-def _scalar_decay_fla(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor,
-    scale: float,
-    initial_state: Tensor | None,
-    output_final_state: bool,
-    chunk_size: int,
-) -> tuple[Tensor, Tensor | None]:
-    from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
-
-    dtype = common_dtype(q, k, v)
-    q, k, v = (x.to(dtype) for x in (q, k, v))
-    grad = needs_grad(q, k, v, g, initial_state)
-    if not grad and q.shape[1] <= SHORT:
-        o, final = fused_recurrent_simple_gla(
-            q, k, v, g=g, scale=scale, initial_state=initial_state, output_final_state=output_final_state
-        )
-        return o, final
-
-    def run(q, k, v, g, initial_state):
-        return chunk_simple_gla(q, k, v, g=g, scale=scale, initial_state=initial_state, output_final_state=True)
-
-    result = _run_chunked(run, q.shape[-1], q, k, v, g, initial_state)
-    if result is None:
-        return scalar_decay_rule_chunked(q, k, v, g, scale, initial_state, output_final_state, chunk_size)
-    o, final = result
-    return o, (final if output_final_state else None)
-
-
-def _kimi_delta_fla(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor,
-    beta: Tensor,
-    scale: float,
-    initial_state: Tensor | None,
-    output_final_state: bool,
-    chunk_size: int,
-) -> tuple[Tensor, Tensor | None]:
-    from fla.ops.kda import chunk_kda, fused_recurrent_kda
-
+    """One of the recurrences on fla: the fused recurrent kernel for a short inference call, the chunked one
+    otherwise, or the torch reference where fla's backward cannot be trusted (the Hopper trap)."""
     out_dtype, dtype = q.dtype, common_dtype(q, k, v)
-    q, k, v, beta = (x.to(dtype) for x in (q, k, v, beta))
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    beta = None if beta is None else beta.to(dtype)
     if initial_state is not None:
-        initial_state = initial_state.float()  # chunk_kda asserts a float32 state
+        initial_state = initial_state.float()  # fla's kernels keep a float32 state
     grad = needs_grad(q, k, v, g, beta, initial_state)
-    if not grad and q.shape[1] <= SHORT:
-        o, final = fused_recurrent_kda(
-            q,
-            k,
-            v,
-            g,
-            beta,
-            scale=scale,
-            initial_state=initial_state,
-            output_final_state=output_final_state,
-            use_gate_in_kernel=False,
-        )
-        return o.to(out_dtype), final
-    # No _run_chunked: chunk_kda's backward is not the guarded one (module docstring), so fla trains it everywhere.
-    o, final = chunk_kda(
-        q,
-        k,
-        v,
-        g,
-        beta,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        use_gate_in_kernel=False,
-    )
-    return o.to(out_dtype), final
+    if grad and not _fla_trains(op, q):
+        return REFERENCES[op](q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size)
+    form = fla_recurrent if not grad and q.shape[1] <= SHORT else fla_chunk
+    o, final = form(op, q, k, v, g, beta, initial_state, scale)
+    return o.to(out_dtype), (final if output_final_state else None)
+
+
+def _gated_delta_fla(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size):
+    return _run("gated_delta_rule", q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size)
+
+
+def _scalar_decay_fla(q, k, v, g, scale, initial_state, output_final_state, chunk_size):
+    return _run("scalar_decay_rule", q, k, v, g, None, scale, initial_state, output_final_state, chunk_size)
+
+
+def _kimi_delta_fla(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size):
+    return _run("kimi_delta_rule", q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size)
 
 
 def _supports(x: Tensor) -> bool:
