@@ -3,6 +3,7 @@
     python benchmarks/gpu.py mixer    # mixer core, forward+backward and forward only (prefill), bf16
     python benchmarks/gpu.py decode   # one decoding step, batch 16, contexts 2k..128k
     python benchmarks/gpu.py generate # end-to-end generate tokens/s of the 130m presets, per mode
+    python benchmarks/gpu.py train    # training steps of the 130m presets beside the compiled Transformer, fla's models
     python benchmarks/gpu.py all --json out.json
 
 Mixer core = what the Oryx mixer computes between its projections: the linear recurrence over all tokens, attention
@@ -20,6 +21,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -362,6 +364,108 @@ def bench_generate(gen: torch.Generator, prompt: int = 512, new: int = 128) -> l
     return results
 
 
+# --- training throughput ---------------------------------------------------------------------------------------------
+# A point is one model at one shape, measured in a fresh process (so its first step pays every compile and autotune
+# that a new run pays, and its peak memory is its own): fla-gdn / fla-mamba2 are fla's own models at the shape of our
+# gdn-130m / mamba2-130m (fla's Mamba2 runs its torch path without mamba_ssm, which the image lacks).
+TRAIN_MIX = "chunks:size=128,p_attn=0.25"
+TRAIN_MODELS = ["transformer-130m", "oryx-tg-130m", "oryx-tm-130m", "oryx-tk-130m", "gdn-130m", "fla-gdn",
+                "mamba2-130m", "fla-mamba2"]  # fmt: skip
+
+
+def _fla_model(name: str, vocab: int):
+    from oryx import OryxConfig
+
+    ours = OryxConfig.from_preset({"fla-gdn": "gdn-130m", "fla-mamba2": "mamba2-130m"}[name])
+    if name == "fla-gdn":
+        from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+
+        config = GatedDeltaNetConfig(
+            hidden_size=ours.hidden_size, num_hidden_layers=ours.num_hidden_layers, num_heads=ours.gdn_num_heads,
+            head_dim=ours.head_dim, expand_v=ours.gdn_head_dim_v / ours.head_dim, intermediate_size=1960,
+            vocab_size=vocab, tie_word_embeddings=True,
+        )  # fmt: skip
+        return GatedDeltaNetForCausalLM(config)
+    from fla.models import Mamba2Config, Mamba2ForCausalLM
+
+    config = Mamba2Config(
+        hidden_size=ours.hidden_size, num_hidden_layers=ours.num_hidden_layers, state_size=ours.mamba_d_state,
+        expand=ours.mamba_expand, head_dim=ours.mamba_head_dim, n_groups=1, vocab_size=vocab, tie_word_embeddings=True,
+    )  # fmt: skip
+    return Mamba2ForCausalLM(config)
+
+
+def train_point(point: dict) -> dict:
+    """One training configuration: first step (compile, autotune) and the median of the next steps; fwd+bwd+AdamW."""
+    from oryx import OryxConfig, OryxForCausalLM
+    from oryx.schedule import parse
+
+    torch.manual_seed(0)
+    B, T, name, compile_mode = point["batch"], point["seq"], point["model"], point["compile"]
+    start = time.perf_counter()
+    if name.startswith("fla-"):
+        model, is_oryx = _fla_model(name, 50257).to(DEV), False
+    else:
+        model = OryxForCausalLM(OryxConfig.from_preset(name, max_position_embeddings=max(2048, T))).to(DEV)
+        is_oryx = model.config.is_oryx
+    if point.get("checkpointing"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    forward = model
+    if compile_mode == "blocks":
+        model.compile_blocks()
+    elif compile_mode == "model":
+        forward = torch.compile(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    schedule = parse(TRAIN_MIX)
+
+    def step() -> None:
+        ids = torch.randint(0, vocab, (B, T), generator=gen).to(DEV, non_blocking=True)
+        kwargs = {"modes": schedule.modes(B, T, generator=gen).to(DEV, non_blocking=True)} if is_oryx else {}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = forward(ids, labels=ids, **kwargs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - start
+    for _ in range(2):
+        step()
+    torch.cuda.reset_peak_memory_stats()
+    ms = median_ms(step, warmup=0, repeats=point.get("repeats", 6))
+    params = sum(p.numel() for p in model.parameters())
+    return {**point, "first_step_s": first, "ms": ms, "tok_s": B * T / ms * 1e3, "params": params,
+            "peak_gb": torch.cuda.max_memory_allocated() / 2**30}  # fmt: skip
+
+
+def bench_train(models: list[str], shapes: list[str], record: list[dict], save: Callable[[], None]) -> None:
+    """Every model at every shape, each in a fresh process; the compiled Transformer is the anchor of each shape."""
+    for shape in shapes:
+        B, T = (int(x) for x in shape.split("x"))
+        for name in models:
+            compile_mode = (
+                "model" if name.startswith("transformer") else ("off" if name.startswith("fla-") else "blocks")
+            )
+            point = {"model": name, "batch": B, "seq": T, "compile": compile_mode, "checkpointing": T >= 32768}
+            proc = subprocess.run([sys.executable, __file__, "train-point", json.dumps(point)], capture_output=True,
+                                  text=True, timeout=900)  # fmt: skip
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+            if proc.returncode or not lines:
+                print(f"  train {name} {shape}: failed (exit {proc.returncode}): {proc.stderr[-600:]}", flush=True)
+                continue
+            row = json.loads(lines[-1])
+            record.append(row)
+            anchor = next((r for r in record if r["model"].startswith("transformer") and r["seq"] == T), None)
+            ratio = "" if anchor is None else f"  {row['tok_s'] / anchor['tok_s']:.2f}x the compiled Transformer"
+            print(f"  train {name:<18} {shape:<8} compile={compile_mode:<6} first step {row['first_step_s']:6.1f} s  "
+                  f"{row['ms']:7.1f} ms/step {row['tok_s'] / 1e3:7.1f}k tok/s  peak {row['peak_gb']:5.1f} GB{ratio}",
+                  flush=True)  # fmt: skip
+            save()
+
+
 def environment() -> dict:
     import triton
 
@@ -388,12 +492,17 @@ def environment() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["mixer", "decode", "generate", "all"])
+    parser.add_argument("what", choices=["mixer", "decode", "generate", "train", "all"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--rows", type=float, nargs="+", default=[0.25, 0.025], help="shares of chunks in attention")
     parser.add_argument("--variants", nargs="+", default=["tg", "tm"], choices=["tg", "tm"], help="mixer variants")
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192, 32768, 131072])
+    parser.add_argument("--models", nargs="+", default=TRAIN_MODELS, help="train: presets, fla-gdn, fla-mamba2")
+    parser.add_argument("--shapes", nargs="+", default=["8x2048"], help="train: BATCHxLENGTH per step")
     parser.add_argument("--json", default=None, help="write the raw numbers here")
+    if len(sys.argv) > 2 and sys.argv[1] == "train-point":  # a child of `train`
+        print(json.dumps(train_point(json.loads(sys.argv[2]))))
+        return
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
     out: dict = {"env": environment()}
@@ -414,6 +523,9 @@ def main() -> None:
     if args.what in ("generate", "all"):
         out["generate"] = bench_generate(gen)
         save()
+    if args.what in ("train", "all"):
+        out["train"] = []
+        bench_train(args.models, args.shapes, out["train"], save)
 
 
 if __name__ == "__main__":

@@ -73,3 +73,27 @@ def test_inductor_compiled_training_step_equals_eager(variant, gen):
     assert rel_err(compiled, eager) < 1e-5
     for name, p in model.named_parameters():
         assert rel_err(p.grad, expected[name]) < 1e-4, name
+
+
+def test_regional_compilation_equals_eager_and_compiles_one_block(gen):
+    """compile_blocks (what `oryx train` does on a GPU): the loss and every gradient of the eager model, from one
+    compiled graph serving all of the identical blocks."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    config = oryx.OryxConfig(variant="tg", vocab_size=97, hidden_size=64, num_hidden_layers=3, head_dim=32)
+    model = oryx.OryxForCausalLM(config)
+    ids = torch.randint(0, 97, (2, 160), generator=gen)
+    modes = parse("chunks:size=32,p_attn=0.5").modes(2, 160, generator=gen)
+    eager = _loss(model, ids, modes)
+    eager.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    model.compile_blocks(backend="aot_eager_decomp_partition")
+    compiled = _loss(model, ids, modes)
+    compiled.backward()
+    assert rel_err(compiled, eager) < 1e-6
+    for name, p in model.named_parameters():
+        assert rel_err(p.grad, expected[name]) < 1e-5, name
+    assert len(_debug_get_cache_entry_list(type(model.model.layers[0]).forward.__code__)) == 1

