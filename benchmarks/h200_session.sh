@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks and training benchmarks on one H200 (or H100), in device calls of under 10 minutes each:
 #
-#   bash benchmarks/h200_session.sh check   # first training step on a cold card, then the GPU test module
+#   bash benchmarks/h200_session.sh check   # first training step on a cold card and with carried autotune choices
+#                                           # only, then the GPU test module
 #   bash benchmarks/h200_session.sh train   # training throughput at 8 x 2048: every family beside the compiled
 #                                           # Transformer and fla's own models, each point in a fresh process
 #   bash benchmarks/h200_session.sh long    # 2 x 8192 and 1 x 32768 (activation checkpointing), the mixer at 2k
@@ -16,16 +17,22 @@ export PYTHONPATH=/tmp/site:$PWD/src ORYX_FLA_HOPPER_BACKWARD=1 ORYX_COMMIT=${OR
 export TRITON_CACHE_DIR=$PWD/.cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-if [ -f .cache/autotune.tar.gz ]; then mkdir -p "$TRITON_CACHE_DIR" && tar -xzf .cache/autotune.tar.gz -C "$TRITON_CACHE_DIR"; fi
+restore_autotune() { if [ -f .cache/autotune.tar.gz ]; then mkdir -p "$1" && tar -xzf .cache/autotune.tar.gz -C "$1"; fi; }
+[ "${1:-}" = check ] || restore_autotune "$TRITON_CACHE_DIR"
 save_autotune() { (cd "$TRITON_CACHE_DIR" 2>/dev/null && find . -name '*.autotune.json' | tar -czf "$OUT/autotune.tar.gz" -T -) || true; }
 stage() { local limit=$1 name=$2; shift 2; echo "=== $name (limit ${limit}s) $(date +%T)"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "exit $?"; tail -n 40 "$OUT/$name.log"; }
 
 case "${1:-}" in
 check)
-  # First: one training step of oryx-tg-130m on a card with nothing compiled or tuned (what a new run pays).
-  stage 200 first-step python3 benchmarks/gpu.py train --models oryx-tg-130m --shapes 8x2048 --json "$OUT/first-step.json"
+  # One training step of oryx-tg-130m on a card with nothing compiled or tuned (what a new run pays), then on empty
+  # caches holding only the carried autotune choices (what a new run pays with them).
+  stage 200 first-step-cold python3 benchmarks/gpu.py train --models oryx-tg-130m --shapes 8x2048 --json "$OUT/first-cold.json"
+  (export TRITON_CACHE_DIR=/tmp/fresh/triton TORCHINDUCTOR_CACHE_DIR=/tmp/fresh/inductor
+   restore_autotune "$TRITON_CACHE_DIR"
+   stage 120 first-step-tuned python3 benchmarks/gpu.py train --models oryx-tg-130m --shapes 8x2048 --json "$OUT/first-tuned.json")
+  restore_autotune "$TRITON_CACHE_DIR"
   export ORYX_TEST_LOG=$OUT/gpu-errors.log
-  stage 360 gpu-tests python3 -m pytest -p no:cacheprovider -m gpu -n 8 -v tests/test_gpu.py ${TESTS:+-k "$TESTS"}
+  stage 300 gpu-tests python3 -m pytest -p no:cacheprovider -m gpu -n 8 -v tests/test_gpu.py ${TESTS:+-k "$TESTS"}
   ;;
 train)
   stage 570 train-2k python3 benchmarks/gpu.py train --shapes 8x2048 ${MODELS:+--models $MODELS} --json "$OUT/train-2k.json"

@@ -10,12 +10,17 @@ import torch
 FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+_IMPORTABLE: dict[tuple[str, ...], bool] = {}
+
+
 @torch.compiler.assume_constant_result
-@functools.cache
 def importable(*modules: str) -> bool:
-    """Whether every named module can be imported (looked up once per process, on the first call that asks; a
-    constant to torch.compile, which would otherwise trace into importlib)."""
-    return all(importlib.util.find_spec(name) is not None for name in modules)
+    """Whether every named module can be imported (looked up once per process, on the first call that asks). A
+    constant to torch.compile, which runs it instead of tracing into importlib (a plain dict, not functools.cache:
+    dynamo traces through a cache wrapper)."""
+    if modules not in _IMPORTABLE:
+        _IMPORTABLE[modules] = all(importlib.util.find_spec(name) is not None for name in modules)
+    return _IMPORTABLE[modules]
 
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:

@@ -31,7 +31,6 @@ computes correctly, so on that card and Triton ``oryx::fla_chunk_backward`` lift
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Callable, Iterator
 
@@ -204,15 +203,21 @@ def _(op, q, k, v, g, beta, initial_state, scale):
 
 
 # --- the Hopper guard -----------------------------------------------------------------------------------------------
-@torch.compiler.assume_constant_result
-@functools.cache
-def _guarded_backward(device_index: int) -> bool:
-    """Whether this card and Triton are in the range where fla refuses its gated backward (Hopper, [3.4, 3.7.1))."""
-    import triton
-    from packaging.version import Version
+_GUARDED: dict[int, bool] = {}
 
-    hopper = torch.cuda.get_device_capability(device_index)[0] == 9
-    return hopper and Version("3.4.0") <= Version(triton.__version__.split("+")[0]) < Version("3.7.1")
+
+@torch.compiler.assume_constant_result
+def _guarded_backward(device_index: int) -> bool:
+    """Whether this card and Triton are in the range where fla refuses its gated backward (Hopper, [3.4, 3.7.1)).
+    Asked once per card; a constant to torch.compile (see ``importable``)."""
+    if device_index not in _GUARDED:
+        import triton
+        from packaging.version import Version
+
+        hopper = torch.cuda.get_device_capability(device_index)[0] == 9
+        in_range = Version("3.4.0") <= Version(triton.__version__.split("+")[0]) < Version("3.7.1")
+        _GUARDED[device_index] = hopper and in_range
+    return _GUARDED[device_index]
 
 
 def _miscompiled_tile(head_dim: int) -> bool:
