@@ -181,3 +181,23 @@ def test_fla_backend_values_and_gradients_match_the_reference_through_its_custom
     names = [name for name, x in zip(["q", "k", "v", "g", "beta", "h0"], inputs, strict=True) if x is not None]
     for name, a, b in zip(names, got, expected, strict=True):
         assert rel_err(a, b) < 1e-5, name
+
+
+def test_flex_backend_traces_into_one_graph(gen):
+    """Inside a compiled model the flex backend (block mask, padding to compiled lengths, flex_attention) is traced,
+    not called: no graph break (regression: `bisect` in compiled_length broke every layer's graph on the H200), and the
+    traced result equals the eager one."""
+    B, T, H, D = 2, 200, 2, 32
+    q, k, v = (torch.randn(B, T, H, D, generator=gen) for _ in range(3))
+    rows = torch.rand(B, T, generator=gen) < 0.4
+    keys = torch.ones(B, T, dtype=torch.bool)
+    keys[0, :50] = False
+
+    def attend(q, k, v, rows, keys):
+        return flex._flex_backend(q, k, v, rows, keys, D**-0.5)
+
+    explained = torch._dynamo.explain(attend)(q, k, v, rows, keys)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    torch._dynamo.reset()
+    traced = torch.compile(attend, backend="aot_eager_decomp_partition", fullgraph=True)(q, k, v, rows, keys)
+    assert rel_err(traced, attend(q, k, v, rows, keys)) < 1e-5

@@ -23,7 +23,6 @@ k [B, Tk, H, D], v [B, Tk, H, Dv], row i of q at key position Tk − Tq + i; ret
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Callable
 
 import torch
@@ -42,7 +41,6 @@ FEW_ROWS = 16  # up to this many query rows, SDPA with a dense [Tq, Tk] mask is 
 # flex silently runs eagerly, materialising every score ([B, H, Tq, Tk]: out of memory at long contexts); a process
 # that trains, evaluates and generates can pass 8, and the GPU test module did (H100, torch 2.11).
 RECOMPILE_LIMIT = 64
-_LENGTH_BLOCKS = sorted({2**i for i in range(24)} | {3 * 2**i for i in range(23)})  # 1, 2, 3, 4, 6, 8, 12, 16, ...
 
 _compiled_flex: Callable | None = None
 _block_masks = DerivedFromMasks()  # one BlockMask per forward, shared by its layers
@@ -62,9 +60,12 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, mask, scale: float) -> Tensor:
 
 
 def compiled_length(n_tokens: int) -> int:
-    """The length flex runs at for ``n_tokens`` queries or keys (see the module docstring)."""
+    """The length flex runs at for ``n_tokens`` queries or keys: whole blocks, rounded up to the next 2^k or 3·2^k
+    blocks (integer arithmetic only: it runs inside compiled models, where dynamo cannot call ``bisect``)."""
     blocks = -(-n_tokens // BLOCK)
-    return BLOCK * _LENGTH_BLOCKS[bisect.bisect_left(_LENGTH_BLOCKS, blocks)]
+    power = 1 << max(0, blocks - 1).bit_length()  # the smallest 2^k >= blocks
+    three = 3 * power // 4  # the 3·2^j just below it (a whole number of blocks from 4 on)
+    return BLOCK * (three if power >= 4 and three >= blocks else power)
 
 
 def _pad_length(x: Tensor, length: int) -> Tensor:
