@@ -1,15 +1,17 @@
 """Issue 11, items 8 and 11: inputs are checked where they meet the model. Token ids against the vocabulary (in the
-forward), id and embedding dtypes and shapes, and `OryxConfig` keys and values; what is valid still gives the
-reference results."""
+forward, and once for a whole token stream in `oryx train` / `oryx eval`), id and embedding dtypes and shapes, and
+`OryxConfig` keys and values; what is valid still gives the reference results."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch._dynamo
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 
 from oryx import OryxConfig, OryxForCausalLM
+from oryx.data import load_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 300
@@ -40,6 +42,22 @@ def test_the_id_check_adds_no_host_sync_under_compile(model, gen):
     ids = torch.randint(0, VOCAB, (2, 9), generator=gen)
     explanation = torch._dynamo.explain(model.model._embed)(ids, None)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_token_streams_are_checked_once_against_the_vocabulary(tmp_path, gen):
+    from oryx.data import check_token_ids
+
+    ids = torch.randint(0, VOCAB, (5000,), generator=gen).numpy().astype(np.uint16)
+    check_token_ids(ids, VOCAB, "stream")  # every id valid: passes
+    ids[int(torch.randint(0, 5000, (), generator=gen))] = VOCAB + 7
+    with pytest.raises(ValueError, match=rf"stream holds token id {VOCAB + 7}, outside .*\[0, {VOCAB}\)"):
+        check_token_ids(ids, VOCAB, "stream")
+    # Across the shards of a folder (memory-mapped), as training reads them.
+    (tmp_path / "shards").mkdir()
+    ids[:2500].tofile(tmp_path / "shards" / "a.bin")
+    ids[2500:].tofile(tmp_path / "shards" / "b.bin")
+    with pytest.raises(ValueError, match=str(VOCAB + 7)):
+        check_token_ids(load_tokens(tmp_path / "shards"), VOCAB, "shards")
 
 
 # --- item 11: ids, embeddings and configs at the model's edge ---------------------------------------------------

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from oryx import ops, schedule
 from oryx.cache import OryxCache
 from oryx.configuration import ATTN, LINEAR, OryxConfig, preset_names
+from oryx.manifest import write_manifest
 from oryx.modeling import OryxForCausalLM, OryxModel, OryxPreTrainedModel
 from oryx.params import param_report
 
@@ -31,4 +32,5 @@ __all__ = [
     "param_report",
     "preset_names",
     "schedule",
+    "write_manifest",
 ]

@@ -6,6 +6,7 @@ baseline's single mixer); `modes` [B, T] (0 = attention, 1 = linear) is the same
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -324,6 +325,16 @@ class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: out.get(CACHE_FIELD)})
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> None:
+        """transformers' `save_pretrained`, then `checksums.json` over the folder's files (`oryx.manifest`), which
+        `oryx eval` and `oryx generate` verify. Save a tokenizer into the folder first, or call
+        `oryx.write_manifest(folder)` after adding files."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            from oryx.manifest import write_manifest
+
+            write_manifest(save_directory)
 
     # --- generation -------------------------------------------------------------------------------------------
     def generate(

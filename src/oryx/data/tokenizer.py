@@ -165,11 +165,17 @@ def load_tokenizer(
             raise ValueError(f"bad tokenizer spec {text!r}: the vocabulary size must be an integer, e.g. 'bpe:8192'")
         return _trained_bpe(int(size), Path(cache_dir) if cache_dir else default_cache_dir())
     path = Path(text)
-    if path.is_dir():
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if path.is_file() and path.suffix == ".json":
+    if not (path.is_dir() or (path.is_file() and path.suffix == ".json")):
+        raise ValueError(f"unknown tokenizer {text!r}: no such file or folder; use {SPEC_GRAMMAR}")
+    try:
+        if path.is_dir():
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
         tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
-        if EOT in tok.get_vocab():  # our convention; a file alone cannot name another tokenizer's eos
-            tok.eos_token = tok.bos_token = EOT
-        return tok
-    raise ValueError(f"unknown tokenizer {text!r}: no such file or folder; use {SPEC_GRAMMAR}")
+    except Exception as err:  # the Rust backend raises bare Exceptions for a damaged file
+        raise ValueError(
+            f"{text} is not a tokenizer that can be loaded ({str(err).splitlines()[0] if str(err) else err!r}); "
+            "give a tokenizer.json written by `tokenizers`, or a folder written by save_pretrained"
+        ) from None
+    if EOT in tok.get_vocab():  # our convention; a file alone cannot name another tokenizer's eos
+        tok.eos_token = tok.bos_token = EOT
+    return tok
