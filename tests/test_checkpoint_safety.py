@@ -6,9 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from helpers import error_line, make_corpus, run_cli, tiny
+from helpers import cli_args, error_line, make_corpus, run_cli, tiny
 from safetensors.torch import load_file, save_file
 
 import oryx
@@ -152,3 +153,28 @@ def test_a_pytorch_model_bin_with_code_is_refused_as_unsafe(copy, tmp_path, caps
                       command="eval ppl")  # fmt: skip
     assert "weights_only" not in line
     assert not MARKER.exists()
+
+
+# --- item 5: resuming onto other data ------------------------------------------------------------------------------
+def test_a_shard_rewritten_with_the_same_size_is_refused_on_resume(tmp_path, capsys, gen):
+    corpus = make_corpus(tmp_path)
+    shard = tmp_path / "train.bin"
+    torch.randint(0, 257, (4000,), generator=gen).numpy().astype(np.uint16).tofile(shard)
+    config = tiny(corpus, tmp_path / "run", steps=4, save_every=2, eval_every=4, train_data=str(shard))
+    assert run_cli(["train", *cli_args(config)]) == 0
+    capsys.readouterr()
+    before = shard.stat().st_size
+    torch.randint(0, 257, (4000,), generator=gen).numpy().astype(np.uint16).tofile(shard)  # same size, new tokens
+    assert shard.stat().st_size == before
+    step2 = str(ckpt.step_dir(config.out_dir, 2))
+    error_line(capsys, ["train", "--resume", step2], "train_data", str(shard), "--accept-data-change")
+    assert run_cli(["train", "--resume", step2, "--accept-data-change"]) == 0
+    state = json.loads((ckpt.latest(config.out_dir) / ckpt.TRAINER_STATE).read_text())
+    assert state["history"][-1]["data_changed"] == ["train_data"] and state["history"][-1]["step"] == 2
+
+
+# --- item 12: a --resume path that does not exist ------------------------------------------------------------------
+def test_resume_from_a_path_that_does_not_exist(tmp_path, capsys):
+    missing = tmp_path / "runs" / "x" / "checkpoints" / "step-00000100"
+    line = error_line(capsys, ["train", "--resume", str(missing)], str(missing), "does not exist")
+    assert "checksums.json" not in line

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 import torch._dynamo
+from helpers import cli_args, error_line, make_corpus, tiny
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 
 from oryx import OryxConfig, OryxForCausalLM
 from oryx.data import load_tokens
+from oryx.training import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 300
@@ -58,6 +60,19 @@ def test_token_streams_are_checked_once_against_the_vocabulary(tmp_path, gen):
     ids[2500:].tofile(tmp_path / "shards" / "b.bin")
     with pytest.raises(ValueError, match=str(VOCAB + 7)):
         check_token_ids(load_tokens(tmp_path / "shards"), VOCAB, "shards")
+
+
+def test_train_on_random_ids_and_eval_with_a_larger_tokenizer_are_refused(tmp_path, capsys, gen):
+    corpus = make_corpus(tmp_path)
+    shard = tmp_path / "random.bin"
+    torch.randint(0, 60000, (20000,), generator=gen).numpy().astype(np.uint16).tofile(shard)
+    config = tiny(corpus, tmp_path / "run", steps=2, save_every=2, eval_every=2)  # byte tokenizer: 320 ids
+    error_line(capsys, ["train", *cli_args(config), "--train-data", str(shard)], "train_data", str(shard), "[0, 320)")
+    assert not (tmp_path / "run").exists()
+    train(config)
+    line = error_line(capsys, ["eval", "ppl", config.out_dir, "--tokenizer", "gpt2"], "--tokenizer gpt2", "[0, 320)",
+                      command="eval ppl")  # fmt: skip
+    assert "IndexError" not in line
 
 
 # --- item 11: ids, embeddings and configs at the model's edge ---------------------------------------------------

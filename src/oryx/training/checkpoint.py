@@ -13,11 +13,12 @@ needs:
     checksums.json       sha256 of every file above, written last (`oryx.manifest`)
 
 A checkpoint is written to a hidden temporary folder and renamed into place (`os.replace`), then `latest` is
-replaced the same way; older checkpoints beyond `keep` are removed only after that. So a crash at any moment leaves
-the previous good checkpoint and a `latest` that points to a complete one. Loading verifies every checksum, reads
-only the files the manifest lists, and refuses a damaged or unverifiable checkpoint without touching anything;
-`.pt` files are read with `weights_only=True`, and one that would need more (a pickle with code) is refused as
-unsafe.
+replaced the same way; older checkpoints beyond `keep` are removed only after that, each first renamed to a hidden
+`.deleting-` name (so an interrupted removal never leaves a half-deleted `step-` folder; `remove_temporaries`
+finishes it at the next start). So a crash at any moment leaves the previous good checkpoint and a `latest` that
+points to a complete one. Loading verifies every checksum, reads only the files the manifest lists, and refuses a
+damaged or unverifiable checkpoint without touching anything; `.pt` files are read with `weights_only=True`, and
+one that would need more (a pickle with code) is refused as unsafe.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ TRAINER_STATE = "trainer_state.json"
 TRAIN_CONFIG = "train_config.yaml"
 # What resuming reads besides the weights; a training checkpoint's manifest must list them.
 TRAINING_FILES = ("config.json", "optimizer.pt", "scheduler.pt", "rng.pt", TRAINER_STATE, TRAIN_CONFIG)
-TEMPORARY = (".tmp-", ".old-")  # prefixes of folders an interrupted write leaves
+TEMPORARY = (".tmp-", ".old-", ".deleting-")  # prefixes of folders an interrupted write or removal leaves
+DIVERGED = "diverged-"  # prefix of checkpoints set aside after a divergence
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 __all__ = ["CheckpointError"]  # re-exported: it is defined with the manifest
@@ -159,12 +161,41 @@ def save(
     write_atomic(root / LATEST, target.name + "\n")
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         if old != target:
-            shutil.rmtree(old)
+            remove_checkpoint(old)
     return target
 
 
+def set_aside_from(run_dir: str | os.PathLike[str], step: int) -> Path | None:
+    """After a divergence: rename the checkpoints of `step` and later (their weights already fail) to
+    `diverged-step-N` (kept for inspection, never resumed from or pruned), point `latest` at the newest earlier
+    checkpoint and return it (None when there is none)."""
+    root = Path(run_dir) / CHECKPOINTS
+    good = None
+    for path in list_checkpoints(run_dir):
+        if step_of(path) >= step:
+            doomed = path.with_name(f"{DIVERGED}{path.name}")
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(path, doomed)
+        else:
+            good = path
+    if good is not None:
+        write_atomic(root / LATEST, good.name + "\n")
+    elif (root / LATEST).exists():
+        (root / LATEST).unlink()
+    return good
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint folder: renamed to a hidden `.deleting-` name first, so that an interrupted removal
+    leaves no half-deleted `step-` folder behind (`remove_temporaries` finishes it)."""
+    doomed = path.with_name(f".deleting-{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
+
+
 def remove_temporaries(run_dir: str | os.PathLike[str]) -> None:
-    """Delete half-written folders left by a killed run (never a complete checkpoint)."""
+    """Delete half-written or half-deleted folders left by a killed run (never a complete checkpoint)."""
     root = Path(run_dir) / CHECKPOINTS
     if root.is_dir():
         for p in root.iterdir():
