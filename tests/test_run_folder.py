@@ -3,6 +3,7 @@ Oryx wrote and keeps the old run until the new one has a checkpoint, and interru
 The data-loss cases run as two real processes."""
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -201,3 +202,22 @@ def test_ctrl_c_prints_one_line_and_the_run_resumes(corpus, tmp_path):
     ckpt.verify(ckpt.latest(out))
     state = json.loads((ckpt.latest(out) / ckpt.TRAINER_STATE).read_text())
     assert state["step"] % 3 == 0
+
+
+def test_a_killed_tokenizer_training_leaves_nothing_half_made(tmp_path, monkeypatch):
+    """SIGKILL while a BPE is trained leaves its temporary folder; the next process that trains one removes it (it
+    can tell a dead process's folder from a live one's) and leaves only the finished tokenizer."""
+    from oryx.data import load_tokenizer, tokenizer
+
+    cache = tmp_path / "cache"
+    code = "from oryx.data import load_tokenizer; load_tokenizer('bpe:300')"
+    victim = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "ORYX_CACHE_DIR": str(cache)})
+    wait_for(lambda: bool(list((cache / "tokenizers").glob(".tmp-*"))), victim, "the tokenizer's temporary folder")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert list((cache / "tokenizers").glob(".tmp-*"))  # what the kill left
+    train_bpe = tokenizer.train_bpe  # the next training, here on a few documents to keep the test fast
+    monkeypatch.setattr(tokenizer, "train_bpe", lambda texts, size: train_bpe(list(texts)[:20], size))
+    assert len(load_tokenizer("bpe:300", cache_dir=cache)) == 300
+    (made,) = (cache / "tokenizers").iterdir()
+    assert made.name.startswith("prose-bpe300-") and (made / "tokenizer.json").is_file()

@@ -35,7 +35,13 @@ from transformers import PreTrainedTokenizerBase
 from oryx.cli_common import UsageError
 from oryx.configuration import GPT2_VOCAB as GPT2_VOCAB_SIZE
 from oryx.data.corpus import CORPORA, corpus_file, load_documents
-from oryx.data.tokenizer import default_cache_dir, gpt2_tiktoken, gpt2_tokenizer
+from oryx.data.tokenizer import (
+    default_cache_dir,
+    gpt2_tiktoken,
+    gpt2_tokenizer,
+    remove_stale_temporaries,
+    temporary_prefix,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -333,7 +339,8 @@ def _write_tokens(
 ) -> None:
     """Tokenise ``pieces`` in batches, eos after each non-empty document, into ``path`` (atomic rename)."""
     encode, eos = _batch_encoder(tokenizer), np.array([tokenizer.eos_token_id], dtype)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".bin")
+    remove_stale_temporaries(path.parent)  # what a killed tokenisation left behind
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(), suffix=".bin")
     documents = doc_tokens = 0
     try:
         with os.fdopen(fd, "wb") as out:
