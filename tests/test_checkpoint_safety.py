@@ -171,6 +171,10 @@ def test_a_shard_rewritten_with_the_same_size_is_refused_on_resume(tmp_path, cap
     assert run_cli(["train", "--resume", step2, "--accept-data-change"]) == 0
     state = json.loads((ckpt.latest(config.out_dir) / ckpt.TRAINER_STATE).read_text())
     assert state["history"][-1]["data_changed"] == ["train_data"] and state["history"][-1]["step"] == 2
+    # A shard of another length: refused with both token counts, and accepted knowingly too.
+    torch.randint(0, 257, (3000,), generator=gen).numpy().astype(np.uint16).tofile(shard)
+    error_line(capsys, ["train", "--resume", step2], "had 4,000 tokens, now 3,000", "--accept-data-change")
+    assert run_cli(["train", "--resume", step2, "--accept-data-change"]) == 0
 
 
 # --- item 12: a --resume path that does not exist ------------------------------------------------------------------

@@ -407,7 +407,7 @@ def _train(
         replacement = on_main(info, lambda: _prepare_run_dir(config, run_dir, resume_from is not None, overwrite))
         try:
             return _run(config, info, run_dir, tokenizer, cfg, val_tokens, data, rows_per_rank, state, resume_from,
-                        fingerprints, replacement, started)  # fmt: skip
+                        fingerprints, accept_data_change, replacement, started)  # fmt: skip
         except BaseException:
             if replacement is not None and replacement.folder.exists():
                 replacement.restore()  # stopped before its first checkpoint: the previous run is back
@@ -547,6 +547,7 @@ def _run(
     state: ckpt.Checkpoint | None,
     resume_from: Path | None,
     fingerprints: dict[str, Any],
+    accept_data_change: bool,
     replacement: runfolder.RunReplacement | None,
     started: float,
 ) -> TrainResult:
@@ -582,8 +583,12 @@ def _run(
             model, optimizer, state.optimizer_state, options=StateDictOptions(full_state_dict=True)
         )
         scheduler.load_state_dict(state.scheduler_state)
+        position = dict(state.trainer_state["data"])
+        if accept_data_change and position.get("num_windows") != data.num_windows:
+            # Other data, knowingly: the same epoch, at the same batch or the epoch's end, in the new windows.
+            position.update(num_windows=data.num_windows, step=min(position["step"], data.batches_per_epoch))
         try:
-            data.load_state_dict(state.trainer_state["data"])
+            data.load_state_dict(position)
         except ValueError as err:
             raise ConfigError(f"--resume {resume_from}: {err}") from None
         if len(state.rng_states) != info.world_size:
