@@ -144,9 +144,15 @@ def test_overwrite_refuses_what_oryx_cannot_tell_from_yours(corpus, tmp_path, ca
     args = cli_args(tiny(corpus, foreign, steps=2, save_every=2, eval_every=2))
     error_line(capsys, ["train", *args, "--overwrite"], ".oryx-run.json", "nothing was changed")
     assert tree(foreign) == before
-    # An Oryx run whose checkpoint folder holds a file of the user's: refused, naming it.
+    # An Oryx run, and a replacement whose data is unusable: refused before anything moves.
     out = tmp_path / "run"
     train(tiny(corpus, out, steps=2, save_every=2, eval_every=2))
+    before = tree(out)
+    (tmp_path / "empty.txt").write_text("")
+    args = cli_args(tiny(corpus, out, steps=2, save_every=2, eval_every=2, train_data=str(tmp_path / "empty.txt")))
+    error_line(capsys, ["train", *args, "--overwrite"], "empty.txt", "no text")
+    assert tree(out) == before
+    # An Oryx run whose checkpoint folder holds a file of the user's: refused, naming it.
     (ckpt.latest(out) / "my-notes.txt").write_text("mine")
     args = cli_args(tiny(corpus, out, steps=2, save_every=2, eval_every=2))
     error_line(capsys, ["train", *args, "--overwrite"], "checkpoints/step-00000002/my-notes.txt")
