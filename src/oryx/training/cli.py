@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from oryx.training import checkpoint as ckpt
+from oryx.training import runfolder
 from oryx.training.config import SCHEDULE_KEYS, ConfigError, TrainConfig, add_config_arguments
 
 # Keys a resumed run may change: they do not touch the training trajectory.
@@ -91,6 +92,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, str | None]:
                 raise ConfigError(f"--{flag.replace('_', '-')} applies only with --resume")
         return config, None
     if args.resume == "latest":
+        runfolder.check_unlocked(config.out_dir)  # another process writing the run: say so before reading it
         found = ckpt.latest(config.out_dir)
         if found is None:
             raise ConfigError(f"--resume: {config.out_dir} has no checkpoint (set --out-dir to the run's folder)")
@@ -100,6 +102,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, str | None]:
         if not resume.exists():
             raise ConfigError(f"--resume: {resume} does not exist (give a checkpoint folder, or --resume alone)")
         flags.setdefault("out_dir", str(resume.resolve().parent.parent))
+        runfolder.check_unlocked(resume.resolve().parent.parent)
     if getattr(args, "verify", True):
         ckpt.verify(resume)
     saved = TrainConfig.from_yaml(resume / ckpt.TRAIN_CONFIG)
@@ -159,10 +162,8 @@ def run(args: argparse.Namespace) -> int:
     if not _is_main_rank():
         return 0
     print(f"checkpoint: {result.checkpoint}")
-    if config.report:
-        from oryx.training.report import write_report
-
-        summary = write_report(result.run_dir, config, started)
+    if result.report is not None:
+        summary = result.report
         print(_final_lines(summary.parent))
         print(
             f"report: {summary.parent}/ (summary.md, val_ppl.png"

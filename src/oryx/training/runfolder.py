@@ -68,13 +68,9 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                owner = os.read(fd, 200).decode(errors="replace").split()
+                owner = os.read(fd, 200)
                 os.close(fd)
-                pid = f"pid {owner[0]}" + (f" on {owner[1]}" if len(owner) > 1 else "") if owner else "pid unknown"
-                raise ConfigError(
-                    f"{self.run_dir} is being written by another oryx train ({pid}); wait for it to finish or "
-                    "choose another --out-dir"
-                ) from None
+                raise ConfigError(_busy(self.run_dir, owner)) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         self._held[key] = [fd, 1]
@@ -86,6 +82,29 @@ class RunLock:
         if entry[1] == 0:
             del self._held[str(self.path)]
             os.close(entry[0])  # releases the flock; the file stays (unlinking it would race with a new owner)
+
+
+def check_unlocked(run_dir: str | os.PathLike[str]) -> None:
+    """Raise the RunLock's ConfigError if another process holds the lock of `run_dir` now: a probe that writes
+    nothing, for reading a run's checkpoint before taking the lock."""
+    path = Path(run_dir).absolute() / LOCK
+    if fcntl is None or not path.is_file() or str(path) in RunLock._held:
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ConfigError(_busy(Path(run_dir), os.read(fd, 200))) from None
+    finally:
+        os.close(fd)  # releases the probe's lock
+
+
+def _busy(run_dir: Path, owner: bytes) -> str:
+    words = owner.decode(errors="replace").split()
+    pid = f"pid {words[0]}" + (f" on {words[1]}" if len(words) > 1 else "") if words else "pid unknown"
+    return (
+        f"{run_dir} is being written by another oryx train ({pid}); wait for it to finish or choose another --out-dir"
+    )
 
 
 # --- the marker ---------------------------------------------------------------------------------------------------

@@ -74,6 +74,7 @@ class TrainResult:
     final: dict[str, PerplexityResult]
     checkpoint: Path | None
     seconds: float
+    report: Path | None = None  # summary.md of the report folder, when the config asks for one (main rank)
 
 
 # --- model and optimizer ----------------------------------------------------------------------------------------
@@ -292,7 +293,7 @@ def train(
     verify: bool = True,
     accept_data_change: bool = False,
 ) -> TrainResult:
-    """Run (or resume) training as configured.
+    """Run (or resume) training as configured; on the main rank, also write the report at the end (`config.report`).
 
     Args:
         config: the run's settings (checked here again before any work).
@@ -377,37 +378,49 @@ def _train(
             f"({config.grad_accum} × {info.world_size})"
         )
     run_dir = Path(config.out_dir)
-    # 1. Everything that can fail is checked before the run folder changes: the folder, the checkpoint, the data,
-    #    the model's shape and its memory.
-    resume_from = on_main(info, lambda: _checkpoint_to_resume(run_dir, resume, overwrite, verify))
-    resume_from = info.broadcast_object(resume_from)
-    tokenizer, train_tokens, val_tokens = on_main(info, lambda: _load_data(config), then_others=True)
-    cfg = _as_config_error("model", lambda: model_config(config, tokenizer))
-    check_memory(config, cfg, rows_per_rank, info.device)
-    for key, tokens in (("train_data", train_tokens), ("val_data", val_tokens)):
-        source = getattr(config, key)
-        _as_config_error(key, lambda t=tokens, s=source: check_token_ids(t, cfg.vocab_size, str(s)), source)
-    data = _as_config_error(
-        "train_data",
-        lambda: PackedDataset(
-            train_tokens, config.seq_len, rows_per_rank, seed=config.seed, rank=info.rank,
-            world_size=info.world_size,
-        ),
-        config.train_data,
-    )  # fmt: skip
-    fingerprints = {"train_data": fingerprint(train_tokens), "val_data": fingerprint(val_tokens)}
-    state = None
-    if resume_from is not None:
-        state = ckpt.read(resume_from, verify=verify)
-        _check_fingerprints(state, fingerprints, accept_data_change)
-
-    # 2. The run folder: locked by the main rank for the rest of the run.
     with contextlib.ExitStack() as stack:
-        on_main(info, lambda: stack.enter_context(runfolder.RunLock(run_dir)))
+        # The main rank locks the run folder for the whole run; an Oryx run's folder (it has the marker) is locked
+        # first, so that another process writing it is named before anything of it is read. Any other folder is
+        # locked once everything is checked, still before anything is written.
+        def lock() -> None:
+            stack.enter_context(runfolder.RunLock(run_dir))  # reentrant: taking it twice is harmless
+
+        if info.broadcast_object((run_dir / runfolder.MARKER).is_file()):
+            on_main(info, lock)
+        # Everything that can fail is checked before the run folder changes: the folder, the checkpoint, the data,
+        # the model's shape and its memory.
+        resume_from = on_main(info, lambda: _checkpoint_to_resume(run_dir, resume, overwrite, verify))
+        resume_from = info.broadcast_object(resume_from)
+        tokenizer, train_tokens, val_tokens = on_main(info, lambda: _load_data(config), then_others=True)
+        cfg = _as_config_error("model", lambda: model_config(config, tokenizer))
+        check_memory(config, cfg, rows_per_rank, info.device)
+        for key, tokens in (("train_data", train_tokens), ("val_data", val_tokens)):
+            source = getattr(config, key)
+            _as_config_error(key, lambda t=tokens, s=source: check_token_ids(t, cfg.vocab_size, str(s)), source)
+        data = _as_config_error(
+            "train_data",
+            lambda: PackedDataset(
+                train_tokens, config.seq_len, rows_per_rank, seed=config.seed, rank=info.rank,
+                world_size=info.world_size,
+            ),
+            config.train_data,
+        )  # fmt: skip
+        fingerprints = {"train_data": fingerprint(train_tokens), "val_data": fingerprint(val_tokens)}
+        state = None
+        if resume_from is not None:
+            state = ckpt.read(resume_from, verify=verify)
+            _check_fingerprints(state, fingerprints, accept_data_change)
+
+        on_main(info, lock)
         replacement = on_main(info, lambda: _prepare_run_dir(config, run_dir, resume_from is not None, overwrite))
         try:
-            return _run(config, info, run_dir, tokenizer, cfg, val_tokens, data, rows_per_rank, state, resume_from,
-                        fingerprints, accept_data_change, replacement, started)  # fmt: skip
+            result = _run(config, info, run_dir, tokenizer, cfg, val_tokens, data, rows_per_rank, state, resume_from,
+                          fingerprints, accept_data_change, replacement, started)  # fmt: skip
+            if config.report and info.is_main:  # still under the lock
+                from oryx.training.report import write_report  # (report imports this module)
+
+                result.report = write_report(run_dir, config, started)
+            return result
         except BaseException:
             if replacement is not None and replacement.folder.exists():
                 replacement.restore()  # stopped before its first checkpoint: the previous run is back
