@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from helpers import make_corpus
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -19,6 +20,12 @@ def gen() -> torch.Generator:
     seed = torch.seed() % (2**31)
     print(f"generator seed: {seed}")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small train/validation text pair and a private token cache (byte tokenizer: nothing to train)."""
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

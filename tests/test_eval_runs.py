@@ -39,8 +39,8 @@ def checkpoints(tmp_path_factory, tokenizer):
     for name, variant in (("tg", "tg"), ("transformer", "transformer")):
         model = _tiny(variant)
         model.config.eos_token_id = tokenizer.eos_token_id
+        tokenizer.save_pretrained(root / name)  # first: the model's save writes the manifest over both
         model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
     return root
 
 

@@ -38,8 +38,8 @@ def saved(tmp_path_factory) -> tuple[Path, Path]:
         eos_token_id=tokenizer.eos_token_id,
     )
     model = OryxForCausalLM(config)
+    tokenizer.save_pretrained(folder / "ckpt")  # first: the model's save writes the manifest over both
     model.save_pretrained(folder / "ckpt")
-    tokenizer.save_pretrained(folder / "ckpt")
     return folder / "ckpt", folder / "val.txt"
 
 
@@ -150,8 +150,8 @@ def test_eval_refuses_a_single_mode_model_for_switching(tmp_path, capsys):
     model = OryxForCausalLM(
         OryxConfig(variant="transformer", vocab_size=257, hidden_size=64, num_hidden_layers=1, head_dim=32)
     )
-    model.save_pretrained(tmp_path / "t")
     tokenizer.save_pretrained(tmp_path / "t")
+    model.save_pretrained(tmp_path / "t")
     (tmp_path / "v.txt").write_text("hello world " * 50)
     assert main(["eval", "switching", str(tmp_path / "t"), "--data", str(tmp_path / "v.txt"), "--seq-len", "16"]) == 2
     assert "both modes" in capsys.readouterr().err

@@ -26,8 +26,8 @@ def checkpoint(tmp_path_factory):
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.eos_token_id,
     )
+    tokenizer.save_pretrained(folder / "ckpt")  # first: the model's save writes the manifest over both
     OryxForCausalLM(config).save_pretrained(folder / "ckpt")
-    tokenizer.save_pretrained(folder / "ckpt")
     return folder / "ckpt"
 
 

@@ -2,7 +2,6 @@
 position, two-process gloo DDP/FSDP equality with one process, damaged checkpoints, NaN stops."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -12,72 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli_args, subprocess_env, tiny
 
 import oryx
 from oryx import OryxConfig, OryxForCausalLM
 from oryx.cli import main
-from oryx.data import PackedDataset, load_documents, load_tokenizer, load_tokens
+from oryx.data import PackedDataset, load_tokenizer, load_tokens
 from oryx.training import CheckpointError, ConfigError, TrainConfig, TrainingDiverged, train
 from oryx.training import checkpoint as ckpt
 from oryx.training.trainer import read_metrics, split_decay
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """A small train/validation text pair and a private token cache (byte tokenizer: nothing to train)."""
-    folder = tmp_path_factory.mktemp("corpus")
-    train_text = "\n\n".join(doc.text for doc in load_documents("validation"))
-    (folder / "train.txt").write_text(train_text[:1200])  # 18 batches of 2 × 33 tokens per epoch
-    (folder / "val.txt").write_text(train_text[-4000:])
-    os.environ["ORYX_CACHE_DIR"] = str(folder / "cache")  # read by the data layer at call time
-    return folder
-
-
-def tiny(corpus: Path, out_dir: Path, **overrides) -> TrainConfig:
-    """A 2-layer, width-64 Oryx-TG on byte tokens; chunks of 8 so that modes switch inside every sequence."""
-    values = dict(
-        preset="oryx-tg-tiny",
-        hidden_size=64,
-        head_dim=32,
-        train_data=str(corpus / "train.txt"),
-        val_data=str(corpus / "val.txt"),
-        tokenizer="byte",
-        seq_len=32,
-        batch_size=4,
-        grad_accum=2,
-        schedule="chunks:size=8,p_attn=0.5",
-        steps=12,
-        eval_every=6,
-        save_every=4,
-        eval_tokens=128,
-        report=False,
-        progress=False,
-        tensorboard=False,
-        threads=1,
-        out_dir=str(out_dir),
-    )
-    values.update(overrides)
-    return TrainConfig.from_dict(values)
-
-
-def cli_args(config: TrainConfig) -> list[str]:
-    """The flags that reproduce `config` on the command line."""
-    args = []
-    for key, value in config.to_dict().items():
-        if value is None or value == getattr(TrainConfig(), key):
-            continue
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + flag[2:])
-        else:
-            args += [flag, str(value)]
-    return args
-
-
-def subprocess_env(corpus: Path) -> dict[str, str]:
-    return {**os.environ, "ORYX_CACHE_DIR": str(corpus / "cache"), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def losses(run_dir: Path, kind: str = "train") -> dict[int, float]:

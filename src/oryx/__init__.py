@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from oryx import ops, schedule, variants
 from oryx.cache import OryxCache
 from oryx.configuration import ATTN, LINEAR, OryxConfig, preset_names
+from oryx.manifest import write_manifest
 from oryx.modeling import OryxForCausalLM, OryxModel, OryxPreTrainedModel
 from oryx.params import param_report
 
@@ -32,4 +33,5 @@ __all__ = [
     "preset_names",
     "schedule",
     "variants",
+    "write_manifest",
 ]

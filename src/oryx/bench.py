@@ -23,7 +23,8 @@ from contextlib import nullcontext
 
 import torch
 
-from oryx.configuration import OryxConfig
+from oryx.cli_common import UsageError, nonnegative_int, output_file, positive_int, resolve_device
+from oryx.configuration import OryxConfig, preset_names
 from oryx.modeling import OryxForCausalLM
 from oryx.params import param_report
 from oryx.schedule import attention_fraction, parse
@@ -46,12 +47,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=list(MODES),
         help="modes to time for Oryx presets (default: attn linear mix)",
     )
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument(
-        "--tokens", type=int, default=0, help="tokens per step (batch = tokens // T); 0 = one sequence per step"
+        "--tokens",
+        type=nonnegative_int,
+        default=0,
+        help="tokens per step (batch = tokens // T); 0 = one sequence per step",
     )
-    parser.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary (CPU default 8192)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per point (median reported)")
+    parser.add_argument(
+        "--vocab-size", type=positive_int, default=None, help="override the vocabulary (CPU default 8192)"
+    )
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed steps per point (median reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--dtype",
@@ -60,14 +66,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="bfloat16 = autocast with float32 weights, as training does",
     )
     parser.add_argument("--checkpointing", action="store_true", help="enable gradient checkpointing")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     parser.add_argument(
         "--clock",
         default="wall",
         choices=["wall", "cpu"],
         help="cpu = this process's CPU time (CPU device only): steadier than wall time on a shared machine",
     )
-    parser.add_argument("--json", default=None, help="also write the raw numbers to this JSON file")
+    parser.add_argument("--json", type=output_file, default=None, help="also write the raw numbers to this JSON file")
 
 
 def time_step(
@@ -104,10 +112,14 @@ def peak_tflops(device: str) -> float | None:
 
 def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
+    unknown = [p for p in args.presets if p not in preset_names()]
+    if unknown:
+        raise UsageError(f"--presets: unknown preset {unknown[0]!r}; `oryx info` lists them")
+    args.device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.clock == "cpu" and args.device != "cpu":
-        raise ValueError("--clock cpu measures host CPU time; use it with --device cpu")
+        raise UsageError("--clock cpu measures host CPU time; use it with --device cpu")
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     vocab = args.vocab_size or (8192 if args.device == "cpu" else None)
     generator = torch.Generator().manual_seed(0)

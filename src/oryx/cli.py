@@ -1,14 +1,16 @@
 """The `oryx` command line: `oryx {train,eval,generate,bench,info} --help`.
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; modules are
-imported only when their subcommand runs, so `oryx --help` is instant.
+imported only when their subcommand runs, so `oryx --help` is instant. A user-caused failure exits 2 with one
+`oryx <command>: error: ...` line (`oryx.cli_common`), Ctrl-C exits 130 with one line.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
+
+from oryx.cli_common import ArgumentParser, run_command
 
 SUBCOMMANDS = {
     "train": ("oryx.training.cli", "train a model (default: a small Oryx-TG on the embedded corpus) and report"),
@@ -21,7 +23,7 @@ SUBCOMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="oryx", description="Oryx multi-mixer language models")
+    parser = ArgumentParser(prog="oryx", description="Oryx multi-mixer language models")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -31,9 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args.command is None and not argv else 2
     module_name, help_text = SUBCOMMANDS[argv[0]]
     module = importlib.import_module(module_name)
-    command_parser = argparse.ArgumentParser(prog=f"oryx {argv[0]}", description=help_text)
+    command_parser = ArgumentParser(prog=f"oryx {argv[0]}", description=help_text)
     module.add_arguments(command_parser)
-    return int(module.run(command_parser.parse_args(argv[1:])) or 0)
+    args = command_parser.parse_args(argv[1:])
+    prog = " ".join(["oryx", argv[0], *([args.eval_command] if getattr(args, "eval_command", None) else [])])
+    return run_command(prog, module.run, args)
 
 
 if __name__ == "__main__":

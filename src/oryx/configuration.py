@@ -8,6 +8,10 @@ docs/paper.md §3.3).
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import functools
+import math
 from typing import Any
 
 from transformers import PreTrainedConfig
@@ -81,6 +85,7 @@ class OryxConfig(PreTrainedConfig):
         pad_token_id: int | None = None,
         **kwargs: Any,
     ):
+        _validate_fields({k: v for k, v in locals().items() if k not in ("self", "kwargs", "__class__")}, kwargs)
         row = VARIANTS.get(variant)
         if row is None:
             raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
@@ -159,6 +164,65 @@ class OryxConfig(PreTrainedConfig):
             fields.update(vocab_size=GPT2_VOCAB, max_position_embeddings=2048)
         fields.update(overrides)
         return cls(**fields)
+
+
+_POSITIVE_INTS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "head_dim", "intermediate_size", "max_position_embeddings",
+    "conv_size", "chunk_size", "mamba_head_dim", "mamba_d_state", "mamba_expand", "gdn_num_heads", "gdn_head_dim_v",
+)  # fmt: skip
+_NONNEGATIVE_FLOATS = ("rms_norm_eps", "initializer_range")
+
+
+def _validate_fields(fields: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Refuse impossible values of OryxConfig's own fields, and keys that are neither its fields nor attributes
+    transformers' PreTrainedConfig knows (a typo such as `hiden_size` would otherwise become a silent attribute)."""
+    for key in extra:
+        if key not in _known_keys() and key != "num_heads":  # num_heads: derived, saved in config.json
+            close = difflib.get_close_matches(key, [*fields, *_known_keys()], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(f"OryxConfig got an unknown key {key!r}{hint}")
+    for key in _POSITIVE_INTS:
+        value = fields[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    for key in _NONNEGATIVE_FLOATS:
+        value = fields[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
+    theta = fields["rope_theta"]
+    if isinstance(theta, bool) or not isinstance(theta, int | float) or not (math.isfinite(theta) and theta > 0):
+        raise ValueError(f"rope_theta must be a finite number > 0, got {theta!r}")
+    heads = extra.get("num_heads")
+    if heads is not None and heads != fields["hidden_size"] // fields["head_dim"]:
+        raise ValueError(
+            f"num_heads ({heads}) does not match hidden_size // head_dim "
+            f"({fields['hidden_size']} // {fields['head_dim']}); num_heads is derived, leave it out"
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def _known_keys() -> frozenset[str]:
+    """Every key transformers' PreTrainedConfig accepts or saves (its fields, attributes and properties, the keys
+    its __init__/__post_init__ read from kwargs, and the generation parameters it drops), from transformers
+    itself, so that configs saved by any version load."""
+    import dataclasses
+    import inspect
+    import re
+
+    from transformers import GenerationConfig
+
+    keys = set(PreTrainedConfig().to_dict())
+    keys |= {n for n, value in inspect.getmembers(PreTrainedConfig) if not callable(value) and not n.startswith("__")}
+    keys |= set(inspect.signature(PreTrainedConfig.__init__).parameters) - {"self", "args", "kwargs"}
+    if dataclasses.is_dataclass(PreTrainedConfig):
+        keys |= {f.name for f in dataclasses.fields(PreTrainedConfig)}
+    with_kwargs = [PreTrainedConfig.__init__, getattr(PreTrainedConfig, "__post_init__", None)]
+    for method in filter(None, with_kwargs):
+        with contextlib.suppress(OSError, TypeError):  # no source (e.g. a frozen install): the rest still holds
+            keys |= set(re.findall(r"kwargs\.(?:pop|get)\(\s*[\"'](\w+)[\"']", inspect.getsource(method)))
+    with contextlib.suppress(AttributeError):
+        keys |= set(GenerationConfig._get_default_generation_params())
+    return frozenset(keys)
 
 
 def preset_names() -> list[str]:

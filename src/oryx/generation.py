@@ -17,6 +17,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from oryx.cli_common import (
+    UsageError,
+    nonnegative_int,
+    output_file,
+    positive_float,
+    positive_int,
+    probability,
+    resolve_device,
+    seed,
+)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -31,12 +42,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="mode schedule, e.g. attn, linear, 'tail:attn=64', 'spans:linear@0,attn@512' (default: the model's "
         "default mode)",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
+    parser.add_argument(
+        "--max-new-tokens", type=positive_int, default=200, help="tokens to generate at most (default: 200)"
+    )
     parser.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: 0.8)")
-    parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 = all")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument("--temperature", type=positive_float, default=0.8, help="sampling temperature (default: 0.8)")
+    parser.add_argument(
+        "--top-k", type=nonnegative_int, default=50, help="sample among the k most likely tokens; 0 = all"
+    )
+    parser.add_argument(
+        "--top-p", type=probability, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1.0 = off)"
+    )
+    parser.add_argument("--seed", type=seed, default=0, help="sampling seed (default: 0)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda (default: auto)")
     parser.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
     parser.add_argument(
@@ -44,7 +61,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="preallocate the cache after the prompt and replay decoding steps from CUDA graphs (no beam search)",
     )
-    parser.add_argument("--json", default=None, metavar="FILE", help="also write text and statistics to this file")
+    parser.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="load a model folder without checking its checksums.json (it is then not verified)",
+    )
+    parser.add_argument(
+        "--json", type=output_file, default=None, metavar="FILE", help="also write text and statistics to this file"
+    )
 
 
 def generate(
@@ -109,6 +134,18 @@ def generate(
     }
 
 
+def _read_prompt(path: str) -> str:
+    """The prompt from a UTF-8 file ('-' = stdin); an unreadable file is refused, naming it."""
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except OSError as err:
+        raise UsageError(f"--prompt-file {path}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--prompt-file {path} is not UTF-8 text") from None
+
+
 def _kv_in_use(cache: Any) -> int:
     """Bytes of the KV cache's filled part (`memory_bytes()["kv"]` also counts the buffers' spare capacity)."""
     views = [t for layer in cache.layers for t in (layer.key, layer.value) if t is not None]
@@ -120,23 +157,17 @@ def _mib(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
     from transformers import TextStreamer
     from transformers.utils import logging as hf_logging
 
     from oryx.training.checkpoint import load_pretrained
 
     hf_logging.disable_progress_bar()
-    if args.prompt is not None:
-        prompt = args.prompt
-    elif args.prompt_file == "-":
-        prompt = sys.stdin.read()
-    else:
-        prompt = Path(args.prompt_file).read_text(encoding="utf-8")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    prompt = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file)
+    device = resolve_device(args.device)
+    model, tokenizer, folder = load_pretrained(args.checkpoint, device, verify=args.verify)
+    streamer = None if args.no_stream else TextStreamer(tokenizer, skip_special_tokens=True)
     try:
-        model, tokenizer, folder = load_pretrained(args.checkpoint, device)
-        streamer = None if args.no_stream else TextStreamer(tokenizer, skip_special_tokens=True)
         result = generate(
             model,
             tokenizer,
@@ -151,9 +182,8 @@ def run(args: argparse.Namespace) -> int:
             streamer=streamer,
             cuda_graphs=args.cuda_graphs,
         )
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"oryx generate: error: {err}", file=sys.stderr)
-        return 2
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     if args.no_stream:
         print(prompt + result["text"])
     memory = result["memory_bytes"]

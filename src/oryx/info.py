@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+from oryx.cli_common import UsageError, positive_int
 from oryx.configuration import OryxConfig, preset_names
 from oryx.modeling import OryxForCausalLM
 from oryx.params import param_report
@@ -13,13 +14,15 @@ from oryx.params import param_report
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("preset", nargs="?", help="a preset name (e.g. oryx-tg-130m); omit to list all presets")
-    parser.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocabulary size")
+    parser.add_argument("--vocab-size", type=positive_int, default=None, help="override the preset's vocabulary size")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.preset is None:
         print("\n".join(preset_names()))
         return 0
+    if args.preset not in preset_names():
+        raise UsageError(f"unknown preset {args.preset!r}; run `oryx info` for the list ({', '.join(preset_names())})")
     overrides = {} if args.vocab_size is None else {"vocab_size": args.vocab_size}
     config = OryxConfig.from_preset(args.preset, **overrides)
     with torch.device("meta"):

@@ -6,6 +6,7 @@ baseline's single mixer); `modes` [B, T] (0 = attention, 1 = linear) is the same
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -168,15 +169,56 @@ class OryxModel(OryxPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), **{CACHE_FIELD: cache})
 
     def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """The input embeddings [B, T, D], after checking what the caller passed (`_check_ids`, `_check_embeds`)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is not None:
-            return inputs_embeds
+            return self._check_embeds(inputs_embeds)
+        self._check_ids(input_ids)
+        return self.embed_tokens(input_ids)
+
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        """[B, T] int64/int32 ids with B, T ≥ 1, in [0, vocab_size). The range check reads one min/max back to the
+        host: skipped while compiling or capturing a CUDA graph (both forbid host syncs); free on CPU."""
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {list(input_ids.shape)}")
-        if input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
-            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-        return self.embed_tokens(input_ids)
+        if input_ids.dtype not in (torch.long, torch.int):
+            raise TypeError(f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}; convert with .long()")
+        if input_ids.numel() == 0:
+            raise ValueError(f"input_ids is empty (shape {list(input_ids.shape)}); pass at least one token per row")
+        if torch.compiler.is_compiling() or (input_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return
+        low, high = torch.aminmax(input_ids)
+        low, high = int(low), int(high)
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"input_ids holds token id {bad}, outside the model's vocabulary [0, {self.config.vocab_size}); "
+                "encode with the model's tokenizer"
+            )
+
+    def _check_embeds(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """[B, T, hidden_size] floating embeddings with B, T ≥ 1, in the weights' dtype (or under autocast)."""
+        if not isinstance(inputs_embeds, torch.Tensor):
+            raise TypeError(f"inputs_embeds must be a torch.Tensor, got {type(inputs_embeds).__name__}")
+        width = self.config.hidden_size
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != width:
+            raise ValueError(
+                f"inputs_embeds must be [batch, length, hidden_size={width}], got shape {list(inputs_embeds.shape)}"
+            )
+        if inputs_embeds.shape[0] == 0 or inputs_embeds.shape[1] == 0:
+            raise ValueError(f"inputs_embeds is empty (shape {list(inputs_embeds.shape)}); pass at least one token")
+        weight = self.embed_tokens.weight.dtype
+        if not inputs_embeds.dtype.is_floating_point:
+            raise TypeError(f"inputs_embeds must be floating point ({weight}), got {inputs_embeds.dtype}")
+        if inputs_embeds.dtype != weight and not torch.is_autocast_enabled(inputs_embeds.device.type):
+            raise TypeError(
+                f"inputs_embeds has dtype {inputs_embeds.dtype} but the model's weights are {weight}; "
+                f"convert it with .to({weight})"
+            )
+        return inputs_embeds
 
     def _context(
         self, modes, attention_mask, cache: OryxCache | None, B: int, T: int, device, active_modes=None
@@ -348,6 +390,16 @@ class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden)
         targets = F.pad(labels[:, 1:], (0, 1), value=-100)
         return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> None:
+        """transformers' `save_pretrained`, then `checksums.json` over the folder's files (`oryx.manifest`), which
+        `oryx eval` and `oryx generate` verify. Save a tokenizer into the folder first, or call
+        `oryx.write_manifest(folder)` after adding files."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            from oryx.manifest import write_manifest
+
+            write_manifest(save_directory)
 
     # --- generation -------------------------------------------------------------------------------------------
     def generate(

@@ -32,9 +32,16 @@ from pathlib import Path
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from oryx.cli_common import UsageError
 from oryx.configuration import GPT2_VOCAB as GPT2_VOCAB_SIZE
 from oryx.data.corpus import CORPORA, corpus_file, load_documents
-from oryx.data.tokenizer import default_cache_dir, gpt2_tiktoken, gpt2_tokenizer
+from oryx.data.tokenizer import (
+    default_cache_dir,
+    gpt2_tiktoken,
+    gpt2_tokenizer,
+    remove_stale_temporaries,
+    temporary_prefix,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +51,14 @@ DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 PIECE_CHARS = 1 << 20  # long text files are read and tokenised ~1 MB of whole lines at a time
 BATCH_CHARS = 8 << 20  # characters handed to the tokenizer per batch (bounds memory, keeps both cores busy)
 CACHE_VERSION = 1  # bump when the cache layout or the packing convention changes
+
+
+class DataError(UsageError, ValueError):
+    """A data source that cannot be used as it is; the message names the file and the fix."""
+
+
+class DataNotFoundError(UsageError, FileNotFoundError):
+    """A data source that does not exist."""
 
 
 class TokenShards:
@@ -98,11 +113,11 @@ def load_tokens(
         arrays = [_memmap_shard(path, dtype) for path in shards]
         return arrays[0] if len(arrays) == 1 else TokenShards(arrays)
     if tokenizer is None:
-        raise ValueError(f"{source} is text: pass a tokenizer (e.g. oryx.data.load_tokenizer('gpt2'))")
+        raise DataError(f"{source} is text: pass a tokenizer (e.g. oryx.data.load_tokenizer('gpt2'))")
     if not tokenizer.is_fast:  # the Rust backend does the batch encoding
-        raise ValueError(f"{type(tokenizer).__name__} is a slow tokenizer; load a fast one (use_fast=True)")
+        raise DataError(f"{type(tokenizer).__name__} is a slow tokenizer; load a fast one (use_fast=True)")
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos token to separate documents: set tokenizer.eos_token")
+        raise DataError("the tokenizer has no eos token to separate documents: set tokenizer.eos_token")
     token_dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     key = _cache_key(source, tokenizer, text_field, split)
@@ -134,7 +149,7 @@ def _builtin(source: str | os.PathLike[str]) -> tuple[str, str] | None:
 def _existing(source: str | os.PathLike[str]) -> Path:
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"data source {os.fspath(source)!r} does not exist; give a .txt/.jsonl/.bin file, a folder of "
             "them, a saved `datasets` folder, or an embedded corpus split such as 'prose:train'"
         )
@@ -156,7 +171,7 @@ def _bin_shards(source: str | os.PathLike[str]) -> list[Path]:
         return []
     shards = sorted(p for p in path.rglob("*.bin") if p.is_file())
     if shards and _text_files(path):
-        raise ValueError(f"{path} mixes .bin token shards with text files; put them in separate folders")
+        raise DataError(f"{path} mixes .bin token shards with text files; put them in separate folders")
     return shards
 
 
@@ -165,12 +180,12 @@ def _memmap_shard(path: Path, dtype: str | None) -> np.ndarray:
     suffix = path.name.removesuffix(".bin").rpartition(".")[2]
     chosen = np.dtype(suffix if suffix in ("uint16", "uint32") else dtype or "uint16")
     if chosen not in (np.uint16, np.uint32):
-        raise ValueError(f"token shards must be uint16 or uint32, not {chosen}")
+        raise DataError(f"token shards must be uint16 or uint32, not {chosen}")
     size = path.stat().st_size
     if size == 0:
-        raise ValueError(f"token shard {path} is empty")
+        raise DataError(f"token shard {path} is empty")
     if size % chosen.itemsize:
-        raise ValueError(f"{path} has {size} bytes, not a whole number of {chosen} ids; is dtype right?")
+        raise DataError(f"{path} has {size} bytes, not a whole number of {chosen} ids; is dtype right?")
     return np.memmap(path, dtype=chosen, mode="r")
 
 
@@ -190,7 +205,7 @@ def _source_files(source: str | os.PathLike[str]) -> list[Path]:
         return sorted(p for p in path.rglob("*") if p.is_file())
     files = _text_files(path)
     if not files:
-        raise ValueError(f"{path} holds no {', '.join(TEXT_SUFFIXES)} or .bin files (nor a saved dataset)")
+        raise DataError(f"{path} holds no {', '.join(TEXT_SUFFIXES)} or .bin files (nor a saved dataset)")
     return files
 
 
@@ -221,38 +236,50 @@ def _pieces(source: str | os.PathLike[str], text_field: str, split: str) -> Iter
         elif file.suffix == ".txt":
             yield from _txt_pieces(file)
         else:
-            raise ValueError(f"{file}: unsupported file type; use .txt, .jsonl or .bin")
+            raise DataError(f"{file}: unsupported file type; use .txt, .jsonl or .bin")
+
+
+def _text_lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file; a file that is not text is refused, naming it."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                if "\x00" in line:
+                    raise DataError(f"{path}:{number} holds NUL bytes: it is a binary file, not text; give .txt or "
+                                    ".jsonl text, or token ids as a .bin file")  # fmt: skip
+                yield line
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x}: {err.reason}); convert it to UTF-8, or "
+            "give token ids as a .bin file"
+        ) from None
 
 
 def _txt_pieces(path: Path) -> Iterator[tuple[str, bool]]:
     """A text file as one document, read in ~1 MB runs of whole lines so huge files stay cheap."""
     buffer: list[str] = []
     size = 0
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            buffer.append(line)
-            size += len(line)
-            if size >= PIECE_CHARS:
-                yield "".join(buffer), False
-                buffer, size = [], 0
+    for line in _text_lines(path):
+        buffer.append(line)
+        size += len(line)
+        if size >= PIECE_CHARS:
+            yield "".join(buffer), False
+            buffer, size = [], 0
     yield "".join(buffer), True
 
 
 def _jsonl_pieces(path: Path, text_field: str) -> Iterator[tuple[str, bool]]:
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(
-                    f"{path}:{number}: no field {text_field!r} (found {keys}); pass the right --text-field"
-                )
-            yield str(record[text_field]), True
+    for number, line in enumerate(_text_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or text_field not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"{path}:{number}: no field {text_field!r} (found {keys}); pass the right --text-field")
+        yield str(record[text_field]), True
 
 
 def _dataset_pieces(path: Path, text_field: str, split: str) -> Iterator[tuple[str, bool]]:
@@ -264,10 +291,10 @@ def _dataset_pieces(path: Path, text_field: str, split: str) -> Iterator[tuple[s
     data = datasets.load_from_disk(str(path))
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
-            raise ValueError(f"{path} has splits {sorted(data)}, not {split!r}; pass one of them as split")
+            raise DataError(f"{path} has splits {sorted(data)}, not {split!r}; pass one of them as split")
         data = data[split]
     if text_field not in data.column_names:
-        raise ValueError(f"{path} has columns {data.column_names}, not {text_field!r}; pass --text-field")
+        raise DataError(f"{path} has columns {data.column_names}, not {text_field!r}; pass --text-field")
     for batch in data.iter(batch_size=1024):
         for text in batch[text_field]:
             yield str(text), True
@@ -312,7 +339,8 @@ def _write_tokens(
 ) -> None:
     """Tokenise ``pieces`` in batches, eos after each non-empty document, into ``path`` (atomic rename)."""
     encode, eos = _batch_encoder(tokenizer), np.array([tokenizer.eos_token_id], dtype)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".bin")
+    remove_stale_temporaries(path.parent)  # what a killed tokenisation left behind
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(), suffix=".bin")
     documents = doc_tokens = 0
     try:
         with os.fdopen(fd, "wb") as out:
@@ -326,7 +354,7 @@ def _write_tokens(
                             documents += 1
                         doc_tokens = 0
         if documents == 0:
-            raise ValueError(f"{source} contains no text (no non-empty documents)")
+            raise DataError(f"{source} contains no text (no non-empty documents)")
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -18,7 +18,9 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -32,6 +34,41 @@ from oryx.data.corpus import corpus_file, load_documents
 
 EOT = "<|endoftext|>"
 SPEC_GRAMMAR = "'gpt2', 'byte', 'bpe:<vocab_size>' (trained on the embedded corpus), or a saved tokenizer path"
+
+
+_TEMPORARY = re.compile(r"^\.tmp-(\d+)@(.*)-[A-Za-z0-9_]+(\.bin)?$")
+
+
+def temporary_prefix() -> str:
+    """Prefix of this process's temporary files in the shared cache: `.tmp-<pid>@<host>-`, so that what a killed
+    process leaves can be told from what a live one is writing (`remove_stale_temporaries`)."""
+    return f".tmp-{os.getpid()}@{socket.gethostname()}-"
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary files and folders in `folder` whose process, on this host, no longer runs."""
+    if not folder.is_dir():
+        return
+    host = socket.gethostname()
+    for path in folder.iterdir():
+        match = _TEMPORARY.match(path.name)
+        if match is None or match.group(2) != host or _alive(int(match.group(1))):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def default_cache_dir() -> Path:
@@ -130,7 +167,8 @@ def _trained_bpe(vocab_size: int, cache_dir: Path) -> PreTrainedTokenizerBase:
     target = cache_dir / "tokenizers" / f"prose-bpe{vocab_size}-{digest}"
     if not (target / "tokenizer.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        remove_stale_temporaries(target.parent)  # what a killed training left behind
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=temporary_prefix()))
         tmp.chmod(0o755)  # mkdtemp's 0o700 would hide a shared cache from other users
         try:
             train_bpe((doc.text for doc in load_documents("train")), vocab_size).save_pretrained(tmp)
@@ -165,11 +203,17 @@ def load_tokenizer(
             raise ValueError(f"bad tokenizer spec {text!r}: the vocabulary size must be an integer, e.g. 'bpe:8192'")
         return _trained_bpe(int(size), Path(cache_dir) if cache_dir else default_cache_dir())
     path = Path(text)
-    if path.is_dir():
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if path.is_file() and path.suffix == ".json":
+    if not (path.is_dir() or (path.is_file() and path.suffix == ".json")):
+        raise ValueError(f"unknown tokenizer {text!r}: no such file or folder; use {SPEC_GRAMMAR}")
+    try:
+        if path.is_dir():
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
         tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
-        if EOT in tok.get_vocab():  # our convention; a file alone cannot name another tokenizer's eos
-            tok.eos_token = tok.bos_token = EOT
-        return tok
-    raise ValueError(f"unknown tokenizer {text!r}: no such file or folder; use {SPEC_GRAMMAR}")
+    except Exception as err:  # the Rust backend raises bare Exceptions for a damaged file
+        raise ValueError(
+            f"{text} is not a tokenizer that can be loaded ({str(err).splitlines()[0] if str(err) else err!r}); "
+            "give a tokenizer.json written by `tokenizers`, or a folder written by save_pretrained"
+        ) from None
+    if EOT in tok.get_vocab():  # our convention; a file alone cannot name another tokenizer's eos
+        tok.eos_token = tok.bos_token = EOT
+    return tok

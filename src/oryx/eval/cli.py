@@ -20,6 +20,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from oryx.cli_common import (
+    ArgumentParser,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    resolve_device,
+    run_command,
+    seed,
+)
+
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "mqar": (
         "add_mqar_arguments",
@@ -55,10 +65,16 @@ def _common_checkpoint_arguments(parser: argparse.ArgumentParser, default_modes:
     )
     parser.add_argument("--out", default=None, help="output folder (default: <checkpoint>/eval)")
     parser.add_argument("--label", nargs="+", default=None, help="row label per checkpoint (default: folder name)")
-    parser.add_argument("--batch-size", type=int, default=8, help="samples per forward (default: 8)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="samples per forward (default: 8)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda (default: auto)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto = bf16 on GPU")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the samples (default: 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the samples (default: 0)")
+    parser.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="load model folders without checking their checksums.json (they are then not verified)",
+    )
 
 
 def add_retrieval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,9 +82,11 @@ def add_retrieval_arguments(parser: argparse.ArgumentParser) -> None:
 
     _common_checkpoint_arguments(parser, ["attn", "linear", "cross"])
     parser.add_argument("--tasks", nargs="+", default=list(RETRIEVAL_TASKS), choices=RETRIEVAL_TASKS)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2000], help="NIAH prompt lengths")
-    parser.add_argument("--n", type=int, default=50, help="samples per task setting (default: 50)")
-    parser.add_argument("--max-new-tokens", type=int, default=48, help="generation limit (default: 48)")
+    parser.add_argument(
+        "--lengths", type=positive_int, nargs="+", default=[512, 1024, 2000], help="NIAH prompt lengths"
+    )
+    parser.add_argument("--n", type=positive_int, default=50, help="samples per task setting (default: 50)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=48, help="generation limit (default: 48)")
 
 
 def add_zeroshot_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +94,7 @@ def add_zeroshot_arguments(parser: argparse.ArgumentParser) -> None:
 
     _common_checkpoint_arguments(parser, ["attn", "linear"])
     parser.add_argument("--tasks", nargs="+", default=list(ZEROSHOT_TASKS), choices=ZEROSHOT_TASKS)
-    parser.add_argument("--n", type=int, default=500, help="samples per task, 0 = all (default: 500)")
+    parser.add_argument("--n", type=nonnegative_int, default=500, help="samples per task, 0 = all (default: 500)")
 
 
 def _mqar_setting(text: str) -> tuple[int, ...]:
@@ -95,29 +113,33 @@ def add_mqar_arguments(parser: argparse.ArgumentParser) -> None:
     default = MQARSweepConfig()
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
-    parser.add_argument("--hidden-size", type=int, default=default.hidden_size)
-    parser.add_argument("--layers", type=int, default=default.num_layers)
-    parser.add_argument("--head-dim", type=int, default=default.head_dim)
-    parser.add_argument("--vocab", type=int, default=default.vocab, help="MQAR vocabulary V (default: 8192)")
+    parser.add_argument("--hidden-size", type=positive_int, default=default.hidden_size)
+    parser.add_argument("--layers", type=positive_int, default=default.num_layers)
+    parser.add_argument("--head-dim", type=positive_int, default=default.head_dim)
+    parser.add_argument("--vocab", type=positive_int, default=default.vocab, help="MQAR vocabulary V (default: 8192)")
     parser.add_argument(
         "--train-mix", nargs="+", type=_mqar_setting, default=None, help="L:K:N settings (default: Zoology's mix)"
     )
     parser.add_argument(
         "--test-grid", nargs="+", type=_mqar_setting, default=None, help="L:K[:N] settings (default: Zoology's grid)"
     )
-    parser.add_argument("--scale", type=float, default=default.scale, help="multiplies the training rows")
-    parser.add_argument("--test-scale", type=float, default=default.test_scale, help="multiplies the test rows")
-    parser.add_argument("--epochs", type=float, default=default.epochs)
-    parser.add_argument("--batch-size", type=int, default=default.batch_size)
-    parser.add_argument("--eval-batch-size", type=int, default=default.eval_batch_size)
-    parser.add_argument("--lrs", type=float, nargs="+", default=list(default.lrs), help="learning rates to sweep")
+    parser.add_argument("--scale", type=positive_float, default=default.scale, help="multiplies the training rows")
+    parser.add_argument(
+        "--test-scale", type=positive_float, default=default.test_scale, help="multiplies the test rows"
+    )
+    parser.add_argument("--epochs", type=positive_float, default=default.epochs)
+    parser.add_argument("--batch-size", type=positive_int, default=default.batch_size)
+    parser.add_argument("--eval-batch-size", type=positive_int, default=default.eval_batch_size)
+    parser.add_argument(
+        "--lrs", type=positive_float, nargs="+", default=list(default.lrs), help="learning rates to sweep"
+    )
     parser.add_argument("--oryx-schedule", default=default.oryx_schedule, help="training schedule of Oryx models")
     parser.add_argument("--protocols", nargs="+", default=list(default.protocols), choices=MQAR_PROTOCOLS)
-    parser.add_argument("--train-minutes", type=float, default=None, help="cap on each training run's minutes")
+    parser.add_argument("--train-minutes", type=positive_float, default=None, help="cap on each training run's minutes")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda (default: auto)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto = bf16 on GPU")
-    parser.add_argument("--jobs", type=int, default=1, help="training runs at once, in separate processes")
-    parser.add_argument("--seed", type=int, default=default.seed)
+    parser.add_argument("--jobs", type=positive_int, default=1, help="training runs at once, in separate processes")
+    parser.add_argument("--seed", type=seed, default=default.seed)
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
@@ -128,17 +150,15 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="folder for the task YAMLs and data (pass it to lm-eval's --include_path)")
     parser.add_argument("--tokenizer", default="gpt2", help="tokenizer spec or checkpoint folder (sizes NIAH)")
-    parser.add_argument("--niah-lengths", type=int, nargs="+", default=[512, 1024, 2000])
-    parser.add_argument("--niah-n", type=int, default=50, help="samples per NIAH task (default: 50)")
-    parser.add_argument("--records-n", type=int, default=50, help="samples per records task (default: 50)")
-    parser.add_argument("--zeroshot-n", type=int, default=500, help="samples per zero-shot task, 0 = all")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--niah-lengths", type=positive_int, nargs="+", default=[512, 1024, 2000])
+    parser.add_argument("--niah-n", type=positive_int, default=50, help="samples per NIAH task (default: 50)")
+    parser.add_argument("--records-n", type=positive_int, default=50, help="samples per records task (default: 50)")
+    parser.add_argument("--zeroshot-n", type=nonnegative_int, default=500, help="samples per zero-shot task, 0 = all")
+    parser.add_argument("--seed", type=seed, default=0)
 
 
 def _device(name: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    return resolve_device(name)
 
 
 def _fail(command: str, err: Exception) -> int:
@@ -205,7 +225,7 @@ def _run_on_checkpoints(
     out_dirs = []
     for i, checkpoint in enumerate(args.checkpoints):
         try:
-            model, tokenizer, folder = load_pretrained(checkpoint, _device(args.device))
+            model, tokenizer, folder = load_pretrained(checkpoint, _device(args.device), verify=args.verify)
             label = args.label[i] if args.label else folder.name
             rows = runner(
                 model, tokenizer, label, rules=rules, batch_size=args.batch_size, precision=args.precision,
@@ -287,7 +307,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m oryx.eval")
+    parser = ArgumentParser(prog="python -m oryx.eval")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    return int(_function(COMMANDS[args.eval_command][1])(args) or 0)
+    return run_command(f"python -m oryx.eval {args.eval_command}", _function(COMMANDS[args.eval_command][1]), args)

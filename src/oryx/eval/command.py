@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import sys
 from pathlib import Path
 from typing import Any
+
+from oryx.cli_common import UsageError, output_file, positive_int, resolve_device, seed
 
 # name -> (add_arguments(parser), run(args) -> int, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
@@ -60,13 +61,20 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="prose:validation", help="prose:<split>, a .txt/.jsonl/.bin file or folder")
     parser.add_argument("--text-field", default="text", help="JSONL key / dataset column of the text (default: text)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer spec or path (default: the checkpoint's)")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the training length)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward (default: 8)")
+    parser.add_argument(
+        "--seq-len", type=positive_int, default=None, help="tokens per window (default: the training length)"
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward (default: 8)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda (default: auto)")
     parser.add_argument(
         "--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto = bf16 on GPU, fp32 on CPU"
     )
-    parser.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
+    parser.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="load a model folder without checking its checksums.json (it is then not verified)",
+    )
 
 
 def add_ppl_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,34 +86,50 @@ def add_ppl_arguments(parser: argparse.ArgumentParser) -> None:
         help="one or more schedules, e.g. attn linear 'chunks:size=128,p_attn=0.25' 'tail:attn=64' "
         "(default: every mode the model has)",
     )
-    parser.add_argument("--max-tokens", type=int, default=None, help="score at most this many targets (default: all)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of random schedules (chunks) (default: 0)")
+    parser.add_argument(
+        "--max-tokens", type=positive_int, default=None, help="score at most this many targets (default: all)"
+    )
+    parser.add_argument("--seed", type=seed, default=0, help="seed of random schedules (chunks) (default: 0)")
+    parser.add_argument(
+        "--json", type=output_file, default=None, metavar="FILE", help="also write the results to this JSON file"
+    )
 
 
 def add_switching_arguments(parser: argparse.ArgumentParser) -> None:
     _add_common(parser)
     parser.add_argument(
-        "--switch-at", type=int, nargs="+", default=None, help="switch positions (default: L/4, L/2, 3L/4)"
+        "--switch-at", type=positive_int, nargs="+", default=None, help="switch positions (default: L/4, L/2, 3L/4)"
     )
-    parser.add_argument("--windows", type=int, default=128, help="sequences averaged (default: 128)")
-    parser.add_argument("--smooth", type=int, default=32, help="trailing moving average, in positions (default: 32)")
+    parser.add_argument("--windows", type=positive_int, default=128, help="sequences averaged (default: 128)")
+    parser.add_argument(
+        "--smooth", type=positive_int, default=32, help="trailing moving average, in positions (default: 32)"
+    )
     parser.add_argument("--out", default=None, help="output folder (default: <checkpoint>/switching)")
 
 
 def _load(args: argparse.Namespace):
-    """(model, tokenizer, folder, token stream, seq_len) for both subcommands."""
-    import torch
+    """(model, tokenizer, folder, token stream, seq_len) for both subcommands, after checking that the data fits
+    the model (every token id inside its vocabulary).
+
+    Raises:
+        UsageError: naming the flag or file that is wrong.
+    """
     from transformers.utils import logging as hf_logging
 
-    from oryx.data import load_tokenizer, load_tokens
+    from oryx.data import DataError, check_token_ids, load_tokenizer, load_tokens
     from oryx.training.checkpoint import load_pretrained
 
     hf_logging.disable_progress_bar()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model, tokenizer, folder = load_pretrained(args.checkpoint, device)
-    if args.tokenizer is not None:
-        tokenizer = load_tokenizer(args.tokenizer)
-    tokens = load_tokens(args.data, tokenizer, text_field=args.text_field)
+    device = resolve_device(args.device)
+    model, tokenizer, folder = load_pretrained(args.checkpoint, device, verify=args.verify)
+    try:
+        if args.tokenizer is not None:
+            tokenizer = load_tokenizer(args.tokenizer)
+        tokens = load_tokens(args.data, tokenizer, text_field=args.text_field)
+    except (ValueError, FileNotFoundError) as err:
+        raise DataError(str(err)) from None
+    what = f"--data {args.data}" + (f" (tokenised with --tokenizer {args.tokenizer})" if args.tokenizer else "")
+    check_token_ids(tokens, model.config.vocab_size, what)
     seq_len = args.seq_len or _training_length(folder) or 512
     return model, tokenizer, folder, tokens, seq_len
 
@@ -115,17 +139,19 @@ def _training_length(folder: Path) -> int | None:
     import yaml
 
     path = folder / "train_config.yaml"
-    return yaml.safe_load(path.read_text()).get("seq_len") if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        seq_len = yaml.safe_load(path.read_text()).get("seq_len")
+    except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
+        raise UsageError(f"{path} is damaged (not a YAML mapping); pass --seq-len to evaluate anyway") from None
+    return seq_len if isinstance(seq_len, int) and seq_len > 0 else None
 
 
 def run_ppl(args: argparse.Namespace) -> int:
     from oryx.eval.perplexity import evaluate
 
-    try:
-        model, tokenizer, folder, tokens, seq_len = _load(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"oryx eval ppl: error: {err}", file=sys.stderr)
-        return 2
+    model, tokenizer, folder, tokens, seq_len = _load(args)
     schedules = args.schedule or ["attn" if m == 0 else "linear" for m in model.config.supported_modes]
     print(f"{folder}: {len(tokens):,} tokens of {args.data}, windows of {seq_len}")
     print(f"{'schedule':<32}{'tokens':>10}{'loss':>9}{'ppl':>10}{'bits/tok':>10}{'bits/byte':>11}")
@@ -144,8 +170,7 @@ def run_ppl(args: argparse.Namespace) -> int:
                 precision=args.precision,
             )
         except ValueError as err:
-            print(f"oryx eval ppl: error: {err}", file=sys.stderr)
-            return 2
+            raise UsageError(str(err)) from None
         results.append(result.to_dict())
         bpb = "" if result.bits_per_byte is None else f"{result.bits_per_byte:.4f}"
         print(
@@ -161,9 +186,9 @@ def run_ppl(args: argparse.Namespace) -> int:
 def run_switching(args: argparse.Namespace) -> int:
     from oryx.eval.switching import switching_curves
 
+    model, _, folder, tokens, seq_len = _load(args)
+    switch_at = args.switch_at or [seq_len // 4, seq_len // 2, 3 * seq_len // 4]
     try:
-        model, _, folder, tokens, seq_len = _load(args)
-        switch_at = args.switch_at or [seq_len // 4, seq_len // 2, 3 * seq_len // 4]
         curves = switching_curves(
             model,
             tokens,
@@ -173,9 +198,8 @@ def run_switching(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             precision=args.precision,
         )
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"oryx eval switching: error: {err}", file=sys.stderr)
-        return 2
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     out = Path(args.out) if args.out else folder / "switching"
     json_path, png_path = curves.save(out, args.smooth, title=f"{folder.name}: switching curve on {args.data}")
     print(

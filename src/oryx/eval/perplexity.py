@@ -30,6 +30,14 @@ from oryx.schedule import parse
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
+def perplexity(nll: float) -> float:
+    """exp(nll) without OverflowError: inf for a loss too large for a float's exponent (above ~709.78 nats)."""
+    try:
+        return math.exp(nll)
+    except OverflowError:
+        return math.inf
+
+
 @dataclass
 class PerplexityResult:
     """Mean negative log-likelihood `nll` (nats per token) over `tokens` targets, and their UTF-8 `bytes`."""
@@ -41,7 +49,8 @@ class PerplexityResult:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.nll)
+        """exp(nll); inf once that overflows a float (nll above ~709.78), NaN for a NaN loss."""
+        return perplexity(self.nll)
 
     @property
     def bits_per_token(self) -> float:

@@ -6,6 +6,14 @@
 
 from oryx.training.checkpoint import CheckpointError
 from oryx.training.config import ConfigError, TrainConfig
-from oryx.training.trainer import TrainingDiverged, TrainResult, train
+from oryx.training.trainer import TrainingDiverged, TrainingInterrupted, TrainResult, train
 
-__all__ = ["CheckpointError", "ConfigError", "TrainConfig", "TrainResult", "TrainingDiverged", "train"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDiverged",
+    "TrainingInterrupted",
+    "train",
+]

@@ -10,23 +10,27 @@ needs:
     rng.pt            python, numpy, torch (and cuda) RNG states of every rank
     trainer_state.json   step, tokens seen, the data position, elapsed time
     train_config.yaml    the run's TrainConfig
-    checksums.json       sha256 of every file above, written last
+    checksums.json       sha256 of every file above, written last (`oryx.manifest`)
 
 A checkpoint is written to a hidden temporary folder and renamed into place (`os.replace`), then `latest` is
-replaced the same way; older checkpoints beyond `keep` are removed only after that. So a crash at any moment leaves
-the previous good checkpoint and a `latest` that points to a complete one. Loading verifies every checksum and
-refuses a damaged checkpoint without touching anything.
+replaced the same way; older checkpoints beyond `keep` are removed only after that, each first renamed to a hidden
+`.deleting-` name (so an interrupted removal never leaves a half-deleted `step-` folder; `remove_temporaries`
+finishes it at the next start). So a crash at any moment leaves the previous good checkpoint and a `latest` that
+points to a complete one. Loading verifies every checksum, reads only the files the manifest lists, and refuses a
+damaged or unverifiable checkpoint without touching anything; `.pt` files are read with `weights_only=True`, and
+one that would need more (a pickle with code) is refused as unsafe.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,18 +38,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
+
+from oryx.manifest import MANIFEST, CheckpointError, unlisted_files, verified_view, verify_manifest, write_manifest
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
-CHECKSUMS = "checksums.json"
+CHECKSUMS = MANIFEST
 TRAINER_STATE = "trainer_state.json"
 TRAIN_CONFIG = "train_config.yaml"
+# What resuming reads besides the weights; a training checkpoint's manifest must list them.
+TRAINING_FILES = ("config.json", "optimizer.pt", "scheduler.pt", "rng.pt", TRAINER_STATE, TRAIN_CONFIG)
+TEMPORARY = (".tmp-", ".old-", ".deleting-")  # prefixes of folders an interrupted write or removal leaves
+DIVERGED = "diverged-"  # prefix of checkpoints set aside after a divergence
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or damaged."""
+__all__ = ["CheckpointError"]  # re-exported: it is defined with the manifest
 
 
 @dataclass
@@ -65,6 +74,14 @@ def step_dir(run_dir: str | os.PathLike[str], step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f"step-{step:08d}"
 
 
+def is_checkpoint_name(name: str) -> bool:
+    return bool(_STEP_DIR.match(name))
+
+
+def step_of(path: str | os.PathLike[str]) -> int:
+    return int(_STEP_DIR.match(Path(path).name).group(1))
+
+
 def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
     """Complete-looking checkpoint folders of a run, oldest first (temporary folders are ignored)."""
     root = Path(run_dir) / CHECKPOINTS
@@ -77,13 +94,19 @@ def latest(run_dir: str | os.PathLike[str]) -> Path | None:
     """The checkpoint `latest` names, or None when the run has none.
 
     Raises:
-        CheckpointError: `latest` names a folder that does not exist.
+        CheckpointError: `latest` is damaged or names a folder that does not exist.
     """
     pointer = Path(run_dir) / CHECKPOINTS / LATEST
     if not pointer.is_file():
         found = list_checkpoints(run_dir)
         return found[-1] if found else None
-    target = pointer.parent / pointer.read_text().strip()
+    name = pointer.read_bytes().decode("utf-8", errors="replace").strip()
+    if not _STEP_DIR.match(name):
+        raise CheckpointError(
+            f"{pointer} is damaged: it should name a step-NNNNNNNN folder, not {name[:40]!r}; delete it to use the "
+            "newest complete checkpoint, or pass the checkpoint folder itself"
+        )
+    target = pointer.parent / name
     if not target.is_dir():
         raise CheckpointError(f"{pointer} names {target.name}, which does not exist")
     return target
@@ -104,7 +127,8 @@ def save(
     train_config: str,
     keep: int,
 ) -> Path:
-    """Write the checkpoint of `step` atomically (call on one rank), point `latest` at it, prune old ones.
+    """Write the checkpoint of `step` atomically (call on one rank), point `latest` at it, prune old ones (beyond
+    the newest `keep`).
 
     `model` provides `save_pretrained` (config and tied-weight handling); its weights come from `model_state`, the
     full state dict, so a sharded model saves the same file as an unsharded one.
@@ -121,8 +145,7 @@ def save(
         torch.save(rng_states, tmp / "rng.pt")
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
         (tmp / TRAIN_CONFIG).write_text(train_config)
-        sums = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+        write_manifest(tmp)
         _fsync_folder(tmp)
         if target.exists():  # e.g. re-training a step after resuming from an older checkpoint
             old = target.with_name(f".old-{target.name}")
@@ -135,28 +158,52 @@ def save(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_atomic(root / LATEST, target.name + "\n")
+    write_atomic(root / LATEST, target.name + "\n")
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         if old != target:
-            shutil.rmtree(old)
+            remove_checkpoint(old)
     return target
 
 
+def set_aside_from(run_dir: str | os.PathLike[str], step: int) -> Path | None:
+    """After a divergence: rename the checkpoints of `step` and later (their weights already fail) to
+    `diverged-step-N` (kept for inspection, never resumed from or pruned), point `latest` at the newest earlier
+    checkpoint and return it (None when there is none)."""
+    root = Path(run_dir) / CHECKPOINTS
+    good = None
+    for path in list_checkpoints(run_dir):
+        if step_of(path) >= step:
+            doomed = path.with_name(f"{DIVERGED}{path.name}")
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(path, doomed)
+        else:
+            good = path
+    if good is not None:
+        write_atomic(root / LATEST, good.name + "\n")
+    elif (root / LATEST).exists():
+        (root / LATEST).unlink()
+    return good
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint folder: renamed to a hidden `.deleting-` name first, so that an interrupted removal
+    leaves no half-deleted `step-` folder behind (`remove_temporaries` finishes it)."""
+    doomed = path.with_name(f".deleting-{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
+
+
 def remove_temporaries(run_dir: str | os.PathLike[str]) -> None:
-    """Delete half-written folders left by a killed run (never a complete checkpoint)."""
+    """Delete half-written or half-deleted folders left by a killed run (never a complete checkpoint)."""
     root = Path(run_dir) / CHECKPOINTS
     if root.is_dir():
         for p in root.iterdir():
-            if p.is_dir() and p.name.startswith((".tmp-", ".old-")):
-                shutil.rmtree(p, ignore_errors=True)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+            if p.name.startswith(TEMPORARY):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -171,9 +218,11 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write a small text file through a temporary file and a rename: readers see the old or the new text."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0o600 would hide the file from the run's other readers
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.flush()
@@ -187,50 +236,69 @@ def _write_atomic(path: Path, text: str) -> None:
 
 # --- reading ----------------------------------------------------------------------------------------------------
 def verify(path: str | os.PathLike[str]) -> None:
-    """Check every file of a checkpoint against `checksums.json`.
+    """Check a training checkpoint: its manifest lists every file resuming reads, and every listed file matches.
 
     Raises:
-        CheckpointError: naming the checkpoint and the first missing or damaged file.
+        CheckpointError: naming the checkpoint and the first missing, damaged or unlisted file.
     """
-    path = Path(path)
-    sums_file = path / CHECKSUMS
-    if not sums_file.is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete: {CHECKSUMS} is missing; refusing to use it")
-    try:
-        sums = json.loads(sums_file.read_text())
-    except json.JSONDecodeError:
-        raise CheckpointError(
-            f"checkpoint {path} is damaged: {CHECKSUMS} is not valid JSON; refusing to use it"
-        ) from None
-    for name, expected in sums.items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing; refusing to use it")
-        if _sha256(file) != expected:
-            raise CheckpointError(
-                f"checkpoint {path} is damaged: {name} does not match its checksum; refusing to use it"
-            )
+    verify_manifest(path, TRAINING_FILES)
 
 
-def read(path: str | os.PathLike[str]) -> Checkpoint:
-    """Verify and load a training checkpoint (CPU tensors).
+def read(path: str | os.PathLike[str], verify: bool = True) -> Checkpoint:
+    """Verify and load a training checkpoint (CPU tensors): the weights from exactly the `.safetensors` files its
+    manifest lists. `verify=False` (`--no-verify`) reads the folder as it is, unchecked.
 
     Raises:
-        CheckpointError: the checkpoint is incomplete or damaged.
+        CheckpointError: the checkpoint is incomplete, damaged, unverifiable, or holds an unsafe pickle.
     """
     path = Path(path)
-    verify(path)
+    if verify:
+        names = sorted(verify_manifest(path, TRAINING_FILES))
+    else:
+        if not path.is_dir():
+            raise CheckpointError(f"{path} does not exist" if not path.exists() else f"{path} is not a folder")
+        names = sorted(p.name for p in path.iterdir())
     model_state: dict[str, torch.Tensor] = {}
-    for shard in sorted(path.glob("*.safetensors")):
-        model_state.update(load_file(shard))
+    for shard in [n for n in names if n.endswith(".safetensors")]:
+        try:
+            model_state.update(load_file(path / shard))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"checkpoint {path}: {shard} is not a readable safetensors file ({err})") from None
+    try:
+        trainer_state = json.loads((path / TRAINER_STATE).read_bytes())
+        train_config = (path / TRAIN_CONFIG).read_text()
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} is damaged or incomplete: {err}") from None
     return Checkpoint(
         path=path,
         model_state=model_state,
-        optimizer_state=torch.load(path / "optimizer.pt", weights_only=True),
-        scheduler_state=torch.load(path / "scheduler.pt", weights_only=True),
-        rng_states=torch.load(path / "rng.pt", weights_only=True),
-        trainer_state=json.loads((path / TRAINER_STATE).read_text()),
-        train_config=(path / TRAIN_CONFIG).read_text(),
+        optimizer_state=safe_load(path / "optimizer.pt"),
+        scheduler_state=safe_load(path / "scheduler.pt"),
+        rng_states=safe_load(path / "rng.pt"),
+        trainer_state=trainer_state,
+        train_config=train_config,
+    )
+
+
+def safe_load(path: Path) -> Any:
+    """`torch.load(path, weights_only=True)`; a file that needs more than tensors and plain values is refused.
+
+    Raises:
+        CheckpointError: the file is missing, damaged, or a pickle that would run code.
+    """
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        raise CheckpointError(_unsafe(path)) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable checkpoint file ({type(err).__name__}); refusing it") from None
+
+
+def _unsafe(path: Path) -> str:
+    return (
+        f"{path} is not a safe checkpoint file: it holds Python objects that loading would have to construct, "
+        "which can run arbitrary code; refusing it. Oryx checkpoints hold only tensors and plain values; re-create "
+        "the checkpoint (or the model folder, with save_pretrained's safetensors) from a trusted source"
     )
 
 
@@ -263,32 +331,65 @@ def resolve(path: str | os.PathLike[str]) -> Path:
     """A model folder from a checkpoint folder, a `from_pretrained` folder, or a run folder (its latest checkpoint).
 
     Raises:
-        FileNotFoundError: nothing loadable there.
+        CheckpointError: nothing loadable there (naming what is missing), or a damaged `latest`.
     """
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
     if (path / "config.json").is_file():
         return path
     if path.is_dir():
         found = latest(path)
         if found is not None:
             return found
-    raise FileNotFoundError(
+    raise CheckpointError(
         f"{path} is neither a model folder (with config.json) nor a run folder with checkpoints; "
         "pass e.g. runs/oryx-tg-default or runs/oryx-tg-default/checkpoints/step-00000600"
     )
 
 
-def load_pretrained(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[Any, Any, Path]:
+def load_pretrained(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu", verify: bool = True
+) -> tuple[Any, Any, Path]:
     """(model in eval mode, tokenizer, resolved folder) for evaluation and generation.
 
-    A folder with `checksums.json` (one of our checkpoints) is verified first; a plain `save_pretrained` folder is
-    loaded as is.
+    The folder's `checksums.json` (written by our checkpoints and by `OryxForCausalLM.save_pretrained`) is checked
+    first, and the model and tokenizer are read from exactly the files it lists. `verify=False` loads a folder as it
+    is, unchecked, with a warning.
+
+    Raises:
+        CheckpointError: the folder is missing, unverifiable, damaged or not loadable (the message says why).
     """
+    folder = resolve(path)
+    if not verify:
+        print(f"warning: loading {folder} unverified (--no-verify): its files are not checked", file=sys.stderr)
+        return (*_load_model_folder(folder, folder, device), folder)
+    with verified_view(folder, required=("config.json",)) as view:
+        return (*_load_model_folder(view, folder, device), folder)
+
+
+def _load_model_folder(source: Path, folder: Path, device: str | torch.device) -> tuple[Any, Any]:
+    """Model and tokenizer from `source` (the folder itself or its verified view); errors name `folder`."""
     from oryx.data import load_tokenizer
     from oryx.modeling import OryxForCausalLM
 
-    folder = resolve(path)
-    if (folder / CHECKSUMS).is_file():
-        verify(folder)
-    model = OryxForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
-    return model, load_tokenizer(folder), folder
+    try:
+        model = OryxForCausalLM.from_pretrained(source, dtype=torch.float32)
+    except pickle.UnpicklingError:
+        weights = next((p for p in sorted(folder.iterdir()) if p.suffix in (".bin", ".pt", ".pth")), folder)
+        raise CheckpointError(_unsafe(weights)) from None
+    except (OSError, ValueError, TypeError, KeyError, SafetensorError) as err:
+        raise CheckpointError(f"cannot load the model in {folder}: {err}") from None
+    model.config._name_or_path = str(folder)
+    try:
+        tokenizer = load_tokenizer(source)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        unlisted = [n for n in unlisted_files(folder) if "token" in n or n in ("vocab.json", "merges.txt")]
+        if source != folder and unlisted:
+            raise CheckpointError(
+                f"{folder}: {', '.join(unlisted)} not listed in {MANIFEST} (saved after the model?), so the "
+                f"tokenizer cannot be verified; save the tokenizer before the model, record the files with "
+                f"oryx.write_manifest('{folder}'), or pass --no-verify"
+            ) from None
+        raise CheckpointError(f"cannot load the tokenizer of {folder}: {err}") from None
+    return model.to(device).eval(), tokenizer

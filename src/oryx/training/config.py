@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -24,7 +25,8 @@ from typing import Any
 
 import yaml
 
-from oryx.configuration import preset_names
+from oryx.cli_common import SEED_LIMIT, UsageError, resolve_device
+from oryx.configuration import OryxConfig, preset_names
 from oryx.data.corpus import CORPORA, SPLITS
 from oryx.schedule import Fixed, parse
 from oryx.variants import FAMILIES, MODE_NAMES, Variant
@@ -36,7 +38,12 @@ TRAINING_MIX = "chunks:size=128,p_attn=0.25"
 GPT3_LR = {"130m": 6e-4, "380m": 3e-4, "810m": 2.5e-4, "1.4b": 2e-4, "tiny": 6e-4, "small": 6e-4, "medium": 6e-4}
 
 
-class ConfigError(ValueError):
+# Settings a resumed run may change when asked explicitly (`oryx train --resume --change-schedule`): they shape the
+# optimizer's steps from here on, not the state saved so far. Each change is recorded in the run's history.
+SCHEDULE_KEYS = ("lr", "warmup_ratio", "min_lr_ratio", "grad_clip", "weight_decay")
+
+
+class ConfigError(UsageError, ValueError):
     """A bad training config; the message names the key."""
 
 
@@ -141,17 +148,26 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str], base: TrainConfig | None = None) -> TrainConfig:
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_bytes().decode("utf-8")
         except OSError as err:
             raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text (is it a YAML file?)") from None
+        return cls.from_yaml_text(text, base, str(path))
+
+    @classmethod
+    def from_yaml_text(
+        cls, text: str, base: TrainConfig | None = None, source: str = "train_config.yaml"
+    ) -> TrainConfig:
+        """`base` with the settings of a YAML document; errors name `source`."""
         try:
             values = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+            raise ConfigError(f"config file {source} is not valid YAML: {err}") from None
         try:
             return cls.from_dict(values, base)
         except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from None
+            raise ConfigError(f"{source}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -214,9 +230,14 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+        for key in ("lr", "min_lr_ratio", "warmup_ratio", "weight_decay", "beta1", "beta2", "eps", "grad_clip"):
+            if getattr(self, key) is not None and not math.isfinite(getattr(self, key)):
+                raise ConfigError(f"{key} must be a finite number, got {getattr(self, key)}")
         for key in ("lr", "weight_decay", "eps", "grad_clip", "seed"):
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.seed >= SEED_LIMIT:
+            raise ConfigError(f"seed must be below 2^32, got {self.seed}")
         for key in ("min_lr_ratio", "warmup_ratio", "beta1", "beta2"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"{key} must be in [0, 1], got {getattr(self, key)}")
@@ -237,11 +258,26 @@ class TrainConfig:
             raise ConfigError(
                 f"switch_at positions must be inside (0, seq_len={self.seq_len}), got {self.switch_positions}"
             )
+        self._check_model()
         for key in ("train_data", "val_data"):
             _check_data(key, getattr(self, key))
         _check_tokenizer(self.tokenizer)
-        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _check_out_dir(self.out_dir)
+        try:
+            resolve_device(self.device, "--device")
+        except UsageError as err:
+            raise ConfigError(str(err)) from None
+
+    def _check_model(self) -> None:
+        """The model the preset and the overrides describe must exist (e.g. hidden_size a multiple of head_dim);
+        the vocabulary comes from the tokenizer later, so any valid size stands in for it here."""
+        overrides = {k: getattr(self, k) for k in ("hidden_size", "num_hidden_layers", "head_dim", "intermediate_size")}
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        try:
+            OryxConfig.from_preset(self.preset, vocab_size=257, **overrides)
+        except (ValueError, TypeError) as err:
+            given = ", ".join(f"{k}={v}" for k, v in overrides.items())
+            raise ConfigError(f"{self.preset}{f' with {given}' if given else ''}: {err}") from None
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -282,6 +318,18 @@ def _check_data(key: str, source: str) -> None:
             f"{key}: data path {source!r} does not exist (give a .txt/.jsonl/.bin file, a folder of them, "
             f"or an embedded split such as prose:train)"
         )
+
+
+def _check_out_dir(out_dir: str) -> None:
+    """The run folder must be a folder, or creatable as one, and writable."""
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"out_dir {out_dir} is a file, not a folder; choose another --out-dir")
+    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"out_dir {out_dir} cannot be created: {existing} is a file; choose another --out-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"out_dir {out_dir} is not writable ({existing} refuses new files); choose another --out-dir")
 
 
 def _check_tokenizer(spec: str) -> None:

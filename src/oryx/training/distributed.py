@@ -56,6 +56,14 @@ class Dist:
             dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out
 
+    def broadcast_object(self, obj: Any) -> Any:
+        """The main rank's `obj`, on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def gather_objects(self, obj: Any) -> list[Any]:
         """`obj` of every rank, in rank order (the same list on every rank)."""
         if not self.enabled:

@@ -23,7 +23,8 @@ from oryx.eval.perplexity import evaluated_targets, unigram_nll, window_indices
 from oryx.eval.switching import SwitchingCurves, switching_curves
 from oryx.params import format_param_report, param_report
 from oryx.training import checkpoint as ckpt
-from oryx.training.config import TrainConfig
+from oryx.training import runfolder
+from oryx.training.config import ConfigError, TrainConfig
 from oryx.training.trainer import read_metrics
 
 SMOOTH = 32  # positions averaged in the switching plot
@@ -39,7 +40,7 @@ def write_report(run_dir: str | Path, config: TrainConfig, started: float) -> Pa
     metrics = read_metrics(run_dir)
     final = next((r for r in reversed(metrics) if r["kind"] == "final"), None)
     if final is None:
-        raise RuntimeError(f"{run_dir / 'metrics.jsonl'} has no final evaluation; the run did not finish")
+        raise ConfigError(f"{run_dir / 'metrics.jsonl'} has no final evaluation; the run did not finish")
     train_tokens = load_tokens(config.train_data, tokenizer, text_field=config.text_field)
     val_tokens = load_tokens(config.val_data, tokenizer, text_field=config.text_field)
     # The unigram floor, on exactly the targets of the final evaluation.
@@ -60,6 +61,9 @@ def write_report(run_dir: str | Path, config: TrainConfig, started: float) -> Pa
     path = out / "summary.md"
     path.write_text(summary)
     (out / "final.json").write_text(json.dumps({**final, "unigram_ppl": unigram}, indent=1))
+    runfolder.record(
+        run_dir, *(name for name in runfolder.WRITES if name.startswith("report/") and (run_dir / name).is_file())
+    )
     return path
 
 

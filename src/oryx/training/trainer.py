@@ -8,17 +8,27 @@ One optimizer step:
     clip the gradient norm; AdamW step; LR scheduler step
     stop with TrainingDiverged if the loss or the gradient norm is not finite (nothing is saved)
 
+Validation runs every `eval_every` steps and before every checkpoint, so each checkpoint's weights had a finite
+validation perplexity; a non-finite one (a loss above ~709 nats is perplexity inf) is a divergence too. After a
+divergence `latest` names the newest checkpoint whose weights came before the failure, from which
+`--resume --change-schedule --lr ...` continues with a lower learning rate (recorded in the run's history).
+
+Before the run folder is touched, everything that can be checked is: the folder (`runfolder`: another writer,
+files that are not Oryx's), the checkpoint to resume from, the data (its token ids against the vocabulary, its
+fingerprint against the checkpoint's), the model's shape and its memory. Then the main rank locks the folder.
+
 Resuming restores the weights, AdamW, the scheduler, every RNG and the data position, and the modes depend only
 on the step, so a resumed run repeats the uninterrupted one's losses exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
-import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,15 +47,17 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 from oryx import compat
+from oryx.cli_common import UsageError
 from oryx.configuration import OryxConfig
-from oryx.data import PackedDataset, load_tokenizer, load_tokens
+from oryx.data import PackedDataset, check_token_ids, fingerprint, load_tokenizer, load_tokens
+from oryx.data.checks import fingerprint_change
 from oryx.eval.perplexity import PerplexityResult, autocast, evaluate
 from oryx.layers.common import no_decay_names
 from oryx.modeling import OryxForCausalLM
 from oryx.schedule import Schedule, parse
 from oryx.training import checkpoint as ckpt
-from oryx.training import distributed
-from oryx.training.config import ConfigError, TrainConfig
+from oryx.training import distributed, runfolder
+from oryx.training.config import SCHEDULE_KEYS, ConfigError, TrainConfig
 
 METRICS = "metrics.jsonl"
 
@@ -61,6 +73,7 @@ class TrainResult:
     final: dict[str, PerplexityResult]
     checkpoint: Path | None
     seconds: float
+    report: Path | None = None  # summary.md of the report folder, when the config asks for one (main rank)
 
 
 # --- model and optimizer ----------------------------------------------------------------------------------------
@@ -186,33 +199,29 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: int | None) -> None:
         self.enabled = enabled
+        self.run_dir = run_dir
         self.path = run_dir / METRICS
         self.writer = None
         if not enabled:
             return
         if resume_step is not None:
             self._truncate(resume_step)
+        runfolder.record(run_dir, METRICS)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is optional
                 pass
             else:
+                self.tb_before = set((run_dir / "tensorboard").glob("*"))
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
         self.fh = open(self.path, "a")  # noqa: SIM115 (open for the whole run; close() closes it)
 
     def _truncate(self, step: int) -> None:
-        """Drop records after `step` (written by a run killed after its last checkpoint) and any torn last line."""
+        """Drop records after `step` (written by a run killed after its last checkpoint) and a torn last line."""
         if not self.path.is_file():
             return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("step", 0) <= step:
-                kept.append(line)
+        kept = [json.dumps(r) for r in _parse_metrics(self.path, tolerate_torn_end=True) if r.get("step", 0) <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
@@ -232,61 +241,134 @@ class MetricsLog:
             self.fh.close()
             if self.writer is not None:
                 self.writer.close()
+                runfolder.record(self.run_dir, *(set((self.run_dir / "tensorboard").glob("*")) - self.tb_before))
 
 
 def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl ([] without one).
+
+    Raises:
+        ConfigError: a line that is not a JSON record (naming the file and the line).
+    """
     path = Path(run_dir) / METRICS
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return _parse_metrics(path) if path.is_file() else []
+
+
+def _parse_metrics(path: Path, tolerate_torn_end: bool = False) -> list[dict[str, Any]]:
+    """The JSON records of a metrics file; a damaged line is refused, but with `tolerate_torn_end` a damaged last
+    line (a write cut short by a kill) is dropped."""
+    lines = [line for line in path.read_bytes().split(b"\n") if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError
+        except ValueError:
+            if tolerate_torn_end and number == len(lines):
+                break
+            raise ConfigError(
+                f"{path} is damaged: line {number} is not a JSON record; remove that line (or the file, losing the "
+                "run's history) and run again"
+            ) from None
+        records.append(record)
+    return records
 
 
 # --- the run --------------------------------------------------------------------------------------------------------
-def prepare_run_dir(config: TrainConfig, resume: str | None, overwrite: bool) -> Path | None:
-    """Check the run folder before any work; returns the checkpoint to resume from (None for a fresh run).
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped the run; `checkpoint` is the newest one it can resume from (None: none yet)."""
 
-    Raises:
-        ConfigError: a fresh run into a folder that holds checkpoints (without `overwrite`), or `--resume` without
-            a checkpoint.
-        CheckpointError: the checkpoint to resume from is damaged (nothing is changed).
-    """
-    run_dir = Path(config.out_dir)
-    if resume is not None:
-        target = ckpt.latest(run_dir) if resume == "latest" else Path(resume)
-        if target is None:
-            raise ConfigError(f"--resume: {run_dir} has no checkpoint to resume from")
-        ckpt.verify(target)
-        return target
-    if (ckpt.list_checkpoints(run_dir) or (run_dir / METRICS).is_file()) and not overwrite:
-        raise ConfigError(
-            f"out_dir {run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
-            "or choose another --out-dir"
-        )
-    return None
+    def __init__(self, checkpoint: Path | None) -> None:
+        super().__init__("interrupted")
+        self.checkpoint = checkpoint
 
 
-def train(config: TrainConfig, resume: str | None = None, overwrite: bool = False) -> TrainResult:
-    """Run (or resume) training as configured; on the main rank, also write the report at the end.
+def train(
+    config: TrainConfig,
+    resume: str | None = None,
+    overwrite: bool = False,
+    *,
+    verify: bool = True,
+    accept_data_change: bool = False,
+) -> TrainResult:
+    """Run (or resume) training as configured; on the main rank, also write the report at the end (`config.report`).
 
     Args:
         config: the run's settings (checked here again before any work).
         resume: "latest" (the run folder's newest checkpoint), a checkpoint folder, or None for a fresh run.
-        overwrite: allow a fresh run to replace an existing run folder.
+        overwrite: let a fresh run replace the previous run in its folder: what that run wrote is moved aside and
+            deleted once the new run's first checkpoint is saved (restored if it stops before); other files stay.
+        verify: check the checkpoint to resume from against its checksums (False: load it unverified).
+        accept_data_change: resume even though the data's fingerprint differs from the checkpoint's.
 
     Raises:
-        ConfigError, CheckpointError: before any work.
-        TrainingDiverged: NaN/inf loss or gradient; the last good checkpoint is left as it was.
+        ConfigError, CheckpointError: before the run folder is changed (bad settings or data, a folder another
+            process is writing, a damaged checkpoint).
+        TrainingDiverged: a non-finite loss, gradient norm or validation perplexity; `latest` then names the last
+            checkpoint a lower learning rate can start from.
+        TrainingInterrupted: Ctrl-C.
     """
     started = time.perf_counter()
     hf_logging.disable_progress_bar()  # our bar is enough; save_pretrained's would break it
     config.check()
     info = distributed.setup(config.device)
     try:
-        return _train(config, info, resume, overwrite, started)
+        return _train(config, info, resume, overwrite, verify, accept_data_change, started)
     finally:
         distributed.teardown(info)
 
 
+def on_main(info: distributed.Dist, fn: Any, then_others: bool = False) -> Any:
+    """`fn()` on the main rank (then on the others with `then_others`, e.g. to read what it cached); a UsageError
+    there is raised on every rank, so no rank waits forever in a collective."""
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except UsageError as err:
+            error = err
+    message = info.broadcast_object(None if error is None else str(error))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise ConfigError(message)
+    if then_others and not info.is_main:
+        result = fn()
+    return result
+
+
+def _as_config_error(key: str, fn: Any, source: Any = None) -> Any:
+    """`fn()`, with a data or model error turned into a ConfigError naming the setting `key` (and its value
+    `source`, unless the message names it already)."""
+    try:
+        return fn()
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        where = key if source is None or str(source) in str(err) else f"{key} {source}"
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _load_data(config: TrainConfig) -> tuple[Any, Any, Any]:
+    tokenizer = _as_config_error("tokenizer", lambda: load_tokenizer(config.tokenizer), config.tokenizer)
+    train_tokens, val_tokens = (
+        _as_config_error(
+            key,
+            lambda key=key: load_tokens(getattr(config, key), tokenizer, text_field=config.text_field),
+            getattr(config, key),
+        )
+        for key in ("train_data", "val_data")
+    )
+    return tokenizer, train_tokens, val_tokens
+
+
 def _train(
-    config: TrainConfig, info: distributed.Dist, resume: str | None, overwrite: bool, started: float
+    config: TrainConfig,
+    info: distributed.Dist,
+    resume: str | None,
+    overwrite: bool,
+    verify: bool,
+    accept_data_change: bool,
+    started: float,
 ) -> TrainResult:
     rows_per_rank = config.batch_size // config.grad_accum // info.world_size
     if config.batch_size % (config.grad_accum * info.world_size):
@@ -294,32 +376,197 @@ def _train(
             f"batch_size ({config.batch_size}) must be a multiple of grad_accum × ranks "
             f"({config.grad_accum} × {info.world_size})"
         )
-    resume_from = prepare_run_dir(config, resume, overwrite)
     run_dir = Path(config.out_dir)
-    if info.is_main:
-        if resume_from is None and overwrite:
-            for name in (ckpt.CHECKPOINTS, "report", "tensorboard"):
-                shutil.rmtree(run_dir / name, ignore_errors=True)
-            (run_dir / METRICS).unlink(missing_ok=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_temporaries(run_dir)
-        (run_dir / "train_config.yaml").write_text(config.to_yaml())
+    with contextlib.ExitStack() as stack:
+        # The main rank locks the run folder for the whole run; an Oryx run's folder (it has the marker) is locked
+        # first, so that another process writing it is named before anything of it is read. Any other folder is
+        # locked once everything is checked, still before anything is written.
+        def lock() -> None:
+            stack.enter_context(runfolder.RunLock(run_dir))  # reentrant: taking it twice is harmless
+
+        if info.broadcast_object((run_dir / runfolder.MARKER).is_file()):
+            on_main(info, lock)
+        # Everything that can fail is checked before the run folder changes: the folder, the checkpoint, the data,
+        # the model's shape and its memory.
+        resume_from = on_main(info, lambda: _checkpoint_to_resume(run_dir, resume, overwrite, verify))
+        resume_from = info.broadcast_object(resume_from)
+        tokenizer, train_tokens, val_tokens = on_main(info, lambda: _load_data(config), then_others=True)
+        cfg = _as_config_error("model", lambda: model_config(config, tokenizer))
+        check_memory(config, cfg, rows_per_rank, info.device)
+        for key, tokens in (("train_data", train_tokens), ("val_data", val_tokens)):
+            source = getattr(config, key)
+            _as_config_error(key, lambda t=tokens, s=source: check_token_ids(t, cfg.vocab_size, str(s)), source)
+        data = _as_config_error(
+            "train_data",
+            lambda: PackedDataset(
+                train_tokens, config.seq_len, rows_per_rank, seed=config.seed, rank=info.rank,
+                world_size=info.world_size,
+            ),
+            config.train_data,
+        )  # fmt: skip
+        fingerprints = {"train_data": fingerprint(train_tokens), "val_data": fingerprint(val_tokens)}
+        state = None
+        if resume_from is not None:
+            state = ckpt.read(resume_from, verify=verify)
+            _check_fingerprints(state, fingerprints, accept_data_change)
+
+        on_main(info, lock)
+        replacement = on_main(info, lambda: _prepare_run_dir(config, run_dir, resume_from is not None, overwrite))
+        try:
+            result = _run(config, info, run_dir, tokenizer, cfg, val_tokens, data, rows_per_rank, state, resume_from,
+                          fingerprints, accept_data_change, replacement, started)  # fmt: skip
+            if config.report and info.is_main:  # still under the lock
+                from oryx.training.report import write_report  # (report imports this module)
+
+                result.report = write_report(run_dir, config, started)
+            return result
+        except BaseException:
+            if replacement is not None and replacement.folder.exists():
+                replacement.restore()  # stopped before its first checkpoint: the previous run is back
+            raise
+
+
+def _checkpoint_to_resume(run_dir: Path, resume: str | None, overwrite: bool, verify: bool) -> Path | None:
+    """The checkpoint to resume from (verified unless `verify` is False), or None for a fresh run, after checking
+    that a fresh run may start in `run_dir`. Changes nothing."""
+    if resume is None:
+        runfolder.check_fresh_run(run_dir, overwrite)
+        return None
+    if resume == "latest":
+        target = ckpt.latest(run_dir)
+        if target is None:
+            raise ConfigError(f"--resume: {run_dir} has no checkpoint to resume from")
+    else:
+        target = Path(resume)
+        if not target.exists():
+            raise ConfigError(f"--resume: {target} does not exist")
+    if verify:
+        ckpt.verify(target)
+    else:
+        print(f"warning: resuming from {target} unverified (--no-verify): its files are not checked", file=sys.stderr)
+    return target
+
+
+def _prepare_run_dir(
+    config: TrainConfig, run_dir: Path, resuming: bool, overwrite: bool
+) -> runfolder.RunReplacement | None:
+    """Under the lock: settle what a killed run left, move a replaced run aside, write the config."""
+    for note in runfolder.settle_replacements(run_dir):
+        tqdm.write(f"note: {note}", file=sys.stderr)
+    replacement = None
+    if not resuming:
+        if overwrite:
+            replacement = runfolder.replace_run(run_dir)
+        else:
+            runfolder.check_fresh_run(run_dir, overwrite=False)  # again, now that no other process can write
+    if replacement is not None:
+        tqdm.write(
+            f"note: --overwrite moved the previous run aside to {replacement.folder}; it is deleted once the new run "
+            "saves its first checkpoint, and put back if the new run stops before",
+            file=sys.stderr,
+        )
+        kept = replacement.kept
+        if kept:
+            shown = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
+            tqdm.write(f"note: --overwrite kept {len(kept)} file(s) oryx train did not write: {shown}", file=sys.stderr)
+    ckpt.remove_temporaries(run_dir)
+    (run_dir / ckpt.TRAIN_CONFIG).write_text(config.to_yaml())
+    runfolder.record(run_dir, ckpt.TRAIN_CONFIG)
+    return replacement
+
+
+def _check_fingerprints(state: ckpt.Checkpoint, current: dict[str, Any], accept: bool) -> None:
+    saved = state.trainer_state.get("data_fingerprint")
+    if saved is None:  # a checkpoint from before fingerprints: nothing to compare
+        return
+    saved_config = TrainConfig.from_yaml_text(state.train_config)
+    for key, value in current.items():
+        change = fingerprint_change(saved.get(key, value), value)
+        if change is not None and not accept:
+            raise ConfigError(
+                f"{key} {getattr(saved_config, key)} changed since checkpoint {state.path} was written: {change}; "
+                "resuming would continue on other tokens. Restore the data, or pass --accept-data-change to "
+                "resume on it knowingly (recorded in the run's history)"
+            )
+
+
+def check_memory(config: TrainConfig, model_cfg: OryxConfig, rows: int, device: torch.device) -> None:
+    """Refuse, before any work, a run whose micro-batch clearly cannot fit in the machine's memory."""
+    need = activation_bytes(model_cfg, rows, config.seq_len, config.gradient_checkpointing)
+    have = total_memory(device)
+    if have is not None and need > have:
+        raise ConfigError(
+            f"seq_len {config.seq_len}: one micro-batch of {rows} sequences needs about {need / 2**30:,.0f} GiB "
+            f"for its activations and logits alone, but {device} has {have / 2**30:,.0f} GiB; lower --seq-len or "
+            "--batch-size, or raise --grad-accum"
+        )
+
+
+def activation_bytes(cfg: OryxConfig, rows: int, seq_len: int, checkpointing: bool = False) -> int:
+    """A conservative (low) estimate of one training micro-batch's memory: fp32 logits and their gradient, and per
+    layer a few [tokens, hidden] activations kept for the backward pass (fewer with gradient checkpointing)."""
+    tokens = rows * seq_len
+    per_layer = 2 if checkpointing else 8
+    return 4 * tokens * (2 * cfg.vocab_size + per_layer * cfg.num_hidden_layers * cfg.hidden_size)
+
+
+def total_memory(device: torch.device) -> int | None:
+    """The device's total memory in bytes (RAM and swap for the CPU), or None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    swap = 0
+    with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        swap = next(int(line.split()[1]) * 1024 for line in lines if line.startswith("SwapTotal"))
+    return ram + swap
+
+
+def _resume_changes(config: TrainConfig, state: ckpt.Checkpoint) -> dict[str, list[Any]]:
+    """The schedule settings that differ from the checkpoint's run: {key: [saved, now]}."""
+    saved = TrainConfig.from_yaml_text(state.train_config)
+    changes = {
+        k: [getattr(saved, k), getattr(config, k)] for k in SCHEDULE_KEYS if getattr(saved, k) != getattr(config, k)
+    }
+    if "lr" in changes:
+        changes["lr"] = [saved.peak_lr, config.peak_lr]
+    return changes
+
+
+def _apply_schedule(optimizer: torch.optim.Optimizer, scheduler: Any, config: TrainConfig, step: int) -> None:
+    """Point the restored optimizer and scheduler at the config's peak lr, warm-up, floor and weight decay."""
+    factor = lr_factor(step, config.steps, config.warmup_ratio, config.min_lr_ratio)
+    scheduler.base_lrs = [config.peak_lr] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = config.peak_lr
+        group["lr"] = config.peak_lr * factor
+    optimizer.param_groups[0]["weight_decay"] = config.weight_decay  # group 1 takes no weight decay
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _run(
+    config: TrainConfig,
+    info: distributed.Dist,
+    run_dir: Path,
+    tokenizer: Any,
+    cfg: OryxConfig,
+    val_tokens: Any,
+    data: PackedDataset,
+    rows_per_rank: int,
+    state: ckpt.Checkpoint | None,
+    resume_from: Path | None,
+    fingerprints: dict[str, Any],
+    accept_data_change: bool,
+    replacement: runfolder.RunReplacement | None,
+    started: float,
+) -> TrainResult:
     threads = CpuThreads(config.threads, info.world_size) if info.device.type == "cpu" else None
-
-    # Tokenizer and token cache: the main rank builds them, the others then read the cached files.
-    tokenizer = train_tokens = val_tokens = None
-    for turn in (0, 1):
-        if info.is_main == (turn == 0):
-            tokenizer = load_tokenizer(config.tokenizer)
-            train_tokens = load_tokens(config.train_data, tokenizer, text_field=config.text_field)
-            val_tokens = load_tokens(config.val_data, tokenizer, text_field=config.text_field)
-        info.barrier()
-
     torch.manual_seed(config.seed)
-    model = OryxForCausalLM(model_config(config, tokenizer))
-    state = None
-    if resume_from is not None:
-        state = ckpt.read(resume_from)
+    model = OryxForCausalLM(cfg)
+    if state is not None:
         if compat.is_legacy(state.model_state):  # written by Oryx 0.1.0: parameter names of that layout
             state.model_state = compat.upgrade_state(state.model_state, model.config)
             state.optimizer_state = compat.upgrade_optimizer_state(state.optimizer_state, model.config)
@@ -343,29 +590,44 @@ def _train(
             lr_factor, total=config.steps, warmup_ratio=config.warmup_ratio, min_ratio=config.min_lr_ratio
         ),
     )
-    data = PackedDataset(
-        train_tokens, config.seq_len, rows_per_rank, seed=config.seed, rank=info.rank, world_size=info.world_size
-    )
     step = 0
+    history: list[dict[str, Any]] = []
+    start_record: dict[str, Any] = {}
     if state is not None:
         set_optimizer_state_dict(
             model, optimizer, state.optimizer_state, options=StateDictOptions(full_state_dict=True)
         )
         scheduler.load_state_dict(state.scheduler_state)
-        data.load_state_dict(state.trainer_state["data"])
+        position = dict(state.trainer_state["data"])
+        if accept_data_change and position.get("num_windows") != data.num_windows:
+            # Other data, knowingly: the same epoch, at the same batch or the epoch's end, in the new windows.
+            position.update(num_windows=data.num_windows, step=min(position["step"], data.batches_per_epoch))
+        try:
+            data.load_state_dict(position)
+        except ValueError as err:
+            raise ConfigError(f"--resume {resume_from}: {err}") from None
         if len(state.rng_states) != info.world_size:
             raise ckpt.CheckpointError(
                 f"checkpoint {resume_from} was written by {len(state.rng_states)} ranks; resume it with as many"
             )
         ckpt.set_rng_state(state.rng_states[info.rank])
         step = state.trainer_state["step"]
+        changes = _resume_changes(config, state)
+        if changes:
+            _apply_schedule(optimizer, scheduler, config, step)
+        saved_prints = state.trainer_state.get("data_fingerprint")
+        data_changed = sorted(k for k in fingerprints if saved_prints and saved_prints.get(k) != fingerprints[k])
+        history = list(state.trainer_state.get("history", []))
+        start_record = {"resumed_from": str(resume_from), "changes": changes, "data_changed": data_changed}
+        history.append({"step": step, **start_record})
         del state
 
     log = MetricsLog(run_dir, info.is_main, config.tensorboard, None if resume_from is None else step)
-    log.write({"kind": "start", "step": step, "device": str(info.device), "ranks": info.world_size})
+    log.write({"kind": "start", "step": step, "device": str(info.device), "ranks": info.world_size, **start_record})
     schedule = parse(config.schedule_spec)
     tokens_per_step = config.batch_size * config.seq_len
     last_checkpoint = resume_from
+    saved_here: list[Path] = []  # checkpoints this process wrote
     final: dict[str, PerplexityResult] = {}
     bar = tqdm(
         total=config.steps,
@@ -378,7 +640,7 @@ def _train(
         n_params = sum(p.numel() for p in model.parameters())
         tqdm.write(
             f"{config.preset}: {n_params / 1e6:.2f}M parameters, vocab {model.config.vocab_size}, "
-            f"{len(train_tokens):,} training tokens; {config.steps} steps × {tokens_per_step:,} tokens, "
+            f"{len(data.tokens):,} training tokens; {config.steps} steps × {tokens_per_step:,} tokens, "
             f"schedule {schedule}, peak lr {config.peak_lr:g}, {info.world_size} rank(s) on {info.device}"
             + (
                 f" ({torch.get_num_threads()} threads{' to start with' if config.threads is None else ''})"
@@ -393,13 +655,9 @@ def _train(
             loss, grad_norm = _step(wrapped, model, data, schedule, optimizer, config, info, rows_per_rank, step)
             lr = optimizer.param_groups[0]["lr"]
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                where = (
-                    f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
-                )
-                raise TrainingDiverged(
-                    f"training diverged at step {step + 1}: loss {loss}, gradient norm {grad_norm} (lr {lr:.3g}); "
-                    f"stopped without saving, {where}. Lower --lr or raise --warmup-ratio, then --resume."
-                )
+                # The loss of step k is computed with the weights after step k−1: a checkpoint of step k−1 holds
+                # weights that already fail, so only an older one can take a lower learning rate.
+                raise _diverged(run_dir, info, step + 1, step, f"loss {loss}, gradient norm {grad_norm} (lr {lr:.3g})")
             scheduler.step()
             step += 1
             seconds = time.perf_counter() - tick
@@ -409,7 +667,8 @@ def _train(
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / seconds:,.0f}")
             done = step == config.steps
-            if step % config.eval_every == 0 or done:
+            saving = step % config.save_every == 0 or done
+            if step % config.eval_every == 0 or saving:  # every checkpoint is validated before it is written
                 results = _validate(wrapped, val_tokens, config, info, rows_per_rank, tokenizer if done else None)
                 record = {"kind": "final" if done else "eval", "step": step}
                 for name, result in results.items():
@@ -421,14 +680,43 @@ def _train(
                 if info.is_main:
                     tqdm.write(f"step {step}: validation perplexity " + ", ".join(
                         f"{name} {r.perplexity:.2f}" for name, r in results.items()))  # fmt: skip
+                if not all(math.isfinite(r.perplexity) for r in results.values()):
+                    where = ", ".join(f"{name} {r.perplexity}" for name, r in results.items())
+                    raise _diverged(run_dir, info, step, step, f"validation perplexity {where}")
                 if done:
                     final = results
-            if step % config.save_every == 0 or done:
-                last_checkpoint = _save(run_dir, step, model, optimizer, scheduler, tokenizer, data, config, info)
+            if saving:
+                extra = {"data_fingerprint": fingerprints, "history": history}
+                last_checkpoint = _save(run_dir, step, model, optimizer, scheduler, tokenizer, data, config, info,
+                                        extra)  # fmt: skip
+                saved_here.append(last_checkpoint)
+                if replacement is not None and info.is_main:
+                    replacement.commit()  # the new run has a checkpoint: the previous one goes for good
+                    replacement = None
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(saved_here[-1] if saved_here else resume_from) from None
     finally:
         bar.close()
         log.close()
     return TrainResult(run_dir, step, final, last_checkpoint, time.perf_counter() - started)
+
+
+def _diverged(run_dir: Path, info: distributed.Dist, step: int, first_bad: int, what: str) -> TrainingDiverged:
+    """Set checkpoints from step `first_bad` on aside (their weights fail), point `latest` at the newest older one,
+    and describe it all. Main rank; the others wait."""
+    good = None
+    if info.is_main:
+        good = ckpt.set_aside_from(run_dir, first_bad)
+    info.barrier()
+    if good is None:
+        where = "no checkpoint from before the divergence is left, so start again"
+    else:
+        where = (
+            f"the last good checkpoint is {good} (validated; `latest` names it). Resume from it with a lower "
+            f"learning rate or a longer warm-up: oryx train --resume --out-dir {run_dir} --change-schedule "
+            "--lr <lower> (or --warmup-ratio <larger>)"
+        )
+    return TrainingDiverged(f"training diverged at step {step}: {what}; stopped without saving; {where}")
 
 
 def _step(
@@ -510,8 +798,10 @@ def _save(
     data: PackedDataset,
     config: TrainConfig,
     info: distributed.Dist,
+    extra: dict[str, Any],
 ) -> Path:
-    """Gather the full model and optimizer state (a collective under FSDP) and write a checkpoint on rank 0."""
+    """Gather the full model and optimizer state (a collective under FSDP) and write a checkpoint on rank 0;
+    `extra` joins the trainer state (the data's fingerprint, the run's history)."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
@@ -532,6 +822,7 @@ def _save(
                 "tokens": step * config.batch_size * config.seq_len,
                 "data": data.state_dict(),
                 "world_size": info.world_size,
+                **extra,
             },
             train_config=config.to_yaml(),
             keep=config.keep_checkpoints,
