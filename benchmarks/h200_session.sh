@@ -42,6 +42,12 @@ long)
     --models ${MODELS:-transformer-130m oryx-tg-130m oryx-tm-130m} --json "$OUT/train-long.json"
   stage 150 mixer python3 benchmarks/gpu.py mixer --lengths 2048 --json "$OUT/mixer.json"
   ;;
-*) echo "usage: $0 check|train|long" >&2; exit 2 ;;
+final)
+  # What one last call can still do: the compile checks of the GPU test module, then the 8 x 2048 benchmark.
+  export ORYX_TEST_LOG=$OUT/gpu-errors.log
+  stage 200 gpu-tests python3 -m pytest -p no:cacheprovider -m gpu -n 8 -v tests/test_gpu.py -k "${TESTS:-graph_break or compiled_model or fake_impl}"
+  stage 330 train-2k python3 benchmarks/gpu.py train --shapes 8x2048 ${MODELS:+--models $MODELS} --json "$OUT/train-2k.json"
+  ;;
+*) echo "usage: $0 check|train|long|final" >&2; exit 2 ;;
 esac
 save_autotune  # carry it next time: cp <files_at>/autotune.tar.gz .cache/ and add .cache/autotune.tar.gz to `carry`
