@@ -396,7 +396,8 @@ def _fla_model(name: str, vocab: int):
 
 
 def train_point(point: dict) -> dict:
-    """One training configuration: first step (compile, autotune) and the median of the next steps; fwd+bwd+AdamW."""
+    """One training configuration: first step (compile, autotune) and the median of the next steps; a step is what
+    `oryx train` runs: forward and backward under bf16 autocast, fused AdamW, the loss read back."""
     from oryx import OryxConfig, OryxForCausalLM
     from oryx.schedule import parse
 
@@ -428,6 +429,7 @@ def train_point(point: dict) -> dict:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        loss.item()  # as the trainer does (it logs every step's loss): every family pays one sync per step
 
     step()
     torch.cuda.synchronize()
