@@ -211,9 +211,9 @@ def _run_on_checkpoints(
     """Load each checkpoint, run ``runner``, write ``<benchmark>.json`` and the report of the output folder."""
     from transformers.utils import logging as hf_logging
 
+    from oryx.checkpoint import load_pretrained
     from oryx.eval.inference import ModeRule
     from oryx.eval.report import write_report, write_results
-    from oryx.training.checkpoint import load_pretrained
 
     hf_logging.disable_progress_bar()
     if args.label and len(args.label) != len(args.checkpoints):
@@ -273,9 +273,9 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from oryx.checkpoint import resolve
     from oryx.data import load_tokenizer
     from oryx.eval.lm_eval_tasks import export_lm_eval_tasks
-    from oryx.training.checkpoint import resolve
 
     spec = args.tokenizer
     if Path(spec).is_dir():

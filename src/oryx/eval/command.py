@@ -116,8 +116,8 @@ def _load(args: argparse.Namespace):
     """
     from transformers.utils import logging as hf_logging
 
+    from oryx.checkpoint import load_pretrained
     from oryx.data import DataError, check_token_ids, load_tokenizer, load_tokens
-    from oryx.training.checkpoint import load_pretrained
 
     hf_logging.disable_progress_bar()
     device = resolve_device(args.device)

@@ -67,8 +67,8 @@ from oryx.eval.tasks.mqar import (
     mqar_modes,
 )
 from oryx.modeling import OryxForCausalLM
+from oryx.optim import adamw, lr_factor
 from oryx.schedule import parse
-from oryx.training.trainer import lr_factor, split_decay
 from oryx.variants import ATTN, LINEAR, MODE_NAMES, family_names
 from oryx.variants import FAMILIES as FAMILY_TABLE
 
@@ -280,15 +280,7 @@ def train_mqar(family: str, lr: float, config: MQARSweepConfig, log: Callable[[s
         total = max(1, min(planned, int(60 * config.train_minutes / per_step)))
         log(f"{family}: probe {per_step * 1e3:.0f} ms/step; {total} of {planned} planned steps fit the budget")
 
-    decay, no_decay = split_decay(model)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": list(decay.values()), "weight_decay": config.weight_decay},
-            {"params": list(no_decay.values()), "weight_decay": 0.0},
-        ],
-        lr=lr,
-        betas=(0.9, 0.95),
-    )
+    optimizer = adamw(model, lr, config.weight_decay)
     rng = np.random.default_rng(config.seed)
     model.train()
     started = time.perf_counter()
