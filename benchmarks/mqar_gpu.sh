@@ -18,7 +18,7 @@
 # protocol (attention only at the K query tokens) runs 6.25% of the tokens in attention; on Zoology's own grid
 # that fraction is K/L = 25% except at 64:4 (6.25%) and 64:8 (12.5%).
 # $OUT gets mqar.md (tables + training notes), mqar.json (every row, the runs' summaries), mqar.png and mqar.log; the
-# full run folder (per-run JSON) stays in $RUN_DIR. Redo the plot anywhere with `python -m oryx.eval report $OUT`.
+# full run folder (per-run JSON) stays in $RUN_DIR. Redo the plot anywhere with `oryx eval report $OUT`.
 set -euo pipefail
 OUT=${OUT:-out}
 RUN_DIR=${RUN_DIR:-/tmp/mqar-run}
@@ -26,7 +26,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} ORYX_BACKEND=${ORYX_BACKEND:-torch} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
 start=$(date +%s)
-timeout 570 python3 -m oryx.eval mqar --out "$RUN_DIR" --device cuda --jobs 5 --epochs "${EPOCHS:-2}" --lrs 3e-3 \
+timeout 570 python3 -m oryx.cli eval mqar --out "$RUN_DIR" --device cuda --jobs 5 --epochs "${EPOCHS:-2}" --lrs 3e-3 \
   --test-grid 64:4 64:8 64:16 128:32 256:64 512:128 1024:256 256:16 512:32 1024:64 \
   --eval-batch-size 256 --train-minutes "${TRAIN_MINUTES:-8}" "$@" 2>&1 | tee "$OUT/mqar.log"
 echo "wall: $(( $(date +%s) - start )) s" | tee -a "$OUT/mqar.log"

@@ -1,8 +1,8 @@
 """The MQAR sweep: train a small model of every family on Zoology's MQAR mix and test it on the standard grid, in
 every mode it has and under the cross-mode protocols (docs/data.md §7.2, docs/paper.md §6).
 
-    python -m oryx.eval mqar --out runs/mqar                       # the full sweep (GPU: see benchmarks/mqar_gpu.sh)
-    python -m oryx.eval mqar --out /tmp/mqar --vocab 512 --hidden-size 64 --head-dim 32 --train-mix 64:4:8000 \
+    oryx eval mqar --out runs/mqar                       # the full sweep (GPU: see benchmarks/mqar_gpu.sh)
+    oryx eval mqar --out /tmp/mqar --vocab 512 --hidden-size 64 --head-dim 32 --train-mix 64:4:8000 \
         128:8:2000 --test-grid 64:4:200 64:8:200 64:16:200 128:32:200 256:64:100 --epochs 2 --batch-size 32 \
         --jobs 2 --device cpu                                      # CPU-sized: ~17 min on 2 busy cores
 
