@@ -1,4 +1,5 @@
-"""The CUDA fast paths (oryx.ops.backends) against the pure-PyTorch reference, on the same inputs (DESIGN.md §4, §6).
+"""The CUDA fast paths (oryx.ops.backends) against the pure-PyTorch reference, on the same inputs (docs/design.md §11,
+§12).
 
 Every check feeds one set of fresh random inputs to the fast backend and to the torch reference computed in float64 from
 the same values (bf16 inputs upcast exactly), then compares outputs, final states and gradients by relative RMS error.
