@@ -185,8 +185,8 @@ def _probe_seconds(
     PROBE_WARMUP untimed ones (gradients discarded).
 
     Several steps, because an Oryx step draws new modes each time and so meets new shapes (the attention rows'
-    blocks) for a while: on the H100 the second step of each setting still took ~4x a trained step (790 vs 210 ms),
-    which cut the Oryx runs of an equal-steps sweep short.
+    blocks) for a while: timing one early step overestimates a trained step several times over, which would cut the
+    Oryx runs of an equal-steps sweep short (benchmarks/RESULTS.md, the H100 MQAR sweep).
     """
     device = next(model.parameters()).device
     seconds = []

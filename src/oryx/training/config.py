@@ -33,8 +33,7 @@ from oryx.variants import FAMILIES, MODE_NAMES, Variant
 
 TRAINING_MIX = "chunks:size=128,p_attn=0.25"
 # GPT-3's peak LR by size (docs/paper.md §4.1); Oryx trains at 10x it, the baselines at 5x. The CPU sizes take the
-# smallest GPT-3's (125M): measured on the default run (600 steps), Oryx's 6e-3 reached validation perplexity 89/88
-# (attention/linear) where 3e-3 reached 96/95.
+# smallest GPT-3's (125M), the closest in scale (benchmarks/RESULTS.md has the default run at two peak LRs).
 GPT3_LR = {"130m": 6e-4, "380m": 3e-4, "810m": 2.5e-4, "1.4b": 2e-4, "tiny": 6e-4, "small": 6e-4, "medium": 6e-4}
 
 

@@ -116,7 +116,7 @@ class CpuThreads:
     `period` steps), shared by the ranks of this host, at least 1.
 
     Why: when another process keeps a core busy, torch's thread pool waits on its descheduled thread at every
-    operation; on 2 cores beside one busy process we measured 10–30× slower steps with 2 threads, and none with 1.
+    operation, which slows every step many times over (benchmarks/RESULTS.md, "CPU threads beside a busy core").
     An automatic count follows the machine's load, so it is not bitwise reproducible; pass `threads` for that.
     """
 
