@@ -67,7 +67,7 @@ class TrainConfig:
         None, "override the MLP width (default ≈ 8D/3, matched for baselines)", "model"
     )
     gradient_checkpointing: bool = _opt(False, "recompute each block in the backward pass to save memory", "model")
-    compile: bool = _opt(False, "torch.compile the model", "model")
+    compile: bool = _opt(False, "torch.compile every block and the loss (regional compilation, fullgraph)", "model")
     # data
     train_data: str = _opt("prose:train", "training text: prose:<split>, a .txt/.jsonl/.bin file or a folder", "data")
     val_data: str = _opt("prose:validation", "validation text (same forms as train_data)", "data")

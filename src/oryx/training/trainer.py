@@ -502,9 +502,9 @@ def _setup(
         use_every_parameter(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.compile:  # regional: one graph for all the blocks, compiled before the ranks' wrapping (as torchtitan)
+        model.compile_blocks()
     wrapped = distributed.wrap(model, info, config.parallel)
-    if config.compile:
-        wrapped = torch.compile(wrapped)
     optimizer = adamw(
         model, config.peak_lr, config.weight_decay, (config.beta1, config.beta2), config.eps, config.decay_embeddings
     )
