@@ -1,6 +1,7 @@
 """`oryx train`: config errors before any work, no-decay groups, exact resume (in process and after SIGKILL), data
 position, two-process gloo DDP/FSDP equality with one process, damaged checkpoints, NaN stops."""
 
+import argparse
 import json
 import shutil
 import signal
@@ -20,6 +21,8 @@ from oryx.cli import main
 from oryx.data import PackedDataset, load_tokenizer, load_tokens
 from oryx.optim import split_decay
 from oryx.training import CheckpointError, ConfigError, TrainConfig, TrainingDiverged, train
+from oryx.training.cli import add_arguments, resolve_config
+from oryx.training.config import compiles
 from oryx.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +128,23 @@ def test_resume_in_process_repeats_the_losses_and_data_position(corpus, tmp_path
     assert all(resumed[s] == reference[s] for s in resumed), (reference, resumed)
     finals = [next(r for r in read_metrics(d) if r["kind"] == "final") for d in (part, full.out_dir)]
     assert finals[0]["val_ppl_attn"] == finals[1]["val_ppl_attn"]
+    # Each process reports its own first step (compiling and kernel tuning land there), not compiled on the CPU.
+    firsts = [r for r in read_metrics(part) if r["kind"] == "first_step"]
+    assert [(r["step"], r["compiled"]) for r in firsts] == [(5, False)] and firsts[0]["seconds"] > 0
+
+
+@pytest.mark.parametrize(("asked", "device", "expected"), [(None, "cuda", True), (None, "cpu", False),
+                                                           (False, "cuda", False), (True, "cpu", True)])  # fmt: skip
+def test_compile_is_on_by_default_on_cuda_only(asked, device, expected):
+    assert compiles(TrainConfig(compile=asked), device) is expected
+
+
+def test_no_compile_flag_reaches_the_config(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for flags, expected in (([], None), (["--compile"], True), (["--no-compile"], False)):
+        config, _ = resolve_config(parser.parse_args([*flags, "--out-dir", str(tmp_path)]))
+        assert config.compile is expected
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_losses(corpus, tmp_path):

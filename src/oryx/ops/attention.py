@@ -115,9 +115,13 @@ def _sequences_per_block(query_mask: Tensor | None, B: int, n_blocks: int, devic
 
     def build() -> list:
         # A CUDA graph being captured, or a graph being compiled, cannot read the mask back: every block is computed
-        # for every sequence (the unselected rows are zeroed afterwards).
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if query_mask is None or capturing or torch.compiler.is_compiling():
+        # for every sequence (the unselected rows are zeroed afterwards). Compiling is asked first: dynamo cannot
+        # trace is_current_stream_capturing.
+        if (
+            query_mask is None
+            or torch.compiler.is_compiling()
+            or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+        ):
             return [None] * n_blocks
         padded = F.pad(query_mask, (0, n_blocks * QUERY_BLOCK - query_mask.shape[1]))
         needed = padded.view(B, n_blocks, QUERY_BLOCK).any(-1).T.cpu()  # [n_blocks, B]

@@ -120,6 +120,7 @@ def _summary(
     train = [r for r in metrics if r["kind"] == "train"]
     speed = np.median([r["tokens_per_s"] for r in train]) if train else float("nan")
     start = next((r for r in reversed(metrics) if r["kind"] == "start"), {})
+    first = next((r for r in reversed(metrics) if r["kind"] == "first_step"), None)
     threads = sorted({r["threads"] for r in train if r.get("threads")})
     where = f"{start.get('ranks', 1)} × {start.get('device', '?')}" + (
         f", {'/'.join(map(str, threads))} CPU threads" if threads else ""
@@ -130,7 +131,8 @@ def _summary(
         f"- {final['step']} steps of {config.batch_size} × {config.seq_len} tokens "
         f"({final['step'] * config.batch_size * config.seq_len:,} tokens), schedule `{config.schedule_spec}`, "
         f"peak LR {config.peak_lr:g}, tokenizer `{config.tokenizer}`",
-        f"- wall time of this command: {seconds / 60:.1f} min; median training speed {speed:,.0f} tokens/s ({where})",
+        f"- wall time of this command: {seconds / 60:.1f} min; median training speed {speed:,.0f} tokens/s ({where})"
+        + (f"; first step {first['seconds']:.1f} s{' (compiled)' if first['compiled'] else ''}" if first else ""),
         f"- final checkpoint: `{folder}`",
         "",
         f"## Validation perplexity ({final['val_tokens']:,} tokens of {config.val_data})",

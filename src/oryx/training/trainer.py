@@ -56,7 +56,7 @@ from oryx.modeling import OryxForCausalLM
 from oryx.optim import adamw, lr_factor
 from oryx.schedule import Schedule, parse
 from oryx.training import distributed, runfolder
-from oryx.training.config import SCHEDULE_KEYS, ConfigError, TrainConfig
+from oryx.training.config import SCHEDULE_KEYS, ConfigError, TrainConfig, compiles
 from oryx.training.metrics import MetricsLog
 from oryx.training.report import write_report
 
@@ -482,7 +482,7 @@ def _setup(
         use_every_parameter(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if config.compile:  # regional: one graph for all the blocks, compiled before the ranks' wrapping (as torchtitan)
+    if compiles(config, info.device.type):  # regional: all blocks in one graph, before the ranks wrap (torchtitan)
         model.compile_blocks()
     wrapped = distributed.wrap(model, info, config.parallel)
     optimizer = adamw(
@@ -581,6 +581,7 @@ def _loop(
                 else ""
             )
         )
+    first_step = step  # this process's first step pays for compiling and kernel tuning: reported on its own
     try:
         while step < config.steps:
             cpu_threads = threads.update(step) if threads else None
@@ -598,6 +599,11 @@ def _loop(
             log.write({"kind": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                        "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_step / seconds,
                        "threads": cpu_threads})  # fmt: skip
+            if step == first_step + 1:
+                compiled = compiles(config, info.device.type)
+                log.write({"kind": "first_step", "step": step, "seconds": seconds, "compiled": compiled})
+                if info.is_main:
+                    tqdm.write(f"first step: {seconds:.1f} s" + (" (compiling the blocks, tuning kernels)" * compiled))
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / seconds:,.0f}")
             done = step == config.steps
