@@ -23,8 +23,10 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -407,6 +409,9 @@ def _flex_options_point(T: int, share: float, gen: torch.Generator) -> list[dict
 # A point is one model at one shape, measured in a fresh process (so its first step pays every compile and autotune
 # that a new run pays, and its peak memory is its own): fla-gdn / fla-mamba2 are fla's own models at the shape of our
 # gdn-130m / mamba2-130m (fla's Mamba2 runs its torch path without mamba_ssm, which the image lacks).
+# With --concurrent-warmup the points of a shape start together (their compiles overlap, on the host's cores) and
+# then take turns on the card for the timed steps (an exclusive lock), so no timed step shares the GPU with another
+# process; their first steps shared the card and the cores, an upper bound on a lone first step.
 TRAIN_MIX = "chunks:size=128,p_attn=0.25"
 TRAIN_MODELS = ["transformer-130m", "oryx-tg-130m", "oryx-tm-130m", "oryx-tk-130m", "gdn-130m", "fla-gdn",
                 "mamba2-130m", "fla-mamba2"]  # fmt: skip
@@ -473,38 +478,91 @@ def train_point(point: dict) -> dict:
     step()
     torch.cuda.synchronize()
     first = time.perf_counter() - start
-    for _ in range(2):
-        step()
-    torch.cuda.reset_peak_memory_stats()
-    ms = median_ms(step, warmup=0, repeats=point.get("repeats", 6))
+    with _timing_turn(point.get("turns")):
+        for _ in range(2):
+            step()
+        torch.cuda.reset_peak_memory_stats()
+        ms = median_ms(step, warmup=0, repeats=point.get("repeats", 6))
     params = sum(p.numel() for p in model.parameters())
     return {**point, "first_step_s": first, "ms": ms, "tok_s": B * T / ms * 1e3, "params": params,
             "peak_gb": torch.cuda.max_memory_allocated() / 2**30}  # fmt: skip
 
 
-def bench_train(models: list[str], shapes: list[str], record: list[dict], save: Callable[[], None]) -> None:
+@contextlib.contextmanager
+def _timing_turn(turns: str | None):
+    """With a lock file (concurrent warm-up), the card to this process alone while it times: the others wait
+    (after freeing their cached blocks, so that every timed process has the card's memory)."""
+    if turns is None:
+        yield
+        return
+    import fcntl
+
+    torch.cuda.empty_cache()
+    with open(turns, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def bench_train(
+    models: list[str], shapes: list[str], record: list[dict], save: Callable[[], None], concurrent: bool = False
+) -> None:
     """Every model at every shape, each in a fresh process; the compiled Transformer is the anchor of each shape."""
     for shape in shapes:
         B, T = (int(x) for x in shape.split("x"))
+        turns = f"/tmp/oryx-train-turns-{os.getpid()}" if concurrent else None
+        points = []
         for name in models:
             compile_mode = (
                 "model" if name.startswith("transformer") else ("off" if name.startswith("fla-") else "blocks")
             )
-            point = {"model": name, "batch": B, "seq": T, "compile": compile_mode, "checkpointing": T >= 32768}
-            proc = subprocess.run([sys.executable, __file__, "train-point", json.dumps(point)], capture_output=True,
-                                  text=True, timeout=900)  # fmt: skip
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-            if proc.returncode or not lines:
-                print(f"  train {name} {shape}: failed (exit {proc.returncode}): {proc.stderr[-600:]}", flush=True)
-                continue
-            row = json.loads(lines[-1])
-            record.append(row)
-            anchor = next((r for r in record if r["model"].startswith("transformer") and r["seq"] == T), None)
-            ratio = "" if anchor is None else f"  {row['tok_s'] / anchor['tok_s']:.2f}x the compiled Transformer"
-            print(f"  train {name:<18} {shape:<8} compile={compile_mode:<6} first step {row['first_step_s']:6.1f} s  "
-                  f"{row['ms']:7.1f} ms/step {row['tok_s'] / 1e3:7.1f}k tok/s  peak {row['peak_gb']:5.1f} GB{ratio}",
-                  flush=True)  # fmt: skip
-            save()
+            points.append({"model": name, "batch": B, "seq": T, "compile": compile_mode, "checkpointing": T >= 32768,
+                           "turns": turns})  # fmt: skip
+        if concurrent:
+            _drain([_start_point(i, point) for i, point in enumerate(points)], record, save)
+        else:  # each after the one before it
+            for i, point in enumerate(points):
+                _drain([_start_point(i, point)], record, save)
+        anchor = next((r for r in record if r["model"].startswith("transformer") and r["seq"] == T), None)
+        for row in (r for r in record if anchor is not None and r["seq"] == T and r["batch"] == B):
+            print(f"  {shape} {row['model']:<18} {row['tok_s'] / anchor['tok_s']:.2f}x the compiled Transformer's "
+                  f"tokens/s, {row['peak_gb'] / anchor['peak_gb']:.2f}x its peak memory", flush=True)  # fmt: skip
+
+
+def _start_point(index: int, point: dict) -> tuple[dict, subprocess.Popen, Path]:
+    logs = Path(tempfile.mkdtemp(prefix=f"oryx-train-{index}-"))
+    argv = [sys.executable, __file__, "train-point", json.dumps(point)]
+    with open(logs / "out", "w") as out, open(logs / "err", "w") as err:
+        return point, subprocess.Popen(argv, stdout=out, stderr=err, text=True), logs
+
+
+def _drain(started: list[tuple[dict, subprocess.Popen, Path]], record: list[dict], save: Callable) -> None:
+    """Wait for the started points, each printed and saved as it finishes (a stage cut short keeps what it measured)."""
+    while started:
+        done = [entry for entry in started if entry[1].poll() is not None]
+        time.sleep(0 if done else 1)
+        for entry in done:
+            started.remove(entry)
+            _collect_point(*entry, record, save)
+
+
+def _collect_point(point: dict, proc: subprocess.Popen, logs: Path, record: list[dict], save: Callable) -> None:
+    shape = f"{point['batch']}x{point['seq']}"
+    lines = [line for line in (logs / "out").read_text().splitlines() if line.startswith("{")]
+    if proc.returncode or not lines:
+        tail = (logs / "err").read_text()[-600:]
+        print(f"  train {point['model']} {shape}: failed (exit {proc.returncode}): {tail}", flush=True)
+        return
+    row = json.loads(lines[-1])
+    record.append(row)
+    print(f"  train {row['model']:<18} {shape:<8} compile={row['compile']:<6} first step {row['first_step_s']:6.1f} s  "
+          f"{row['ms']:7.1f} ms/step {row['tok_s'] / 1e3:7.1f}k tok/s  peak {row['peak_gb']:5.1f} GB",
+          flush=True)  # fmt: skip
+    save()
 
 
 def environment() -> dict:
@@ -541,6 +599,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=TRAIN_MODELS, help="train: presets, fla-gdn, fla-mamba2")
     parser.add_argument("--shapes", nargs="+", default=["8x2048"], help="train: BATCHxLENGTH per step")
     parser.add_argument("--json", default=None, help="write the raw numbers here")
+    parser.add_argument("--concurrent-warmup", action="store_true",
+                        help="train: start a shape's models together, then time them one at a time")  # fmt: skip
     if len(sys.argv) > 2 and sys.argv[1] == "train-point":  # a child of `train`
         print(json.dumps(train_point(json.loads(sys.argv[2]))))
         return
@@ -569,7 +629,7 @@ def main() -> None:
         save()
     if args.what in ("train", "all"):
         out["train"] = []
-        bench_train(args.models, args.shapes, out["train"], save)
+        bench_train(args.models, args.shapes, out["train"], save, args.concurrent_warmup)
 
 
 if __name__ == "__main__":
