@@ -22,7 +22,6 @@ from oryx.data import PackedDataset, load_tokenizer, load_tokens
 from oryx.optim import split_decay
 from oryx.training import CheckpointError, ConfigError, TrainConfig, TrainingDiverged, train
 from oryx.training.cli import add_arguments, resolve_config
-from oryx.training.config import compiles
 from oryx.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,16 +132,10 @@ def test_resume_in_process_repeats_the_losses_and_data_position(corpus, tmp_path
     assert [(r["step"], r["compiled"]) for r in firsts] == [(5, False)] and firsts[0]["seconds"] > 0
 
 
-@pytest.mark.parametrize(("asked", "device", "expected"), [(None, "cuda", True), (None, "cpu", False),
-                                                           (False, "cuda", False), (True, "cpu", True)])  # fmt: skip
-def test_compile_is_on_by_default_on_cuda_only(asked, device, expected):
-    assert compiles(TrainConfig(compile=asked), device) is expected
-
-
 def test_no_compile_flag_reaches_the_config(tmp_path):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    for flags, expected in (([], None), (["--compile"], True), (["--no-compile"], False)):
+    for flags, expected in (([], False), (["--compile"], True), (["--no-compile"], False)):
         config, _ = resolve_config(parser.parse_args([*flags, "--out-dir", str(tmp_path)]))
         assert config.compile is expected
 

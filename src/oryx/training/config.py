@@ -67,9 +67,7 @@ class TrainConfig:
         None, "override the MLP width (default ≈ 8D/3, matched for baselines)", "model"
     )
     gradient_checkpointing: bool = _opt(False, "recompute each block in the backward pass to save memory", "model")
-    compile: bool | None = _opt(
-        None, "torch.compile every block and the loss (regional, fullgraph); None = on CUDA, not on the CPU", "model"
-    )
+    compile: bool = _opt(False, "torch.compile every block and the loss (regional compilation, fullgraph)", "model")
     # data
     train_data: str = _opt("prose:train", "training text: prose:<split>, a .txt/.jsonl/.bin file or a folder", "data")
     val_data: str = _opt("prose:validation", "validation text (same forms as train_data)", "data")
@@ -382,9 +380,3 @@ def _cli_type(name: str, base: type) -> Any:
 
     convert.__name__ = base.__name__  # argparse names the type in its error message
     return convert
-
-
-def compiles(config: TrainConfig, device_type: str) -> bool:
-    """Whether the run compiles its blocks on a ``device_type`` ("cuda", "cpu", ...): as asked, else on CUDA only
-    (where it pays; on the CPU compiling takes longer than a short run saves)."""
-    return config.compile if config.compile is not None else device_type == "cuda"

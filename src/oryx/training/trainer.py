@@ -56,7 +56,7 @@ from oryx.modeling import OryxForCausalLM
 from oryx.optim import adamw, lr_factor
 from oryx.schedule import Schedule, parse
 from oryx.training import distributed, runfolder
-from oryx.training.config import SCHEDULE_KEYS, ConfigError, TrainConfig, compiles
+from oryx.training.config import SCHEDULE_KEYS, ConfigError, TrainConfig
 from oryx.training.metrics import MetricsLog
 from oryx.training.report import write_report
 
@@ -482,7 +482,7 @@ def _setup(
         use_every_parameter(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if compiles(config, info.device.type):  # regional: all blocks in one graph, before the ranks wrap (torchtitan)
+    if config.compile:  # regional: one graph for all the blocks, compiled before the ranks' wrapping (as torchtitan)
         model.compile_blocks()
     wrapped = distributed.wrap(model, info, config.parallel)
     optimizer = adamw(
@@ -600,10 +600,9 @@ def _loop(
                        "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_step / seconds,
                        "threads": cpu_threads})  # fmt: skip
             if step == first_step + 1:
-                compiled = compiles(config, info.device.type)
-                log.write({"kind": "first_step", "step": step, "seconds": seconds, "compiled": compiled})
+                log.write({"kind": "first_step", "step": step, "seconds": seconds, "compiled": config.compile})
                 if info.is_main:
-                    tqdm.write(f"first step: {seconds:.1f} s" + (" (compiling the blocks, tuning kernels)" * compiled))
+                    tqdm.write(f"first step: {seconds:.1f} s" + " (compiling, tuning kernels)" * config.compile)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / seconds:,.0f}")
             done = step == config.steps
