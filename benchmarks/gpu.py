@@ -409,9 +409,11 @@ def _flex_options_point(T: int, share: float, gen: torch.Generator) -> list[dict
 # A point is one model at one shape, measured in a fresh process (so its first step pays every compile and autotune
 # that a new run pays, and its peak memory is its own): fla-gdn / fla-mamba2 are fla's own models at the shape of our
 # gdn-130m / mamba2-130m (fla's Mamba2 runs its torch path without mamba_ssm, which the image lacks).
-# With --concurrent-warmup the points of a shape start together (their compiles overlap, on the host's cores) and
-# then take turns on the card for the timed steps (an exclusive lock), so no timed step shares the GPU with another
-# process; their first steps shared the card and the cores, an upper bound on a lone first step.
+# With --concurrent-warmup N, N points of a shape start together (their compiles overlap, on the host's cores), wait
+# until all N are warm, then take turns on the card for the timed steps (an exclusive lock), so no timed step shares
+# the GPU with another process; their first steps shared the card and the cores (an upper bound on a lone one).
+# fla-core refuses its gated backward on Hopper with Triton < 3.7.1 (fla#640), fla's own GDN model included: it is
+# measured with the guard lifted as Oryx's backend lifts it (head dim 128, where the kernel computes right).
 TRAIN_MIX = "chunks:size=128,p_attn=0.25"
 TRAIN_MODELS = ["transformer-130m", "oryx-tg-130m", "oryx-tm-130m", "oryx-tk-130m", "gdn-130m", "fla-gdn",
                 "mamba2-130m", "fla-mamba2"]  # fmt: skip
@@ -475,30 +477,41 @@ def train_point(point: dict) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.item()  # as the trainer does (it logs every step's loss): every family pays one sync per step
 
-    step()
-    torch.cuda.synchronize()
-    first = time.perf_counter() - start
-    with _timing_turn(point.get("turns")):
-        for _ in range(2):
-            step()
-        torch.cuda.reset_peak_memory_stats()
-        ms = median_ms(step, warmup=0, repeats=point.get("repeats", 6))
+    guard = contextlib.nullcontext()
+    if name == "fla-gdn":
+        from oryx.ops.backends import fla as fla_backend
+
+        guard = fla_backend._lift_hopper_guard()
+    with guard:
+        step()
+        torch.cuda.synchronize()
+        first = time.perf_counter() - start
+        with _timing_turn(point.get("turns")):
+            for _ in range(2):
+                step()
+            torch.cuda.reset_peak_memory_stats()
+            ms = median_ms(step, warmup=0, repeats=point.get("repeats", 6))
     params = sum(p.numel() for p in model.parameters())
     return {**point, "first_step_s": first, "ms": ms, "tok_s": B * T / ms * 1e3, "params": params,
             "peak_gb": torch.cuda.max_memory_allocated() / 2**30}  # fmt: skip
 
 
 @contextlib.contextmanager
-def _timing_turn(turns: str | None):
-    """With a lock file (concurrent warm-up), the card to this process alone while it times: the others wait
-    (after freeing their cached blocks, so that every timed process has the card's memory)."""
+def _timing_turn(turns: dict | None):
+    """With concurrent warm-up: once every process of the wave is warm (the parent's "go" file), the card to this
+    process alone while it times (an exclusive lock); the waiting ones have freed their cached blocks first, so that
+    every timed process has the card's memory and no other kernel beside its own."""
     if turns is None:
         yield
         return
     import fcntl
 
+    torch.cuda.synchronize()
     torch.cuda.empty_cache()
-    with open(turns, "w") as lock:
+    Path(turns["ready"]).touch()
+    while not Path(turns["go"]).exists():
+        time.sleep(0.2)
+    with open(turns["lock"], "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -509,24 +522,26 @@ def _timing_turn(turns: str | None):
 
 
 def bench_train(
-    models: list[str], shapes: list[str], record: list[dict], save: Callable[[], None], concurrent: bool = False
+    models: list[str], shapes: list[str], record: list[dict], save: Callable[[], None], concurrent: int = 1
 ) -> None:
-    """Every model at every shape, each in a fresh process; the compiled Transformer is the anchor of each shape."""
+    """Every model at every shape, each in a fresh process; the compiled Transformer is the anchor of each shape.
+    ``concurrent`` > 1: that many processes warm up at once (a wave), then time one after another."""
     for shape in shapes:
         B, T = (int(x) for x in shape.split("x"))
-        turns = f"/tmp/oryx-train-turns-{os.getpid()}" if concurrent else None
         points = []
         for name in models:
             compile_mode = (
                 "model" if name.startswith("transformer") else ("off" if name.startswith("fla-") else "blocks")
             )
-            points.append({"model": name, "batch": B, "seq": T, "compile": compile_mode, "checkpointing": T >= 32768,
-                           "turns": turns})  # fmt: skip
-        if concurrent:
-            _drain([_start_point(i, point) for i, point in enumerate(points)], record, save)
-        else:  # each after the one before it
-            for i, point in enumerate(points):
-                _drain([_start_point(i, point)], record, save)
+            points.append({"model": name, "batch": B, "seq": T, "compile": compile_mode, "checkpointing": T >= 32768})
+        for first in range(0, len(points), concurrent):
+            wave = [dict(point) for point in points[first : first + concurrent]]
+            sync = Path(tempfile.mkdtemp(prefix="oryx-train-wave-")) if concurrent > 1 else None
+            for i, point in enumerate(wave):
+                if sync is not None:
+                    point["turns"] = {"ready": str(sync / f"ready-{i}"), "go": str(sync / "go"),
+                                      "lock": str(sync / "lock")}  # fmt: skip
+            _drain([_start_point(i, point) for i, point in enumerate(wave)], record, save, sync)
         anchor = next((r for r in record if r["model"].startswith("transformer") and r["seq"] == T), None)
         for row in (r for r in record if anchor is not None and r["seq"] == T and r["batch"] == B):
             print(f"  {shape} {row['model']:<18} {row['tok_s'] / anchor['tok_s']:.2f}x the compiled Transformer's "
@@ -540,11 +555,17 @@ def _start_point(index: int, point: dict) -> tuple[dict, subprocess.Popen, Path]
         return point, subprocess.Popen(argv, stdout=out, stderr=err, text=True), logs
 
 
-def _drain(started: list[tuple[dict, subprocess.Popen, Path]], record: list[dict], save: Callable) -> None:
-    """Wait for the started points, each printed and saved as it finishes (a stage cut short keeps what it measured)."""
+def _drain(started: list[tuple[dict, subprocess.Popen, Path]], record: list[dict], save: Callable,
+           sync: Path | None) -> None:  # fmt: skip
+    """Wait for the started points, each printed and saved as it finishes (a stage cut short keeps what it measured);
+    with ``sync``, say "go" once every one still running is warm."""
     while started:
         done = [entry for entry in started if entry[1].poll() is not None]
-        time.sleep(0 if done else 1)
+        if sync is not None and all(
+            Path(p["turns"]["ready"]).exists() for p, proc, _ in started if proc.poll() is None
+        ):
+            (sync / "go").touch()
+        time.sleep(0 if done else 0.5)
         for entry in done:
             started.remove(entry)
             _collect_point(*entry, record, save)
@@ -599,8 +620,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=TRAIN_MODELS, help="train: presets, fla-gdn, fla-mamba2")
     parser.add_argument("--shapes", nargs="+", default=["8x2048"], help="train: BATCHxLENGTH per step")
     parser.add_argument("--json", default=None, help="write the raw numbers here")
-    parser.add_argument("--concurrent-warmup", action="store_true",
-                        help="train: start a shape's models together, then time them one at a time")  # fmt: skip
+    parser.add_argument("--concurrent-warmup", type=int, default=1, metavar="N",
+                        help="train: N models warm up (compile) at once, then time one at a time")  # fmt: skip
     if len(sys.argv) > 2 and sys.argv[1] == "train-point":  # a child of `train`
         print(json.dumps(train_point(json.loads(sys.argv[2]))))
         return

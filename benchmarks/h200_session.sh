@@ -37,11 +37,11 @@ check)
   stage 300 gpu-tests python3 -m pytest -p no:cacheprovider -m gpu -n 8 -v tests/test_gpu.py ${TESTS:+-k "$TESTS"}
   ;;
 train)
-  stage 570 train-2k python3 benchmarks/gpu.py train --concurrent-warmup --shapes 8x2048 ${MODELS:+--models $MODELS} \
+  stage 570 train-2k python3 benchmarks/gpu.py train --concurrent-warmup 4 --shapes 8x2048 ${MODELS:+--models $MODELS} \
     --json "$OUT/train-2k.json"
   ;;
 long)
-  stage 420 train-long python3 benchmarks/gpu.py train --concurrent-warmup --shapes 2x8192 1x32768 \
+  stage 420 train-long python3 benchmarks/gpu.py train --concurrent-warmup 4 --shapes 2x8192 1x32768 \
     --models ${MODELS:-transformer-130m oryx-tg-130m oryx-tm-130m} --json "$OUT/train-long.json"
   stage 150 mixer python3 benchmarks/gpu.py mixer --lengths 2048 --json "$OUT/mixer.json"
   ;;
@@ -51,7 +51,7 @@ final)
   export ORYX_TEST_LOG=$OUT/gpu-errors.log
   stage 240 gpu-tests python3 -m pytest -p no:cacheprovider -m gpu -n 8 -v tests/test_gpu.py \
     -k "${TESTS:-graph_break or compiled or opcheck}"
-  stage 320 train-2k python3 benchmarks/gpu.py train --concurrent-warmup --shapes 8x2048 ${MODELS:+--models $MODELS} \
+  stage 320 train-2k python3 benchmarks/gpu.py train --concurrent-warmup 4 --shapes 8x2048 ${MODELS:+--models $MODELS} \
     --json "$OUT/train-2k.json"
   ;;
 *) echo "usage: $0 check|train|long|final" >&2; exit 2 ;;
