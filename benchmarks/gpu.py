@@ -4,6 +4,8 @@
     python benchmarks/gpu.py decode   # one decoding step, batch 16, contexts 2k..128k
     python benchmarks/gpu.py generate # end-to-end generate tokens/s of the 130m presets, per mode
     python benchmarks/gpu.py train    # training steps of the 130m presets beside the compiled Transformer, fla's models
+    python benchmarks/gpu.py train --models oryx-tg-130m --shapes 8x2048 1x32768 --loss-chunk-tokens 0 4096
+                                      # peak memory and speed with the plain loss (0) and the chunked one (default)
     python benchmarks/gpu.py flex-options  # flex_attention's kernel options for the attention rows, beside SDPA
     python benchmarks/gpu.py all --json out.json
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import statistics
@@ -467,9 +470,12 @@ def train_point(point: dict) -> dict:
     gen = torch.Generator().manual_seed(0)
     schedule = parse(TRAIN_MIX)
 
+    loss_kwargs = {} if name.startswith("fla-") else {"loss_chunk_tokens": point["loss_chunk_tokens"]}
+
     def step() -> None:
         ids = torch.randint(0, vocab, (B, T), generator=gen).to(DEV, non_blocking=True)
         kwargs = {"modes": schedule.modes(B, T, generator=gen).to(DEV, non_blocking=True)} if is_oryx else {}
+        kwargs.update(loss_kwargs)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = forward(ids, labels=ids, **kwargs).loss
         loss.backward()
@@ -522,18 +528,26 @@ def _timing_turn(turns: dict | None):
 
 
 def bench_train(
-    models: list[str], shapes: list[str], record: list[dict], save: Callable[[], None], concurrent: int = 1
+    models: list[str],
+    shapes: list[str],
+    loss_chunks: list[int],
+    record: list[dict],
+    save: Callable[[], None],
+    concurrent: int = 1,
 ) -> None:
-    """Every model at every shape, each in a fresh process; the compiled Transformer is the anchor of each shape.
-    ``concurrent`` > 1: that many processes warm up at once (a wave), then time one after another."""
+    """Every model at every shape and loss chunk (`loss_chunk_tokens` of `oryx train`, 0 = the plain loss; fla's
+    models compute their own loss), each in a fresh process; the compiled Transformer with the same loss is the
+    anchor of each shape. ``concurrent`` > 1: that many processes warm up at once (a wave), then time one after
+    another."""
     for shape in shapes:
         B, T = (int(x) for x in shape.split("x"))
         points = []
-        for name in models:
+        for chunk, name in itertools.product(loss_chunks, models):
             compile_mode = (
                 "model" if name.startswith("transformer") else ("off" if name.startswith("fla-") else "blocks")
             )
-            points.append({"model": name, "batch": B, "seq": T, "compile": compile_mode, "checkpointing": T >= 32768})
+            points.append({"model": name, "batch": B, "seq": T, "compile": compile_mode, "checkpointing": T >= 32768,
+                           "loss_chunk_tokens": chunk})  # fmt: skip
         for first in range(0, len(points), concurrent):
             wave = [dict(point) for point in points[first : first + concurrent]]
             sync = Path(tempfile.mkdtemp(prefix="oryx-train-wave-")) if concurrent > 1 else None
@@ -542,10 +556,15 @@ def bench_train(
                     point["turns"] = {"ready": str(sync / f"ready-{i}"), "go": str(sync / "go"),
                                       "lock": str(sync / "lock")}  # fmt: skip
             _drain([_start_point(i, point) for i, point in enumerate(wave)], record, save, sync)
-        anchor = next((r for r in record if r["model"].startswith("transformer") and r["seq"] == T), None)
-        for row in (r for r in record if anchor is not None and r["seq"] == T and r["batch"] == B):
-            print(f"  {shape} {row['model']:<18} {row['tok_s'] / anchor['tok_s']:.2f}x the compiled Transformer's "
-                  f"tokens/s, {row['peak_gb'] / anchor['peak_gb']:.2f}x its peak memory", flush=True)  # fmt: skip
+        for chunk in loss_chunks:
+            rows = [r for r in record if (r["seq"], r["batch"], r["loss_chunk_tokens"]) == (T, B, chunk)]
+            anchor = next((r for r in rows if r["model"].startswith("transformer")), None)
+            if anchor is None:
+                continue
+            for row in rows:
+                print(f"  {shape} loss chunk {chunk:<5} {row['model']:<18} {row['tok_s'] / anchor['tok_s']:.2f}x the "
+                      f"compiled Transformer's tokens/s, {row['peak_gb'] / anchor['peak_gb']:.2f}x its peak memory",
+                      flush=True)  # fmt: skip
 
 
 def _start_point(index: int, point: dict) -> tuple[dict, subprocess.Popen, Path]:
@@ -572,7 +591,7 @@ def _drain(started: list[tuple[dict, subprocess.Popen, Path]], record: list[dict
 
 
 def _collect_point(point: dict, proc: subprocess.Popen, logs: Path, record: list[dict], save: Callable) -> None:
-    shape = f"{point['batch']}x{point['seq']}"
+    shape = f"{point['batch']}x{point['seq']} loss chunk {point['loss_chunk_tokens']:<5}"
     lines = [line for line in (logs / "out").read_text().splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
         tail = (logs / "err").read_text()[-600:]
@@ -619,6 +638,9 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192, 32768, 131072])
     parser.add_argument("--models", nargs="+", default=TRAIN_MODELS, help="train: presets, fla-gdn, fla-mamba2")
     parser.add_argument("--shapes", nargs="+", default=["8x2048"], help="train: BATCHxLENGTH per step")
+    parser.add_argument(
+        "--loss-chunk-tokens", type=int, nargs="+", default=[4096], help="train: loss chunks (0 = the plain loss)"
+    )
     parser.add_argument("--json", default=None, help="write the raw numbers here")
     parser.add_argument("--concurrent-warmup", type=int, default=1, metavar="N",
                         help="train: N models warm up (compile) at once, then time one at a time")  # fmt: skip
@@ -650,7 +672,7 @@ def main() -> None:
         save()
     if args.what in ("train", "all"):
         out["train"] = []
-        bench_train(args.models, args.shapes, out["train"], save, args.concurrent_warmup)
+        bench_train(args.models, args.shapes, args.loss_chunk_tokens, out["train"], save, args.concurrent_warmup)
 
 
 if __name__ == "__main__":

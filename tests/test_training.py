@@ -207,14 +207,14 @@ def test_damaged_checkpoint_is_refused_and_the_good_one_kept(corpus, tmp_path, c
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch, capsys):
     config = tiny(corpus, tmp_path / "run", steps=8, save_every=2, eval_every=8)
     forward = OryxForCausalLM.forward
-    poison = {"calls": 0, "after": 5 * config.grad_accum}  # training forwards before the logits turn to NaN
+    poison = {"calls": 0, "after": 5 * config.grad_accum}  # training forwards before the loss turns to NaN
 
     def poisoned(self, *args, **kwargs):
         out = forward(self, *args, **kwargs)
         if self.training:
             poison["calls"] += 1
             if poison["calls"] > poison["after"]:
-                out.logits = out.logits * float("nan")
+                out.loss = out.loss * float("nan")
         return out
 
     monkeypatch.setattr(OryxForCausalLM, "forward", poisoned)

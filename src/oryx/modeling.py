@@ -24,6 +24,7 @@ from oryx.configuration import OryxConfig
 from oryx.decoding import StaticDecoder
 from oryx.layers.common import RMSNorm, SwiGLU
 from oryx.layers.mixers import MixContext, build_mixer, matched_intermediate_size
+from oryx.ops.cross_entropy import linear_cross_entropy
 from oryx.variants import ATTN, LINEAR
 
 # transformers renamed the outputs' cache field from `past_key_values` to `cache` during 5.x; generation looks for
@@ -351,10 +352,16 @@ class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         active_modes: tuple[bool, bool] | None = None,
         decoder: StaticDecoder | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        loss_chunk_tokens: int = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Logits [B, T, V] (or the last `logits_to_keep`) and, with `labels`, the next-token loss (labels are shifted
-        inside; -100 is ignored). `cache`/`past_key_values` (the same thing) continues from an earlier call;
+        inside; -100 is ignored). `shift_labels` [B, T] instead: the targets already aligned with the positions
+        (transformers' name; what the trainer passes, so that the last position has a target too).
+        `loss_chunk_tokens` > 0 with a loss: computed `loss_chunk_tokens` tokens at a time
+        (`oryx.ops.cross_entropy`) without materialising the logits, which come back as None.
+        `cache`/`past_key_values` (the same thing) continues from an earlier call;
         `active_modes` as in `OryxModel.forward`. `decoder`: a `StaticDecoder` that runs this one-token step instead
         (what `generate(cuda_graphs=True)` passes for every step after the prompt)."""
         cache = cache if cache is not None else past_key_values
@@ -371,24 +378,34 @@ class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
         )
         hidden = out.last_hidden_state if not logits_to_keep else out.last_hidden_state[:, -logits_to_keep:]
         loss = None
-        if labels is None:
+        if labels is None and shift_labels is None:
             logits = self.lm_head(hidden)
         else:
-            if labels.shape != out.last_hidden_state.shape[:2]:
+            if labels is not None and shift_labels is not None:
+                raise ValueError("pass labels (shifted inside) or shift_labels (already shifted), not both")
+            name, given = ("labels", labels) if labels is not None else ("shift_labels", shift_labels)
+            if given.shape != out.last_hidden_state.shape[:2]:
                 raise ValueError(
-                    f"labels has shape {list(labels.shape)} but input_ids has {list(out.last_hidden_state.shape[:2])}"
+                    f"{name} has shape {list(given.shape)} but input_ids has {list(out.last_hidden_state.shape[:2])}"
                 )
             if logits_to_keep:
-                raise ValueError("labels need the logits of every position; do not pass logits_to_keep with labels")
-            logits, loss = self.lm_loss(hidden, labels)
+                raise ValueError(f"{name} need the logits of every position; do not pass logits_to_keep with {name}")
+            # Position t predicts label t+1 and the last position has none: shifting the labels, not the logits,
+            # keeps the [B·T, V] logits a view instead of a copy (at T = 4096, V = 8192: 134 MB per step).
+            targets = shift_labels if labels is None else F.pad(labels[:, 1:], (0, 1), value=-100)
+            logits, loss = self.lm_loss(hidden, targets, loss_chunk_tokens)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: out.get(CACHE_FIELD)})
 
-    def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [B, T, V] of the final hidden states [B, T, D] and the mean next-token loss against `labels` [B, T]
-        (-100 ignored). Position t predicts label t+1 and the last position has none: shifting the labels, not the
-        logits, keeps the [B·T, V] logits a view instead of a copy (at T = 4096, V = 8192: 134 MB per step)."""
+    def lm_loss(
+        self, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 0
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Logits [B, T, V] of the final hidden states [B, T, D] and the mean loss against `targets` [B, T], the
+        next token of each position (-100 ignored). `chunk_tokens` > 0: the same loss from `linear_cross_entropy`,
+        that many tokens at a time, and no logits (None)."""
+        if chunk_tokens:
+            loss = linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(), chunk_tokens)
+            return None, loss
         logits = self.lm_head(hidden)
-        targets = F.pad(labels[:, 1:], (0, 1), value=-100)
         return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
     def save_pretrained(self, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> None:

@@ -27,6 +27,7 @@ from oryx.training.config import SCHEDULE_KEYS, ConfigError, TrainConfig, add_co
 RESUMABLE_CHANGES = {
     "eval_every", "eval_tokens", "report", "switch_at", "switch_windows", "save_every",
     "keep_checkpoints", "progress", "tensorboard", "threads", "device", "compile", "gradient_checkpointing", "out_dir",
+    "loss_chunk_tokens",
 }  # fmt: skip
 
 

@@ -68,6 +68,9 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = _opt(False, "recompute each block in the backward pass to save memory", "model")
     compile: bool = _opt(False, "torch.compile every block and the loss (regional compilation, fullgraph)", "model")
+    loss_chunk_tokens: int = _opt(
+        4096, "compute the loss this many tokens at a time, never all [tokens, vocab] logits (0 = all at once)", "model"
+    )
     # data
     train_data: str = _opt("prose:train", "training text: prose:<split>, a .txt/.jsonl/.bin file or a folder", "data")
     val_data: str = _opt("prose:validation", "validation text (same forms as train_data)", "data")
@@ -224,6 +227,10 @@ class TrainConfig:
                     "eval_tokens", "switch_windows"):  # fmt: skip
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.loss_chunk_tokens < 0:
+            raise ConfigError(
+                f"loss_chunk_tokens must be >= 0 (0 = the whole batch at once), got {self.loss_chunk_tokens}"
+            )
         for key in ("hidden_size", "num_hidden_layers", "head_dim", "intermediate_size", "threads"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")

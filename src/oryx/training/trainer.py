@@ -5,6 +5,7 @@ One optimizer step:
         rows = next(data)                            # this rank's slice of the global micro-batch [b, T+1]
         modes = draw(global micro-batch)[rank slice] # from (seed, micro-step index): identical for any world size
         loss = CE(model(rows[:, :-1], modes), rows[:, 1:]) / grad_accum;  loss.backward()
+                                                     # (CE `loss_chunk_tokens` at a time: no [b·T, V] logits)
     clip the gradient norm; AdamW step; LR scheduler step
     stop with TrainingDiverged if the loss or the gradient norm is not finite (nothing is saved)
 
@@ -34,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -687,8 +687,8 @@ def _step(
             distributed.gradient_sync(wrapped, micro == config.grad_accum - 1),
             autocast(info.device, config.precision),
         ):
-            logits = wrapped(batch[:, :-1], modes=modes).logits
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+            chunk = config.loss_chunk_tokens  # > 0: the loss without the [rows·T, V] logits (oryx.ops.cross_entropy)
+            loss = wrapped(batch[:, :-1], modes=modes, shift_labels=batch[:, 1:], loss_chunk_tokens=chunk).loss
         (loss / config.grad_accum).backward()
         total += loss.detach() / config.grad_accum
     max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
