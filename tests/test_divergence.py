@@ -19,7 +19,8 @@ from oryx.training.metrics import read_metrics
 
 
 def poison(monkeypatch, *, training: bool, after: int, scale: float) -> dict:
-    """Multiply the logits of the model's forwards (training or evaluation ones) by `scale` after `after` calls."""
+    """Multiply what the model's forwards (training or evaluation ones) give by `scale` after `after` calls: the loss
+    of a training forward (the trainer's come without logits), the logits of an evaluation one."""
     forward = OryxForCausalLM.forward
     count = {"calls": 0, "after": after}
 
@@ -28,7 +29,10 @@ def poison(monkeypatch, *, training: bool, after: int, scale: float) -> dict:
         if self.training == training:
             count["calls"] += 1
             if count["calls"] > count["after"]:
-                out.logits = out.logits * scale
+                if training:
+                    out.loss = out.loss * scale
+                else:
+                    out.logits = out.logits * scale
         return out
 
     monkeypatch.setattr(OryxForCausalLM, "forward", poisoned)
