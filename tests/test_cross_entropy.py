@@ -161,6 +161,16 @@ def test_model_loss_and_tied_gradients_equal_the_plain_loss_without_the_logits(g
     assert chunked_meter.largest == 16 * V
 
 
+def test_chunked_loss_refuses_a_head_with_bias(gen):
+    """The chunked loss reads the head's weight only: a biased head (set_output_embeddings) is refused, not dropped."""
+    model = _tiny_model(gen)
+    model.set_output_embeddings(torch.nn.Linear(32, V, bias=True))
+    ids = torch.randint(0, V, (2, 12), generator=gen)
+    with pytest.raises(ValueError, match="without bias"):
+        model(ids, labels=ids, loss_chunk_tokens=8)
+    assert torch.isfinite(model(ids, labels=ids).loss)  # the plain loss uses the bias
+
+
 def test_shift_labels_are_the_shifted_labels(gen):
     model = _tiny_model(gen)
     ids = torch.randint(0, V, (2, 12), generator=gen)

@@ -403,6 +403,8 @@ class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
         next token of each position (-100 ignored). `chunk_tokens` > 0: the same loss from `linear_cross_entropy`,
         that many tokens at a time, and no logits (None)."""
         if chunk_tokens:
+            if self.lm_head.bias is not None:  # a head swapped in by set_output_embeddings
+                raise ValueError("loss_chunk_tokens needs an output head without bias; pass loss_chunk_tokens=0")
             loss = linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(), chunk_tokens)
             return None, loss
         logits = self.lm_head(hidden)

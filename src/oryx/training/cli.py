@@ -12,6 +12,7 @@ wrong type, missing data path) stops the command before any work, naming the key
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import os
@@ -21,7 +22,13 @@ from pathlib import Path
 
 from oryx import checkpoint as ckpt
 from oryx.training import runfolder
-from oryx.training.config import SCHEDULE_KEYS, ConfigError, TrainConfig, add_config_arguments
+from oryx.training.config import (
+    BEFORE_THEY_EXISTED,
+    SCHEDULE_KEYS,
+    ConfigError,
+    TrainConfig,
+    add_config_arguments,
+)
 
 # Keys a resumed run may change: they do not touch the training trajectory.
 RESUMABLE_CHANGES = {
@@ -106,7 +113,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, str | None]:
         runfolder.check_unlocked(resume.resolve().parent.parent)
     if getattr(args, "verify", True):
         ckpt.verify(resume)
-    saved = TrainConfig.from_yaml(resume / ckpt.TRAIN_CONFIG)
+    saved = TrainConfig.from_yaml(resume / ckpt.TRAIN_CONFIG, dataclasses.replace(TrainConfig(), **BEFORE_THEY_EXISTED))
     config = overridden(saved)
     changeable = RESUMABLE_CHANGES | (set(SCHEDULE_KEYS) if getattr(args, "change_schedule", False) else set())
     for key, value in config.to_dict().items():

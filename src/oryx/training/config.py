@@ -42,6 +42,11 @@ GPT3_LR = {"130m": 6e-4, "380m": 3e-4, "810m": 2.5e-4, "1.4b": 2e-4, "tiny": 6e-
 SCHEDULE_KEYS = ("lr", "warmup_ratio", "min_lr_ratio", "grad_clip", "weight_decay")
 
 
+# Settings added after runs were saved without them, with the value that continues such a run as it was trained
+# (a resumed run keeps its numerics; a new run gets the field's default).
+BEFORE_THEY_EXISTED = {"loss_chunk_tokens": 0}
+
+
 class ConfigError(UsageError, ValueError):
     """A bad training config; the message names the key."""
 
