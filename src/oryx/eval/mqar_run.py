@@ -67,7 +67,7 @@ from oryx.eval.tasks.mqar import (
     mqar_modes,
 )
 from oryx.modeling import OryxForCausalLM
-from oryx.schedule import parse
+from oryx.schedule import Adaptive, parse
 from oryx.training.trainer import lr_factor, split_decay
 from oryx.variants import ATTN, LINEAR, MODE_NAMES, family_names
 from oryx.variants import FAMILIES as FAMILY_TABLE
@@ -115,7 +115,8 @@ class MQARSweepConfig:
         bad = [p for p in self.protocols if p not in MQAR_PROTOCOLS]
         if bad:
             raise ValueError(f"unknown MQAR protocols {bad}; choose from {', '.join(MQAR_PROTOCOLS)}")
-        parse(self.oryx_schedule)  # fail before any work
+        if isinstance(parse(self.oryx_schedule), Adaptive):  # parse fails before any work on a bad spec
+            raise ValueError(f"oryx_schedule must be a fixed training schedule, not the adaptive {self.oryx_schedule}")
         longest = max(c.seq_len for c in (*self.train_mix, *self.test_grid))
         if self.vocab <= longest:
             raise ValueError(f"MQAR needs vocab > sequence length; got vocab {self.vocab} for length {longest}")
