@@ -13,9 +13,9 @@ from helpers import cli_args, error_line, make_corpus, run_cli, tiny
 from safetensors.torch import load_file, save_file
 
 import oryx
+from oryx import checkpoint as ckpt
 from oryx.data import byte_tokenizer
 from oryx.training import CheckpointError, train
-from oryx.training import checkpoint as ckpt
 
 MARKER = Path("/tmp") / "oryx-test-pickle-ran-code"
 

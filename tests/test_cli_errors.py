@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import cli_args, error_line, run_cli, tiny
 
-from oryx.training import checkpoint as ckpt
+from oryx import checkpoint as ckpt
 from oryx.training import train
 
 

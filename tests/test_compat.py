@@ -12,7 +12,7 @@ from conftest import rel_err
 import oryx
 from oryx.cli import main
 from oryx.compat import upgrade_optimizer_state
-from oryx.training.trainer import read_metrics
+from oryx.training.metrics import read_metrics
 
 FIXTURES = Path(__file__).parent / "data" / "legacy-0.1.0"
 

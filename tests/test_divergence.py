@@ -11,11 +11,11 @@ import torch
 from helpers import cli_args, error_line, make_corpus, run_cli, tiny
 
 from oryx import OryxConfig, OryxForCausalLM
+from oryx import checkpoint as ckpt
 from oryx.data import byte_tokenizer
 from oryx.eval.perplexity import PerplexityResult
 from oryx.training import TrainConfig
-from oryx.training import checkpoint as ckpt
-from oryx.training.trainer import read_metrics
+from oryx.training.metrics import read_metrics
 
 
 def poison(monkeypatch, *, training: bool, after: int, scale: float) -> dict:

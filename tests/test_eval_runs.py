@@ -12,7 +12,6 @@ import oryx
 from oryx.cli import main as oryx_main
 from oryx.data import load_tokenizer
 from oryx.eval import protocol_schedule
-from oryx.eval.cli import main
 from oryx.eval.inference import ModeRule, continuation_logliks, greedy_generate
 from oryx.eval.mqar_run import MQARSweepConfig, evaluate_mqar, protocol_modes_for, train_mqar
 from oryx.eval.tasks.mqar import IGNORE_INDEX, MQARConfig, make_mqar
@@ -113,7 +112,7 @@ def test_mqar_command_writes_results_and_report(tmp_path):
     argv = ["mqar", "--out", str(out), "--families", "transformer", "oryx-tg", "--hidden-size", "32", "--head-dim",
             "16", "--layers", "1", "--vocab", "256", "--train-mix", "64:4:16", "128:8:16", "--test-grid", "64:4:8",
             "128:8:8", "--epochs", "1", "--batch-size", "16", "--lrs", "1e-3", "3e-3", "--device", "cpu"]  # fmt: skip
-    assert main(argv) == 0
+    assert oryx_main(["eval", *argv]) == 0
     runs = sorted(p.name for p in (out / "runs").iterdir())
     assert runs == [f"{f}-lr{lr}.json" for f in ("oryx-tg", "transformer") for lr in ("0.001", "0.003")]
     data = json.loads((out / "mqar.json").read_text())
@@ -187,7 +186,7 @@ def test_retrieval_command(checkpoints, tmp_path):
     argv = ["retrieval", str(checkpoints / "tg"), str(checkpoints / "transformer"), "--tasks", "niah_1", "records_kv",
             "--lengths", "400", "--n", "2", "--max-new-tokens", "4", "--modes", "attn", "linear", "cross",
             "--out", str(out), "--device", "cpu"]  # fmt: skip
-    assert main(argv) == 0
+    assert oryx_main(["eval", *argv]) == 0
     data = json.loads((out / "tg" / "retrieval.json").read_text())
     rows = {(r["task"], r["protocol"]): r for r in data["rows"]}
     assert set(rows) == {(t, p) for t in ("niah_1", "records_kv") for p in ("attn", "linear", "cross")}
@@ -206,7 +205,7 @@ def test_retrieval_command(checkpoints, tmp_path):
 
 def test_zeroshot_command_writes_next_to_the_checkpoint(checkpoints):
     argv = ["zeroshot", str(checkpoints / "tg"), "--n", "4", "--modes", "attn", "linear", "cross", "--device", "cpu"]
-    assert main(argv) == 0
+    assert oryx_main(["eval", *argv]) == 0
     out = checkpoints / "tg" / "eval"
     data = json.loads((out / "zeroshot.json").read_text())
     rows = {(r["task"], r["protocol"]): r for r in data["rows"]}
@@ -225,9 +224,12 @@ def test_zeroshot_command_writes_next_to_the_checkpoint(checkpoints):
 
 
 def test_runner_errors_are_reported(checkpoints, capsys):
-    assert main(["zeroshot", str(checkpoints / "transformer"), "--modes", "linear", "--n", "2"]) == 2
+    assert oryx_main(["eval", "zeroshot", str(checkpoints / "transformer"), "--modes", "linear", "--n", "2"]) == 2
     assert "none of the modes" in capsys.readouterr().err
-    assert main(["retrieval", str(checkpoints / "tg"), "--modes", "tail:atn=3"]) == 2
+    assert oryx_main(["eval", "retrieval", str(checkpoints / "tg"), "--modes", "tail:atn=3"]) == 2
     assert "did you mean" in capsys.readouterr().err
-    assert main(["retrieval", str(checkpoints / "tg"), "--tasks", "niah_1", "--lengths", "2040", "--n", "1"]) == 2
+    assert (
+        oryx_main(["eval", "retrieval", str(checkpoints / "tg"), "--tasks", "niah_1", "--lengths", "2040", "--n", "1"])
+        == 2
+    )
     assert "use lengths <= 2000" in capsys.readouterr().err

@@ -1,8 +1,8 @@
-"""Tier-1 checks of the token-mixing ops (DESIGN.md §3.3 and §3.6).
+"""Tier-1 checks of the token-mixing ops (docs/design.md §9.3 and §9.6).
 
 Every op is compared with a plain per-token loop written here, independently of the library, in float64:
 values and gradients, odd lengths, initial and final states, extreme gates. Fresh random inputs every run
-(the ``gen`` fixture prints its seed); relative RMS error ≤ 1e-5 in float32 (DESIGN.md §6).
+(the ``gen`` fixture prints its seed); relative RMS error ≤ 1e-5 in float32 (docs/design.md §12).
 """
 
 from __future__ import annotations
@@ -408,7 +408,7 @@ def test_attention_default_scale(gen):
 
 
 def test_attention_work_scales_with_selected_rows(gen):
-    """~10% of 128-row chunks selected at T = 2048: at most 15% of the causal score count (DESIGN.md §3.6)."""
+    """~10% of 128-row chunks selected at T = 2048: at most 15% of the causal score count (docs/design.md §9.6)."""
     t_len, chunk, batch, d = 2048, 128, 16, 8
     q, k, v = (torch.randn(batch, t_len, 1, d, generator=gen) for _ in range(3))
     n_chunks = t_len // chunk

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from helpers import cli_args, error_line, run_cli, subprocess_env, tiny
 
-from oryx.training import checkpoint as ckpt
+from oryx import checkpoint as ckpt
 from oryx.training import train
-from oryx.training.trainer import read_metrics
+from oryx.training.metrics import read_metrics
 
 COMMAND = [sys.executable, "-m", "oryx.cli", "train"]
 LOCK, METRICS = ".oryx.lock", "metrics.jsonl"

@@ -15,11 +15,12 @@ from helpers import cli_args, subprocess_env, tiny
 
 import oryx
 from oryx import OryxConfig, OryxForCausalLM
+from oryx import checkpoint as ckpt
 from oryx.cli import main
 from oryx.data import PackedDataset, load_tokenizer, load_tokens
+from oryx.optim import split_decay
 from oryx.training import CheckpointError, ConfigError, TrainConfig, TrainingDiverged, train
-from oryx.training import checkpoint as ckpt
-from oryx.training.trainer import read_metrics, split_decay
+from oryx.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,6 +22,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+from torch import nn
 
 from oryx.cli_common import UsageError, nonnegative_int, output_file, positive_int, resolve_device
 from oryx.configuration import OryxConfig, preset_names
@@ -67,6 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--checkpointing", action="store_true", help="enable gradient checkpointing")
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile every model: the Transformer whole, as a user would; Oryx and the recurrent baselines by "
+        "block (compile_blocks, what oryx train --compile runs). The first step, compile included, is printed apart",
+    )
+    parser.add_argument(
         "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     parser.add_argument(
@@ -79,28 +86,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def time_step(
-    model: OryxForCausalLM, ids: torch.Tensor, modes: torch.Tensor | None, repeats: int, dtype, clock=time.perf_counter
-) -> float:
-    """Median seconds of one forward+backward (after one warm-up step), by `clock`."""
+    model: nn.Module, ids: torch.Tensor, modes: torch.Tensor | None, repeats: int, dtype, clock=time.perf_counter
+) -> tuple[float, float]:
+    """(seconds of the first forward+backward, compiling included; median seconds of `repeats` later ones), by
+    `clock`."""
     autocast = torch.autocast(ids.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
-    def step() -> None:
+    def step() -> float:
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        start = clock()
         model.zero_grad(set_to_none=True)
         with autocast:
             loss = model(ids, modes=modes, labels=ids).loss
         loss.backward()
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        return clock() - start
 
-    step()
-    times = []
-    for _ in range(repeats):
-        if ids.is_cuda:
-            torch.cuda.synchronize()
-        start = clock()
-        step()
-        if ids.is_cuda:
-            torch.cuda.synchronize()
-        times.append(clock() - start)
-    return statistics.median(times)
+    first = step()
+    return first, statistics.median(step() for _ in range(repeats))
 
 
 def peak_tflops(device: str) -> float | None:
@@ -130,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         f"dtype={args.dtype} threads={torch.get_num_threads()} clock={args.clock} "
         f"tokens/step={args.tokens or 'one sequence'}"
     )
-    print(f"{'preset':<18}{'mode':<8}{'T':>6}{'batch':>6}{'ms/step':>11}{'tok/s':>10}{'MFU':>7}")
+    print(f"{'preset':<18}{'mode':<8}{'T':>6}{'batch':>6}{'ms/step':>11}{'tok/s':>10}{'MFU':>7}{'first step s':>14}")
     for preset in args.presets:
         overrides = {"max_position_embeddings": max(args.lengths)}
         if vocab:
@@ -140,6 +145,11 @@ def run(args: argparse.Namespace) -> int:
         if args.checkpointing:
             model.gradient_checkpointing_enable()
         active = param_report(model, verbose=False)["active_attention_with_embedding"]
+        timed: nn.Module = model
+        if args.compile and config.variant == "transformer":
+            timed = torch.compile(model)
+        elif args.compile:
+            model.compile_blocks()
         modes_to_run = (
             {m: MODES[m] for m in args.modes}
             if config.is_oryx
@@ -152,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
                 modes = None if spec is None else parse(spec).modes(batch, T, generator=generator).to(args.device)
                 only_attn = 1.0 if config.variant == "transformer" else 0.0
                 f_attn = only_attn if modes is None else attention_fraction(modes)
-                seconds = time_step(model, ids, modes, args.repeats, dtype, clock)
+                first, seconds = time_step(timed, ids, modes, args.repeats, dtype, clock)
                 tokens_per_s = batch * T / seconds
                 flops_per_token = 6 * active + 6 * config.num_hidden_layers * config.hidden_size * T * f_attn
                 mfu = None if peak is None else flops_per_token * tokens_per_s / (peak * 1e12)
@@ -162,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
                     "T": T,
                     "batch": batch,
                     "seconds": seconds,
+                    "first_step_seconds": first,
                     "tokens_per_s": tokens_per_s,
                     "attention_fraction": f_attn,
                     "mfu": mfu,
@@ -169,14 +180,15 @@ def run(args: argparse.Namespace) -> int:
                 results.append(row)
                 mfu_text = "" if mfu is None else f"{mfu:.1%}"
                 print(
-                    f"{preset:<18}{mode:<8}{T:>6}{batch:>6}{seconds * 1e3:>11.1f}{tokens_per_s:>10.0f}{mfu_text:>7}",
+                    f"{preset:<18}{mode:<8}{T:>6}{batch:>6}{seconds * 1e3:>11.1f}{tokens_per_s:>10.0f}{mfu_text:>7}"
+                    f"{first:>14.1f}",
                     flush=True,
                 )
         del model
     print_ratios(results)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "results": results}, fh, indent=1)
+            json.dump({"args": vars(args), "results": results, "compiled": args.compile}, fh, indent=1)
     return 0
 
 

@@ -1,43 +1,119 @@
-"""The `oryx` command line: `oryx {train,eval,generate,bench,info} --help`.
+"""The `oryx` command line: `oryx {train,eval,generate,bench,info} --help`, and `oryx eval <evaluation> --help`.
 
-Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; modules are
-imported only when their subcommand runs, so `oryx --help` is instant. A user-caused failure exits 2 with one
-`oryx <command>: error: ...` line (`oryx.cli_common`), Ctrl-C exits 130 with one line.
+Every command is one row of `COMMANDS`: its help line, the function that adds its arguments and the function that
+runs it (`run(args) -> int`); a group (`eval`) is a table of such rows. A new command is one row here. A user-caused
+failure exits 2 with one `oryx <command>: error: ...` line (`oryx.cli_common`), Ctrl-C exits 130 with one line.
 """
 
 from __future__ import annotations
 
-import importlib
+import argparse
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
+from oryx import bench, generation, info
 from oryx.cli_common import ArgumentParser, run_command
+from oryx.eval import cli as runners
+from oryx.eval import command as evaluations
+from oryx.training import cli as training
 
-SUBCOMMANDS = {
-    "train": ("oryx.training.cli", "train a model (default: a small Oryx-TG on the embedded corpus) and report"),
-    "eval": ("oryx.eval.command", "evaluate a checkpoint: perplexity, switching curve, retrieval benchmarks"),
-    "generate": ("oryx.generation", "generate text from a checkpoint under a mode schedule"),
-    "bench": ("oryx.bench", "CPU/GPU throughput benchmark with the Transformer baseline side by side"),
-    "info": ("oryx.info", "list presets and print a preset's parameter report"),
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+EVAL_COMMANDS: dict[str, Command] = {
+    "ppl": Command(
+        "perplexity and bits per byte on a dataset under one or more schedules",
+        evaluations.add_ppl_arguments,
+        evaluations.run_ppl,
+    ),
+    "switching": Command(
+        "the switching curve: token-level perplexity against position (paper Figure 3)",
+        evaluations.add_switching_arguments,
+        evaluations.run_switching,
+    ),
+    "mqar": Command(
+        "train every family on Zoology's MQAR mix and test it per mode and cross-mode protocol",
+        runners.add_mqar_arguments,
+        runners.run_mqar,
+    ),
+    "retrieval": Command(
+        "NIAH-1/2/3 and record recall of checkpoints, single-mode and cross-mode",
+        runners.add_retrieval_arguments,
+        runners.run_retrieval_command,
+    ),
+    "zeroshot": Command(
+        "LAMBADA-style last word and multiple-choice next sentence of checkpoints, per mode",
+        runners.add_zeroshot_arguments,
+        runners.run_zeroshot_command,
+    ),
+    "report": Command(
+        "Markdown tables and PNG plots of every result file in a folder",
+        runners.add_report_arguments,
+        runners.run_report,
+    ),
+    "export-lm-eval-tasks": Command(
+        "write our tasks as local lm-eval task YAMLs with their data",
+        runners.add_export_arguments,
+        runners.run_export,
+    ),
 }
+
+COMMANDS: dict[str, Command | dict[str, Command]] = {
+    "train": Command(
+        "train a model (default: a small Oryx-TG on the embedded corpus) and report",
+        training.add_arguments,
+        training.run,
+    ),
+    "eval": EVAL_COMMANDS,
+    "generate": Command(
+        "generate text from a checkpoint under a mode schedule", generation.add_arguments, generation.run
+    ),
+    "bench": Command(
+        "CPU/GPU throughput benchmark with the Transformer baseline side by side", bench.add_arguments, bench.run
+    ),
+    "info": Command("list presets and print a preset's parameter report", info.add_arguments, info.run),
+}
+_COMMAND, _PROG = "_oryx_command", "_oryx_prog"
+GROUP_HELP = {"eval": "evaluate a checkpoint: perplexity, switching curve, retrieval benchmarks"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: a subparser per row of `COMMANDS`, each setting its row and its program name for error
+    lines (under private names that `main` takes out before the command sees its arguments)."""
+    parser = ArgumentParser(prog="oryx", description="Oryx multi-mixer language models")
+
+    def add(sub: argparse._SubParsersAction, name: str, entry: Command | dict[str, Command], prog: str) -> None:
+        if isinstance(entry, Command):
+            command = sub.add_parser(name, help=entry.help, description=entry.help)
+            entry.add_arguments(command)
+            command.set_defaults(**{_COMMAND: entry, _PROG: f"{prog} {name}"})
+            return
+        group = sub.add_parser(name, help=GROUP_HELP[name], description=GROUP_HELP[name])
+        inner = group.add_subparsers(metavar="COMMAND", required=True)
+        for inner_name, inner_entry in entry.items():
+            add(inner, inner_name, inner_entry, f"{prog} {name}")
+
+    sub = parser.add_subparsers(metavar="COMMAND")
+    for name, entry in COMMANDS.items():
+        add(sub, name, entry, "oryx")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = ArgumentParser(prog="oryx", description="Oryx multi-mixer language models")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, help_text) in SUBCOMMANDS.items():
-        sub.add_parser(name, help=help_text, add_help=False)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
-        args = parser.parse_args(argv)  # prints help or the "invalid choice" error
+    parser = build_parser()
+    if not argv:
         parser.print_help()
-        return 0 if args.command is None and not argv else 2
-    module_name, help_text = SUBCOMMANDS[argv[0]]
-    module = importlib.import_module(module_name)
-    command_parser = ArgumentParser(prog=f"oryx {argv[0]}", description=help_text)
-    module.add_arguments(command_parser)
-    args = command_parser.parse_args(argv[1:])
-    prog = " ".join(["oryx", argv[0], *([args.eval_command] if getattr(args, "eval_command", None) else [])])
-    return run_command(prog, module.run, args)
+        return 0
+    args = parser.parse_args(argv)
+    command, prog = vars(args).pop(_COMMAND), vars(args).pop(_PROG)
+    return run_command(prog, command.run, args)
 
 
 if __name__ == "__main__":

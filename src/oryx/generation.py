@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
     from transformers.utils import logging as hf_logging
 
-    from oryx.training.checkpoint import load_pretrained
+    from oryx.checkpoint import load_pretrained
 
     hf_logging.disable_progress_bar()
     prompt = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file)

@@ -1,10 +1,10 @@
-"""Command line of the benchmark runners: ``python -m oryx.eval COMMAND`` (also ``oryx eval COMMAND``).
+"""The benchmark runners of ``oryx eval`` (their rows are in ``oryx.cli.EVAL_COMMANDS``):
 
-    python -m oryx.eval mqar --out runs/mqar [--scale 0.05 --epochs 4] [--device cuda --jobs 5]
-    python -m oryx.eval retrieval CHECKPOINT [CHECKPOINT ...] --lengths 512 1024 --modes attn linear cross
-    python -m oryx.eval zeroshot CHECKPOINT [CHECKPOINT ...] --modes attn linear
-    python -m oryx.eval report RUN_DIR
-    python -m oryx.eval export-lm-eval-tasks DIR --tokenizer CHECKPOINT
+    oryx eval mqar --out runs/mqar [--scale 0.05 --epochs 4] [--device cuda --jobs 5]
+    oryx eval retrieval CHECKPOINT [CHECKPOINT ...] --lengths 512 1024 --modes attn linear cross
+    oryx eval zeroshot CHECKPOINT [CHECKPOINT ...] --modes attn linear
+    oryx eval report RUN_DIR
+    oryx eval export-lm-eval-tasks DIR --tokenizer CHECKPOINT
 
 Modes (``--modes``) are cross-mode protocols (``attn``, ``linear``, ``cross``: context linear, prompt and
 generation in attention; ``cross_reverse``) or ``oryx.schedule`` specs (``tail:attn=64``, ...). Results go next to
@@ -21,38 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from oryx.cli_common import (
-    ArgumentParser,
     nonnegative_int,
     positive_float,
     positive_int,
     resolve_device,
-    run_command,
     seed,
 )
-
-COMMANDS: dict[str, tuple[str, str, str]] = {
-    "mqar": (
-        "add_mqar_arguments",
-        "run_mqar",
-        "train every family on Zoology's MQAR mix and test it per mode and cross-mode protocol",
-    ),
-    "retrieval": (
-        "add_retrieval_arguments",
-        "run_retrieval_command",
-        "NIAH-1/2/3 and record recall of checkpoints, single-mode and cross-mode",
-    ),
-    "zeroshot": (
-        "add_zeroshot_arguments",
-        "run_zeroshot_command",
-        "LAMBADA-style last word and multiple-choice next sentence of checkpoints, per mode",
-    ),
-    "report": ("add_report_arguments", "run_report", "Markdown tables and PNG plots of every result file in a folder"),
-    "export-lm-eval-tasks": (
-        "add_export_arguments",
-        "run_export",
-        "write our tasks as local lm-eval task YAMLs with their data",
-    ),
-}
 
 
 def _common_checkpoint_arguments(parser: argparse.ArgumentParser, default_modes: list[str]) -> None:
@@ -211,9 +185,9 @@ def _run_on_checkpoints(
     """Load each checkpoint, run ``runner``, write ``<benchmark>.json`` and the report of the output folder."""
     from transformers.utils import logging as hf_logging
 
+    from oryx.checkpoint import load_pretrained
     from oryx.eval.inference import ModeRule
     from oryx.eval.report import write_report, write_results
-    from oryx.training.checkpoint import load_pretrained
 
     hf_logging.disable_progress_bar()
     if args.label and len(args.label) != len(args.checkpoints):
@@ -273,9 +247,9 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from oryx.checkpoint import resolve
     from oryx.data import load_tokenizer
     from oryx.eval.lm_eval_tasks import export_lm_eval_tasks
-    from oryx.training.checkpoint import resolve
 
     spec = args.tokenizer
     if Path(spec).is_dir():
@@ -291,23 +265,3 @@ def run_export(args: argparse.Namespace) -> int:
     print(f"wrote {len(names)} tasks to {args.out}: {' '.join(names)}")
     print(f"run them with: python -m oryx.eval.harness --include_path {args.out} --tasks oryx_zeroshot ...")
     return 0
-
-
-def _function(name: str) -> Callable[..., Any]:
-    return globals()[name]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """All runner subcommands under ``parser`` (``python -m oryx.eval``)."""
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.description = __doc__
-    sub = parser.add_subparsers(dest="eval_command", metavar="COMMAND", required=True)
-    for name, (adder, _, help_text) in COMMANDS.items():
-        _function(adder)(sub.add_parser(name, help=help_text, description=help_text))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m oryx.eval")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return run_command(f"python -m oryx.eval {args.eval_command}", _function(COMMANDS[args.eval_command][1]), args)

@@ -4,56 +4,17 @@
     oryx eval switching RUN_OR_CHECKPOINT [--switch-at 128 256 384] [--out DIR]
 
 A checkpoint is a run folder (its latest checkpoint is used), a checkpoint folder, or any `save_pretrained` folder
-of an Oryx model with its tokenizer. More evaluations plug in through `SUBCOMMANDS`: an entry names the functions
-that add the subcommand's arguments and run it ("module:function"), imported only when `oryx eval` is used.
+of an Oryx model with its tokenizer. The rows of `oryx eval` are in `oryx.cli.EVAL_COMMANDS`; the benchmark runners
+(mqar, retrieval, zeroshot, report, export-lm-eval-tasks) are in `oryx.eval.cli`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 from pathlib import Path
-from typing import Any
 
 from oryx.cli_common import UsageError, output_file, positive_int, resolve_device, seed
-
-# name -> (add_arguments(parser), run(args) -> int, one-line help)
-SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
-    "ppl": (
-        "oryx.eval.command:add_ppl_arguments",
-        "oryx.eval.command:run_ppl",
-        "perplexity and bits per byte on a dataset under one or more schedules",
-    ),
-    "switching": (
-        "oryx.eval.command:add_switching_arguments",
-        "oryx.eval.command:run_switching",
-        "the switching curve: token-level perplexity against position (paper Figure 3)",
-    ),
-}
-# The benchmark runners of oryx.eval (same as `python -m oryx.eval ...`): mqar, retrieval, zeroshot, report,
-# export-lm-eval-tasks; their arguments and help live in oryx.eval.cli.
-SUBCOMMANDS.update(
-    (name, (f"oryx.eval.cli:{adder}", f"oryx.eval.cli:{runner}", help_text))
-    for name, (adder, runner, help_text) in importlib.import_module("oryx.eval.cli").COMMANDS.items()
-)
-
-
-def _function(path: str) -> Any:
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.description = __doc__
-    sub = parser.add_subparsers(dest="eval_command", metavar="EVALUATION", required=True)
-    for name, (adder, _, help_text) in SUBCOMMANDS.items():
-        _function(adder)(sub.add_parser(name, help=help_text, description=help_text))
-
-
-def run(args: argparse.Namespace) -> int:
-    return int(_function(SUBCOMMANDS[args.eval_command][1])(args) or 0)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -116,8 +77,8 @@ def _load(args: argparse.Namespace):
     """
     from transformers.utils import logging as hf_logging
 
+    from oryx.checkpoint import load_pretrained
     from oryx.data import DataError, check_token_ids, load_tokenizer, load_tokens
-    from oryx.training.checkpoint import load_pretrained
 
     hf_logging.disable_progress_bar()
     device = resolve_device(args.device)

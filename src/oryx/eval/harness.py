@@ -18,7 +18,7 @@ checkpoint folder with no remote code) and registers ``--model oryx``: lm-eval's
 lm-eval splits ``--model_args`` at commas; write the commas of a spec as ``;`` (``schedule=spans:linear@0;attn@512``)
 or pass JSON (``--model_args '{"pretrained": "DIR", "schedule": "spans:linear@0,attn@512"}'``).
 
-Local tasks (no hub): ``python -m oryx.eval export-lm-eval-tasks DIR`` writes task YAMLs and their data; add
+Local tasks (no hub): ``oryx eval export-lm-eval-tasks DIR`` writes task YAMLs and their data; add
 ``--include_path DIR --tasks oryx_zeroshot`` (or ``oryx_retrieval``, or single tasks such as ``oryx_lambada``).
 In Python: ``import oryx.eval.harness`` then ``lm_eval.simple_evaluate(model="oryx", ...)`` with a
 ``TaskManager(include_path=DIR)``.

@@ -1,7 +1,7 @@
 """Our evaluation tasks as local lm-evaluation-harness tasks: JSONL data from the task generators plus one YAML per
 task (``dataset_path: json`` with absolute ``data_files``), so lm-eval runs them with no hub.
 
-    python -m oryx.eval export-lm-eval-tasks lm_eval_tasks --tokenizer CHECKPOINT --niah-lengths 512 1024
+    oryx eval export-lm-eval-tasks lm_eval_tasks --tokenizer CHECKPOINT --niah-lengths 512 1024
     python -m oryx.eval.harness --model oryx --model_args pretrained=CHECKPOINT,schedule=tail:attn=0 \\
         --include_path lm_eval_tasks --tasks oryx_zeroshot oryx_retrieval --device cpu
 

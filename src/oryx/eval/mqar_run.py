@@ -1,8 +1,8 @@
 """The MQAR sweep: train a small model of every family on Zoology's MQAR mix and test it on the standard grid, in
 every mode it has and under the cross-mode protocols (docs/data.md §7.2, docs/paper.md §6).
 
-    python -m oryx.eval mqar --out runs/mqar                       # the full sweep (GPU: see benchmarks/mqar_gpu.sh)
-    python -m oryx.eval mqar --out /tmp/mqar --vocab 512 --hidden-size 64 --head-dim 32 --train-mix 64:4:8000 \
+    oryx eval mqar --out runs/mqar                       # the full sweep (GPU: see benchmarks/mqar_gpu.sh)
+    oryx eval mqar --out /tmp/mqar --vocab 512 --hidden-size 64 --head-dim 32 --train-mix 64:4:8000 \
         128:8:2000 --test-grid 64:4:200 64:8:200 64:16:200 128:32:200 256:64:100 --epochs 2 --batch-size 32 \
         --jobs 2 --device cpu                                      # CPU-sized: ~17 min on 2 busy cores
 
@@ -67,8 +67,8 @@ from oryx.eval.tasks.mqar import (
     mqar_modes,
 )
 from oryx.modeling import OryxForCausalLM
+from oryx.optim import adamw, lr_factor
 from oryx.schedule import Adaptive, parse
-from oryx.training.trainer import lr_factor, split_decay
 from oryx.variants import ATTN, LINEAR, MODE_NAMES, family_names
 from oryx.variants import FAMILIES as FAMILY_TABLE
 
@@ -186,8 +186,8 @@ def _probe_seconds(
     PROBE_WARMUP untimed ones (gradients discarded).
 
     Several steps, because an Oryx step draws new modes each time and so meets new shapes (the attention rows'
-    blocks) for a while: on the H100 the second step of each setting still took ~4x a trained step (790 vs 210 ms),
-    which cut the Oryx runs of an equal-steps sweep short.
+    blocks) for a while: timing one early step overestimates a trained step several times over, which would cut the
+    Oryx runs of an equal-steps sweep short (benchmarks/RESULTS.md, the H100 MQAR sweep).
     """
     device = next(model.parameters()).device
     seconds = []
@@ -281,15 +281,7 @@ def train_mqar(family: str, lr: float, config: MQARSweepConfig, log: Callable[[s
         total = max(1, min(planned, int(60 * config.train_minutes / per_step)))
         log(f"{family}: probe {per_step * 1e3:.0f} ms/step; {total} of {planned} planned steps fit the budget")
 
-    decay, no_decay = split_decay(model)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": list(decay.values()), "weight_decay": config.weight_decay},
-            {"params": list(no_decay.values()), "weight_decay": 0.0},
-        ],
-        lr=lr,
-        betas=(0.9, 0.95),
-    )
+    optimizer = adamw(model, lr, config.weight_decay)
     rng = np.random.default_rng(config.seed)
     model.train()
     started = time.perf_counter()

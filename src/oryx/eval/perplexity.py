@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from oryx.losses import token_losses
 from oryx.schedule import Adaptive, attention_scores, parse
 from oryx.variants import ATTN
 
@@ -102,18 +102,11 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def logits_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Negative log-likelihood [B, T] (float32) of `targets` [B, T] under `logits` [B, T, V]; 0 where a target is
-    −100."""
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none")
-    return nll.view_as(targets)
-
-
 def token_nll(
     model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, modes: torch.Tensor, **kwargs
 ) -> torch.Tensor:
     """Per-token negative log-likelihood [B, T] (float32) of `targets` [B, T] given `inputs` [B, T] and `modes`."""
-    return logits_nll(model(inputs, modes=modes, **kwargs).logits, targets)
+    return token_losses(model(inputs, modes=modes, **kwargs).logits, targets)
 
 
 @torch.no_grad()
@@ -168,7 +161,7 @@ def evaluate(
         with autocast(device, precision):
             if adaptive:
                 out = model(batch[:, :-1], schedule=spec)
-                nll, modes = logits_nll(out.logits, batch[:, 1:]), out.modes
+                nll, modes = token_losses(out.logits, batch[:, 1:]), out.modes
             else:
                 modes = all_modes[rows.start : rows.stop].to(device)
                 nll = token_nll(model, batch[:, :-1], batch[:, 1:], modes)

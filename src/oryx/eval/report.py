@@ -4,7 +4,7 @@ one line per model and task).
 
 A result file is ``{"benchmark": NAME, "metrics": [...], "rows": [...], "meta": {...}}``; each row is a
 ``ResultRow``; ``meta["notes"]`` (Markdown, optional) is printed under the tables. ``oryx eval report DIR``
-(``python -m oryx.eval report DIR``) collects every result file under ``DIR``, so the results of several
+(``oryx eval report DIR``) collects every result file under ``DIR``, so the results of several
 checkpoints or families, written next to each one, make one table.
 """
 
@@ -246,7 +246,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list
         try:
             png = plot_benchmark(benchmark, metrics[0], rows, out / f"{benchmark}.png")
         except ImportError:  # a bare GPU image may lack matplotlib: keep the tables, plot later with `report`
-            print(f"matplotlib is not installed: no {benchmark}.png (run `python -m oryx.eval report` elsewhere)")
+            print(f"matplotlib is not installed: no {benchmark}.png (run `oryx eval report` elsewhere)")
             png = None
         if png is not None:
             written.append(png)

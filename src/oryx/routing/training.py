@@ -29,14 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from oryx.eval.perplexity import logits_nll, window, window_indices
+from oryx.losses import IGNORE_INDEX, token_losses
 from oryx.routing.router import Router, RouterConfig
 from oryx.variants import ATTN, LINEAR
 
-IGNORE_INDEX = -100
 Batch = tuple[torch.Tensor, torch.Tensor]
 
-__all__ = ["RouterTraining", "gains", "train_router", "train_router_straight_through", "window_batches"]
+__all__ = ["RouterTraining", "gains", "train_router", "train_router_straight_through"]
 
 
 @dataclass(frozen=True)
@@ -72,14 +71,6 @@ class FeatureCapture:
         self.features = Router.features(x, o_linear)
 
 
-def window_batches(tokens: Any, seq_len: int, windows: int, batch_size: int) -> list[Batch]:
-    """`windows` windows of `seq_len` tokens spread evenly over a token stream (`oryx.eval.perplexity`'s windows), in
-    batches of `batch_size`, with aligned labels."""
-    indices = window_indices(len(tokens), seq_len, windows * seq_len)
-    rows = torch.from_numpy(np.stack([window(tokens, int(i), seq_len) for i in indices]))
-    return [(part[:, :-1], part[:, 1:]) for part in rows.split(batch_size)]
-
-
 @torch.no_grad()
 def gains(model: Any, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(Δ [B, T], router features [B, T, 2D]) of one batch: Δ_t = nll_linear(t) − nll_attention(t) of the frozen
@@ -89,8 +80,8 @@ def gains(model: Any, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[to
     capture = FeatureCapture()
     linear = torch.full_like(ids, LINEAR)
     hidden = model.model(ids, modes=linear, route=capture).last_hidden_state
-    nll_linear = logits_nll(model.lm_head(hidden), labels)
-    nll_attention = logits_nll(model(ids, modes=torch.full_like(ids, ATTN)).logits, labels)
+    nll_linear = token_losses(model.lm_head(hidden), labels)
+    nll_attention = token_losses(model(ids, modes=torch.full_like(ids, ATTN)).logits, labels)
     return nll_linear - nll_attention, capture.features
 
 

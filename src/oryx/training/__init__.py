@@ -4,7 +4,7 @@
 >>> result = train(TrainConfig(steps=100, out_dir="runs/try"))
 """
 
-from oryx.training.checkpoint import CheckpointError
+from oryx.checkpoint import CheckpointError
 from oryx.training.config import ConfigError, TrainConfig
 from oryx.training.trainer import TrainingDiverged, TrainingInterrupted, TrainResult, train
 

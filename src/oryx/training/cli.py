@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from oryx.training import checkpoint as ckpt
+from oryx import checkpoint as ckpt
 from oryx.training import runfolder
 from oryx.training.config import SCHEDULE_KEYS, ConfigError, TrainConfig, add_config_arguments
 

@@ -7,7 +7,7 @@ paths before any work starts, and every error names the key:
     >>> TrainConfig.from_dict({"step": 100})
     ConfigError: unknown config key 'step' (did you mean 'steps'?)
 
-Defaults are the paper's recipe (paper-notes §4, DESIGN §2) at a size that trains on a 2-core CPU in minutes.
+Defaults are the paper's recipe (docs/paper.md §4, docs/design.md §8) at a size that trains on a 2-core CPU in minutes.
 """
 
 from __future__ import annotations
@@ -32,9 +32,8 @@ from oryx.schedule import Adaptive, Fixed, parse
 from oryx.variants import FAMILIES, MODE_NAMES, Variant
 
 TRAINING_MIX = "chunks:size=128,p_attn=0.25"
-# GPT-3's peak LR by size (paper-notes §4); Oryx trains at 10x it, the baselines at 5x. The CPU sizes take the
-# smallest GPT-3's (125M): measured on the default run (600 steps), Oryx's 6e-3 reached validation perplexity 89/88
-# (attention/linear) where 3e-3 reached 96/95.
+# GPT-3's peak LR by size (docs/paper.md §4.1); Oryx trains at 10x it, the baselines at 5x. The CPU sizes take the
+# smallest GPT-3's (125M), the closest in scale (benchmarks/RESULTS.md has the default run at two peak LRs).
 GPT3_LR = {"130m": 6e-4, "380m": 3e-4, "810m": 2.5e-4, "1.4b": 2e-4, "tiny": 6e-4, "small": 6e-4, "medium": 6e-4}
 
 
@@ -68,7 +67,7 @@ class TrainConfig:
         None, "override the MLP width (default ≈ 8D/3, matched for baselines)", "model"
     )
     gradient_checkpointing: bool = _opt(False, "recompute each block in the backward pass to save memory", "model")
-    compile: bool = _opt(False, "torch.compile the model", "model")
+    compile: bool = _opt(False, "torch.compile every block and the loss (regional compilation, fullgraph)", "model")
     # data
     train_data: str = _opt("prose:train", "training text: prose:<split>, a .txt/.jsonl/.bin file or a folder", "data")
     val_data: str = _opt("prose:validation", "validation text (same forms as train_data)", "data")
@@ -203,7 +202,7 @@ class TrainConfig:
 
     @property
     def peak_lr(self) -> float:
-        """`lr`, or the recipe's: 10x GPT-3's LR for Oryx, 5x for the baselines (paper-notes §4)."""
+        """`lr`, or the recipe's: 10x GPT-3's LR for Oryx, 5x for the baselines (docs/paper.md §4.1)."""
         if self.lr is not None:
             return self.lr
         return GPT3_LR[self.preset.rpartition("-")[2]] * (10 if self.is_oryx else 5)

@@ -18,14 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from oryx import checkpoint as ckpt
 from oryx.data import load_tokens
 from oryx.eval.perplexity import evaluated_targets, unigram_nll, window_indices
 from oryx.eval.switching import SwitchingCurves, switching_curves
 from oryx.params import format_param_report, param_report
-from oryx.training import checkpoint as ckpt
 from oryx.training import runfolder
 from oryx.training.config import ConfigError, TrainConfig
-from oryx.training.trainer import read_metrics
+from oryx.training.metrics import read_metrics
 
 SMOOTH = 32  # positions averaged in the switching plot
 

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from oryx.training import checkpoint as ckpt
+from oryx import checkpoint as ckpt
 from oryx.training.config import ConfigError
 
 try:

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,20 +45,20 @@ from torch.distributed.checkpoint.state_dict import (
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
+from oryx import checkpoint as ckpt
 from oryx import compat
 from oryx.cli_common import UsageError
 from oryx.configuration import OryxConfig
 from oryx.data import PackedDataset, check_token_ids, fingerprint, load_tokenizer, load_tokens
 from oryx.data.checks import fingerprint_change
 from oryx.eval.perplexity import PerplexityResult, autocast, evaluate
-from oryx.layers.common import no_decay_names
 from oryx.modeling import OryxForCausalLM
+from oryx.optim import adamw, lr_factor
 from oryx.schedule import Schedule, parse
-from oryx.training import checkpoint as ckpt
 from oryx.training import distributed, runfolder
 from oryx.training.config import SCHEDULE_KEYS, ConfigError, TrainConfig
-
-METRICS = "metrics.jsonl"
+from oryx.training.metrics import MetricsLog
+from oryx.training.report import write_report
 
 
 class TrainingDiverged(RuntimeError):
@@ -96,39 +95,6 @@ def model_config(config: TrainConfig, tokenizer: Any) -> OryxConfig:
     )
 
 
-def split_decay(
-    model: nn.Module, decay_embeddings: bool = True
-) -> tuple[dict[str, nn.Parameter], dict[str, nn.Parameter]]:
-    """(decayed, not decayed) parameters by name. Not decayed: what the modules tag (`no_weight_decay`: norm weights,
-    the recurrences' decay, step and skip parameters), biases, and the embedding when `decay_embeddings` is False. The
-    tied LM head is the embedding and appears once."""
-    tagged = no_decay_names(model)
-    embedding = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    decay, no_decay = {}, {}
-    for name, param in model.named_parameters():
-        skip = name in tagged or (id(param) in embedding and not decay_embeddings)
-        (no_decay if skip else decay)[name] = param
-    return decay, no_decay
-
-
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    decay, no_decay = split_decay(model, config.decay_embeddings)
-    groups = [
-        {"params": list(decay.values()), "weight_decay": config.weight_decay},
-        {"params": list(no_decay.values()), "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=config.peak_lr, betas=(config.beta1, config.beta2), eps=config.eps)
-
-
-def lr_factor(step: int, total: int, warmup_ratio: float, min_ratio: float) -> float:
-    """Linear warmup over `warmup_ratio` of the steps, then cosine from 1 down to `min_ratio` at the last step."""
-    warmup = round(warmup_ratio * total)
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup - 1)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def use_every_parameter(model: OryxForCausalLM) -> None:
     """Make every mixer parameter take part in every forward (adding 0·Σp to the mixer output).
 
@@ -150,7 +116,7 @@ class CpuThreads:
     `period` steps), shared by the ranks of this host, at least 1.
 
     Why: when another process keeps a core busy, torch's thread pool waits on its descheduled thread at every
-    operation; on 2 cores beside one busy process we measured 10–30× slower steps with 2 threads, and none with 1.
+    operation, which slows every step many times over (benchmarks/RESULTS.md, "CPU threads beside a busy core").
     An automatic count follows the machine's load, so it is not bitwise reproducible; pass `threads` for that.
     """
 
@@ -191,88 +157,6 @@ def draw_modes(schedule: Schedule, rows: int, seq_len: int, seed: int, index: in
     resumed run and any number of ranks draw the same ones."""
     generator = torch.Generator().manual_seed((seed << 32) + index)
     return schedule.modes(rows, seq_len, generator=generator)
-
-
-# --- metrics ------------------------------------------------------------------------------------------------------
-class MetricsLog:
-    """Append-only JSONL log (and TensorBoard scalars when installed and wanted), on the main rank only."""
-
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: int | None) -> None:
-        self.enabled = enabled
-        self.run_dir = run_dir
-        self.path = run_dir / METRICS
-        self.writer = None
-        if not enabled:
-            return
-        if resume_step is not None:
-            self._truncate(resume_step)
-        runfolder.record(run_dir, METRICS)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional
-                pass
-            else:
-                self.tb_before = set((run_dir / "tensorboard").glob("*"))
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
-        self.fh = open(self.path, "a")  # noqa: SIM115 (open for the whole run; close() closes it)
-
-    def _truncate(self, step: int) -> None:
-        """Drop records after `step` (written by a run killed after its last checkpoint) and a torn last line."""
-        if not self.path.is_file():
-            return
-        kept = [json.dumps(r) for r in _parse_metrics(self.path, tolerate_torn_end=True) if r.get("step", 0) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        self.fh.write(json.dumps(record) + "\n")
-        self.fh.flush()
-        if self.writer is not None:
-            for key, value in record.items():
-                if key not in ("step", "kind") and isinstance(value, int | float):
-                    self.writer.add_scalar(f"{record['kind']}/{key}", value, record["step"])
-
-    def close(self) -> None:
-        if self.enabled:
-            self.fh.close()
-            if self.writer is not None:
-                self.writer.close()
-                runfolder.record(self.run_dir, *(set((self.run_dir / "tensorboard").glob("*")) - self.tb_before))
-
-
-def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl ([] without one).
-
-    Raises:
-        ConfigError: a line that is not a JSON record (naming the file and the line).
-    """
-    path = Path(run_dir) / METRICS
-    return _parse_metrics(path) if path.is_file() else []
-
-
-def _parse_metrics(path: Path, tolerate_torn_end: bool = False) -> list[dict[str, Any]]:
-    """The JSON records of a metrics file; a damaged line is refused, but with `tolerate_torn_end` a damaged last
-    line (a write cut short by a kill) is dropped."""
-    lines = [line for line in path.read_bytes().split(b"\n") if line.strip()]
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict):
-                raise ValueError
-        except ValueError:
-            if tolerate_torn_end and number == len(lines):
-                break
-            raise ConfigError(
-                f"{path} is damaged: line {number} is not a JSON record; remove that line (or the file, losing the "
-                "run's history) and run again"
-            ) from None
-        records.append(record)
-    return records
 
 
 # --- the run --------------------------------------------------------------------------------------------------------
@@ -416,8 +300,6 @@ def _train(
             result = _run(config, info, run_dir, tokenizer, cfg, val_tokens, data, rows_per_rank, state, resume_from,
                           fingerprints, accept_data_change, replacement, started)  # fmt: skip
             if config.report and info.is_main:  # still under the lock
-                from oryx.training.report import write_report  # (report imports this module)
-
                 result.report = write_report(run_dir, config, started)
             return result
         except BaseException:
@@ -547,6 +429,27 @@ def _apply_schedule(optimizer: torch.optim.Optimizer, scheduler: Any, config: Tr
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
+@dataclass
+class _Session:
+    """What one training process works with: set up by `_setup`, advanced to a checkpoint by `_resume`, trained by
+    `_loop`."""
+
+    config: TrainConfig
+    info: distributed.Dist
+    run_dir: Path
+    tokenizer: Any
+    val_tokens: Any
+    data: PackedDataset
+    rows_per_rank: int
+    model: OryxForCausalLM
+    wrapped: nn.Module  # the model as trained: DDP/FSDP-wrapped and compiled when asked
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # resumes and their changes, kept in checkpoints
+    start_record: dict[str, Any] = field(default_factory=dict)  # what the run's "start" metrics record adds
+
+
 def _run(
     config: TrainConfig,
     info: distributed.Dist,
@@ -563,7 +466,26 @@ def _run(
     replacement: runfolder.RunReplacement | None,
     started: float,
 ) -> TrainResult:
-    threads = CpuThreads(config.threads, info.world_size) if info.device.type == "cpu" else None
+    session = _setup(config, info, run_dir, tokenizer, cfg, val_tokens, data, rows_per_rank, state, resume_from)
+    if state is not None:
+        _resume(session, state, resume_from, fingerprints, accept_data_change)
+        del state
+    return _loop(session, resume_from, fingerprints, replacement, started)
+
+
+def _setup(
+    config: TrainConfig,
+    info: distributed.Dist,
+    run_dir: Path,
+    tokenizer: Any,
+    cfg: OryxConfig,
+    val_tokens: Any,
+    data: PackedDataset,
+    rows_per_rank: int,
+    state: ckpt.Checkpoint | None,
+    resume_from: Path | None,
+) -> _Session:
+    """The model (with the checkpoint's weights when resuming), its wrapping for the ranks, AdamW and the schedule."""
     torch.manual_seed(config.seed)
     model = OryxForCausalLM(cfg)
     if state is not None:
@@ -580,50 +502,81 @@ def _run(
         use_every_parameter(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.compile:  # regional: one graph for all the blocks, compiled before the ranks' wrapping (as torchtitan)
+        model.compile_blocks()
     wrapped = distributed.wrap(model, info, config.parallel)
-    if config.compile:
-        wrapped = torch.compile(wrapped)
-    optimizer = make_optimizer(model, config)
+    optimizer = adamw(
+        model, config.peak_lr, config.weight_decay, (config.beta1, config.beta2), config.eps, config.decay_embeddings
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         functools.partial(
             lr_factor, total=config.steps, warmup_ratio=config.warmup_ratio, min_ratio=config.min_lr_ratio
         ),
     )
-    step = 0
-    history: list[dict[str, Any]] = []
-    start_record: dict[str, Any] = {}
-    if state is not None:
-        set_optimizer_state_dict(
-            model, optimizer, state.optimizer_state, options=StateDictOptions(full_state_dict=True)
-        )
-        scheduler.load_state_dict(state.scheduler_state)
-        position = dict(state.trainer_state["data"])
-        if accept_data_change and position.get("num_windows") != data.num_windows:
-            # Other data, knowingly: the same epoch, at the same batch or the epoch's end, in the new windows.
-            position.update(num_windows=data.num_windows, step=min(position["step"], data.batches_per_epoch))
-        try:
-            data.load_state_dict(position)
-        except ValueError as err:
-            raise ConfigError(f"--resume {resume_from}: {err}") from None
-        if len(state.rng_states) != info.world_size:
-            raise ckpt.CheckpointError(
-                f"checkpoint {resume_from} was written by {len(state.rng_states)} ranks; resume it with as many"
-            )
-        ckpt.set_rng_state(state.rng_states[info.rank])
-        step = state.trainer_state["step"]
-        changes = _resume_changes(config, state)
-        if changes:
-            _apply_schedule(optimizer, scheduler, config, step)
-        saved_prints = state.trainer_state.get("data_fingerprint")
-        data_changed = sorted(k for k in fingerprints if saved_prints and saved_prints.get(k) != fingerprints[k])
-        history = list(state.trainer_state.get("history", []))
-        start_record = {"resumed_from": str(resume_from), "changes": changes, "data_changed": data_changed}
-        history.append({"step": step, **start_record})
-        del state
+    return _Session(config, info, run_dir, tokenizer, val_tokens, data, rows_per_rank, model, wrapped, optimizer,
+                    scheduler)  # fmt: skip
 
+
+def _resume(
+    session: _Session,
+    state: ckpt.Checkpoint,
+    resume_from: Path | None,
+    fingerprints: dict[str, Any],
+    accept_data_change: bool,
+) -> None:
+    """Restore AdamW, the schedule, the data position and every RNG from `state`; apply and record the schedule
+    changes the resume asked for."""
+    config, info, data = session.config, session.info, session.data
+    set_optimizer_state_dict(
+        session.model, session.optimizer, state.optimizer_state, options=StateDictOptions(full_state_dict=True)
+    )
+    session.scheduler.load_state_dict(state.scheduler_state)
+    position = dict(state.trainer_state["data"])
+    if accept_data_change and position.get("num_windows") != data.num_windows:
+        # Other data, knowingly: the same epoch, at the same batch or the epoch's end, in the new windows.
+        position.update(num_windows=data.num_windows, step=min(position["step"], data.batches_per_epoch))
+    try:
+        data.load_state_dict(position)
+    except ValueError as err:
+        raise ConfigError(f"--resume {resume_from}: {err}") from None
+    if len(state.rng_states) != info.world_size:
+        raise ckpt.CheckpointError(
+            f"checkpoint {resume_from} was written by {len(state.rng_states)} ranks; resume it with as many"
+        )
+    ckpt.set_rng_state(state.rng_states[info.rank])
+    session.step = step = state.trainer_state["step"]
+    changes = _resume_changes(config, state)
+    if changes:
+        _apply_schedule(session.optimizer, session.scheduler, config, step)
+    saved_prints = state.trainer_state.get("data_fingerprint")
+    data_changed = sorted(k for k in fingerprints if saved_prints and saved_prints.get(k) != fingerprints[k])
+    session.history = list(state.trainer_state.get("history", []))
+    session.start_record = {"resumed_from": str(resume_from), "changes": changes, "data_changed": data_changed}
+    session.history.append({"step": step, **session.start_record})
+
+
+def _loop(
+    session: _Session,
+    resume_from: Path | None,
+    fingerprints: dict[str, Any],
+    replacement: runfolder.RunReplacement | None,
+    started: float,
+) -> TrainResult:
+    """Train from `session.step` to the last step: validate at every evaluation and before every checkpoint, stop on
+    divergence or Ctrl-C with the checkpoint to resume from."""
+    config, info, run_dir, model, optimizer = (
+        session.config,
+        session.info,
+        session.run_dir,
+        session.model,
+        session.optimizer,
+    )
+    threads = CpuThreads(config.threads, info.world_size) if info.device.type == "cpu" else None
+    step = session.step
     log = MetricsLog(run_dir, info.is_main, config.tensorboard, None if resume_from is None else step)
-    log.write({"kind": "start", "step": step, "device": str(info.device), "ranks": info.world_size, **start_record})
+    log.write({"kind": "start", "step": step, "device": str(info.device), "ranks": info.world_size,
+               **session.start_record})  # fmt: skip
     schedule = parse(config.schedule_spec)
     tokens_per_step = config.batch_size * config.seq_len
     last_checkpoint = resume_from
@@ -640,7 +593,7 @@ def _run(
         n_params = sum(p.numel() for p in model.parameters())
         tqdm.write(
             f"{config.preset}: {n_params / 1e6:.2f}M parameters, vocab {model.config.vocab_size}, "
-            f"{len(data.tokens):,} training tokens; {config.steps} steps × {tokens_per_step:,} tokens, "
+            f"{len(session.data.tokens):,} training tokens; {config.steps} steps × {tokens_per_step:,} tokens, "
             f"schedule {schedule}, peak lr {config.peak_lr:g}, {info.world_size} rank(s) on {info.device}"
             + (
                 f" ({torch.get_num_threads()} threads{' to start with' if config.threads is None else ''})"
@@ -652,13 +605,14 @@ def _run(
         while step < config.steps:
             cpu_threads = threads.update(step) if threads else None
             tick = time.perf_counter()
-            loss, grad_norm = _step(wrapped, model, data, schedule, optimizer, config, info, rows_per_rank, step)
+            loss, grad_norm = _step(session.wrapped, model, session.data, schedule, optimizer, config, info,
+                                    session.rows_per_rank, step)  # fmt: skip
             lr = optimizer.param_groups[0]["lr"]
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 # The loss of step k is computed with the weights after step k−1: a checkpoint of step k−1 holds
                 # weights that already fail, so only an older one can take a lower learning rate.
                 raise _diverged(run_dir, info, step + 1, step, f"loss {loss}, gradient norm {grad_norm} (lr {lr:.3g})")
-            scheduler.step()
+            session.scheduler.step()
             step += 1
             seconds = time.perf_counter() - tick
             log.write({"kind": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
@@ -669,14 +623,9 @@ def _run(
             done = step == config.steps
             saving = step % config.save_every == 0 or done
             if step % config.eval_every == 0 or saving:  # every checkpoint is validated before it is written
-                results = _validate(wrapped, val_tokens, config, info, rows_per_rank, tokenizer if done else None)
-                record = {"kind": "final" if done else "eval", "step": step}
-                for name, result in results.items():
-                    record[f"val_loss_{name}"], record[f"val_ppl_{name}"] = result.nll, result.perplexity
-                    if result.bytes:
-                        record[f"val_bpb_{name}"] = result.bits_per_byte
-                    record["val_tokens"] = result.tokens
-                log.write(record)
+                results = _validate(session.wrapped, session.val_tokens, config, info, session.rows_per_rank,
+                                    session.tokenizer if done else None)  # fmt: skip
+                log.write(_validation_record(results, step, done))
                 if info.is_main:
                     tqdm.write(f"step {step}: validation perplexity " + ", ".join(
                         f"{name} {r.perplexity:.2f}" for name, r in results.items()))  # fmt: skip
@@ -686,9 +635,9 @@ def _run(
                 if done:
                     final = results
             if saving:
-                extra = {"data_fingerprint": fingerprints, "history": history}
-                last_checkpoint = _save(run_dir, step, model, optimizer, scheduler, tokenizer, data, config, info,
-                                        extra)  # fmt: skip
+                extra = {"data_fingerprint": fingerprints, "history": session.history}
+                last_checkpoint = _save(run_dir, step, model, optimizer, session.scheduler, session.tokenizer,
+                                        session.data, config, info, extra)  # fmt: skip
                 saved_here.append(last_checkpoint)
                 if replacement is not None and info.is_main:
                     replacement.commit()  # the new run has a checkpoint: the previous one goes for good
@@ -699,6 +648,17 @@ def _run(
         bar.close()
         log.close()
     return TrainResult(run_dir, step, final, last_checkpoint, time.perf_counter() - started)
+
+
+def _validation_record(results: dict[str, PerplexityResult], step: int, done: bool) -> dict[str, Any]:
+    """The metrics record of a validation: loss, perplexity and (at the end) bits per byte of each mode."""
+    record: dict[str, Any] = {"kind": "final" if done else "eval", "step": step}
+    for name, result in results.items():
+        record[f"val_loss_{name}"], record[f"val_ppl_{name}"] = result.nll, result.perplexity
+        if result.bytes:
+            record[f"val_bpb_{name}"] = result.bits_per_byte
+        record["val_tokens"] = result.tokens
+    return record
 
 
 def _diverged(run_dir: Path, info: distributed.Dist, step: int, first_bad: int, what: str) -> TrainingDiverged:

@@ -11,7 +11,7 @@ flex is compiled for static shapes, at a few lengths only: queries and keys are 
 ``compiled_length`` (whole blocks, rounded up to 2^k or 3·2^k blocks, ≤ 33 % padding and none at 2k/8k/32k). Padded
 query rows are never selected (no work) and padded keys come after every real row (causally hidden), so the padding
 costs a copy, not attention. Without it every new length compiled flex again and, once dynamo turned the lengths
-dynamic, a float32 flex kernel with Oryx-TM's head dims took minutes to compile on an H100.
+dynamic, float32 flex kernels with Oryx-TM's head dims took minutes to compile (benchmarks/RESULTS.md).
 
 With at most ``FEW_ROWS`` query rows (decoding, short continuations) the block mask would cost more than the
 attention: those calls go to ``scaled_dot_product_attention`` over the whole cache with an explicit mask (none at all
@@ -39,7 +39,7 @@ FEW_ROWS = 16  # up to this many query rows, SDPA with a dense [Tq, Tk] mask is 
 # Compiled variants of flex_attention one process may hold: one per dtype, grad mode, head count, batch size and pair
 # of compiled lengths (prompts of any length up to 128k fall in about 20 length buckets). Past dynamo's default of 8,
 # flex silently runs eagerly, materialising every score ([B, H, Tq, Tk]: out of memory at long contexts); a process
-# that trains, evaluates and generates can pass 8, and the GPU test module did (H100, torch 2.11).
+# that trains, evaluates and generates can pass 8 (the GPU test module does).
 RECOMPILE_LIMIT = 64
 
 _compiled_flex: Callable | None = None
@@ -140,7 +140,7 @@ def block_mask(query_mask: Tensor | None, key_mask: Tensor | None, B: int, Tq: i
 def _shared_block_mask(
     query_mask: Tensor | None, key_mask: Tensor | None, B: int, Tq: int, Tk: int, device: torch.device
 ):
-    """``block_mask``, built once per forward: building it costs about a hundred small launches (on an H100 ~2-3 ms of
+    """``block_mask``, built once per forward: building it costs about a hundred small launches (milliseconds of
     host time per call, more than the attention itself at 2.5 % of the rows)."""
     return _block_masks.get(
         (query_mask, key_mask), (B, Tq, Tk, device), lambda: block_mask(query_mask, key_mask, B, Tq, Tk, device)

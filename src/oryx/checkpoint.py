@@ -1,4 +1,5 @@
-"""Atomic, verifiable training checkpoints, and loading a trained model for evaluation or generation.
+"""Checkpoint folders, shared by training (which writes and resumes them) and evaluation or generation (which load
+them): atomic, verifiable training checkpoints, and loading a trained model.
 
 A run folder holds `checkpoints/step-NNNNNNNN/` folders and a `checkpoints/latest` file naming the newest. Each
 checkpoint folder is a complete `from_pretrained` folder (model safetensors + config + tokenizer) plus what resuming
