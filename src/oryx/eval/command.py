@@ -44,8 +44,9 @@ def add_ppl_arguments(parser: argparse.ArgumentParser) -> None:
         "--schedule",
         nargs="+",
         default=None,
-        help="one or more schedules, e.g. attn linear 'chunks:size=128,p_attn=0.25' 'tail:attn=64' "
-        "(default: every mode the model has)",
+        help="one or more schedules, e.g. attn linear 'chunks:size=128,p_attn=0.25' 'tail:attn=64', or adaptive: "
+        "'router:budget=0.1' (after oryx train-router), 'entropy:threshold=4', 'random:budget=0.1' (default: every "
+        "mode the model has); the realised attention fraction is printed",
     )
     parser.add_argument(
         "--max-tokens", type=positive_int, default=None, help="score at most this many targets (default: all)"
@@ -115,7 +116,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     model, tokenizer, folder, tokens, seq_len = _load(args)
     schedules = args.schedule or ["attn" if m == 0 else "linear" for m in model.config.supported_modes]
     print(f"{folder}: {len(tokens):,} tokens of {args.data}, windows of {seq_len}")
-    print(f"{'schedule':<32}{'tokens':>10}{'loss':>9}{'ppl':>10}{'bits/tok':>10}{'bits/byte':>11}")
+    print(f"{'schedule':<32}{'tokens':>10}{'loss':>9}{'ppl':>10}{'bits/tok':>10}{'bits/byte':>11}{'attn %':>8}")
     results = []
     for spec in schedules:
         try:
@@ -136,7 +137,7 @@ def run_ppl(args: argparse.Namespace) -> int:
         bpb = "" if result.bits_per_byte is None else f"{result.bits_per_byte:.4f}"
         print(
             f"{result.schedule:<32}{result.tokens:>10,}{result.nll:>9.4f}{result.perplexity:>10.3f}"
-            f"{result.bits_per_token:>10.4f}{bpb:>11}"
+            f"{result.bits_per_token:>10.4f}{bpb:>11}{100 * result.attention_fraction:>8.1f}"
         )
     if args.json:
         payload = {"checkpoint": str(folder), "data": args.data, "seq_len": seq_len, "results": results}

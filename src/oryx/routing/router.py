@@ -149,15 +149,16 @@ def load_router(path: str | os.PathLike[str]) -> Router:
 
 
 def store_router(router: Router, folder: str | os.PathLike[str]) -> Path:
-    """Save `router` into a verified model or checkpoint folder and add it to the folder's checksum manifest; the
-    files the manifest listed are checked first and stay as they are (the language model is not touched).
+    """Save `router` into a verified model or checkpoint folder (replacing its router, if any) and add it to the
+    folder's checksum manifest; the other files the manifest lists are checked first and stay as they are (the
+    language model is not touched).
 
     Raises:
-        CheckpointError: the folder's manifest is missing, or a file it lists is damaged.
+        CheckpointError: the folder's manifest is missing, or another file it lists is damaged.
     """
     from oryx.manifest import verify_manifest, write_manifest
 
-    listed = verify_manifest(folder)
+    listed = verify_manifest(folder, ignore=(ROUTER_FILE,))
     path = save_router(router, folder)
     write_manifest(folder, names=sorted({*listed, ROUTER_FILE}))
     return path
