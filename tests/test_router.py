@@ -20,6 +20,7 @@ from oryx.data import load_tokenizer
 from oryx.eval.inference import ModeRule, greedy_generate
 from oryx.eval.perplexity import evaluate
 from oryx.manifest import MANIFEST
+from oryx.modeling import CACHE_FIELD
 from oryx.routing import ROUTER_FILE, Router, RouterConfig, RoutingState, calibrate_threshold, decide, load_router
 from oryx.routing.budget import OWN, PREVIOUS, realised_fraction
 from oryx.routing.router import store_router
@@ -70,10 +71,8 @@ def reference_modes(scores, threshold: float, budget: float, chunk: int, score_f
         count, mode = 0, LINEAR
         for p in range(len(row)):
             if p % chunk == 0:
-                if score_from == OWN:
-                    score = row[p]
-                else:
-                    score = float(np.mean(row[p - chunk : p])) if p else -math.inf
+                previous = float(np.mean(row[p - chunk : p])) if p else -math.inf
+                score = row[p] if score_from == OWN else previous
                 cap = math.ceil(Fraction(str(budget)) * (p + chunk)) + chunk
                 mode = ATTN if budget > 0 and score >= threshold and count + chunk <= cap else LINEAR
             count += mode == ATTN
@@ -181,7 +180,7 @@ def test_prefill_and_decode_equal_the_full_forward_with_the_modes_chosen(model_w
     ids = torch.randint(VOCAB, (2, T), generator=gen)
     prefill = 29
     out = model(ids[:, :prefill], schedule=spec, use_cache=True)
-    cache, logits, modes = out.cache if hasattr(out, "cache") else out.past_key_values, [out.logits], [out.modes]
+    cache, logits, modes = getattr(out, CACHE_FIELD), [out.logits], [out.modes]
     for t in range(prefill, T):
         step = model(ids[:, t : t + 1], schedule=spec, cache=cache)
         logits.append(step.logits)
@@ -200,12 +199,12 @@ def test_generate_under_a_router_equals_stepping_by_hand(model_with_router, gen)
     out = model.generate(prompt, schedule="router:budget=0.3", max_new_tokens=8, do_sample=False,
                          return_dict_in_generate=True)  # fmt: skip
     ids, step = prompt, model(prompt, schedule="router:budget=0.3", use_cache=True)
-    cache = step.cache if hasattr(step, "cache") else step.past_key_values
+    cache = getattr(step, CACHE_FIELD)
     for _ in range(8):
         ids = torch.cat([ids, step.logits[:, -1:].argmax(-1)], dim=1)
         step = model(ids[:, -1:], schedule="router:budget=0.3", cache=cache)
     assert torch.equal(out.sequences, ids)
-    generated = out.cache if hasattr(out, "cache") else out.past_key_values
+    generated = getattr(out, CACHE_FIELD)
     assert torch.equal(generated.modes, cache.modes[:, : generated.modes.shape[1]])
 
 
@@ -240,10 +239,10 @@ def test_greedy_generate_under_an_adaptive_rule_counts_the_modes_used(gen):
     rule = ModeRule("entropy:threshold=5.7,budget=0.4")  # a rule that routes a row as it routes it alone
     generations = greedy_generate(model, tokenizer, prompts, rule, max_new_tokens=5, batch_size=2)
     for prompt, generation in zip(prompts, generations, strict=True):
+        suppress = list(range(len(tokenizer), VOCAB))
         out = model.generate(torch.tensor([prompt]), schedule=rule.schedule, max_new_tokens=5, do_sample=False,
-                             return_dict_in_generate=True, suppress_tokens=list(range(len(tokenizer), VOCAB)))  # fmt: skip
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
-        read = cache.modes[0, : generation.tokens]
+                             return_dict_in_generate=True, suppress_tokens=suppress)  # fmt: skip
+        read = getattr(out, CACHE_FIELD).modes[0, : generation.tokens]
         assert generation.attention_tokens == int((read == ATTN).sum())
 
 
