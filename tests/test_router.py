@@ -17,8 +17,11 @@ import oryx
 from oryx import ATTN, LINEAR
 from oryx.checkpoint import CheckpointError, load_pretrained, read
 from oryx.data import load_tokenizer
+from oryx.eval.budget import POLICIES, placement
 from oryx.eval.inference import ModeRule, greedy_generate
+from oryx.eval.mqar_run import MQARSweepConfig, build_model, load_mqar_model, save_mqar_model
 from oryx.eval.perplexity import evaluate
+from oryx.eval.tasks.mqar import MQARConfig
 from oryx.manifest import MANIFEST
 from oryx.modeling import CACHE_FIELD
 from oryx.routing import ROUTER_FILE, Router, RouterConfig, RoutingState, calibrate_threshold, decide, load_router
@@ -381,3 +384,51 @@ def test_train_router_command_stores_a_router_and_leaves_the_checkpoint(run, cor
     assert run_cli(["eval", "ppl", str(run), "--schedule", "router:budget=0.25", "--max-tokens", "64"]) == 0
     assert "router:budget=0.25" in capsys.readouterr().out
     error_line(capsys, ["train-router", str(run), "--joint"], "--joint", command="train-router")
+
+
+# --- the budget evaluation ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["head", "tail", "even"])
+@pytest.mark.parametrize("budget, length", [(0.025, 512), (0.1, 512), (0.25, 100), (0.5, 64)])
+def test_fixed_placements_hold_their_share_of_the_positions(kind, budget, length):
+    modes = parse(placement(kind, budget, length, span=16)).modes(1, length, prompt_length=length)[0]
+    attention = (modes == ATTN).nonzero().flatten()
+    assert len(attention) == round(budget * length)
+    if kind == "head":
+        assert attention.max() == len(attention) - 1
+    elif kind == "tail":
+        assert attention.min() == length - len(attention)
+    else:  # spans of at most 16, their centres spread over the whole sequence
+        starts = [int(p) for i, p in enumerate(attention) if i == 0 or attention[i - 1] != p - 1]
+        assert len(starts) == math.ceil(len(attention) / 16)
+        assert attention.min() < length / 2 <= attention.max() or len(starts) == 1
+
+
+def test_the_budget_command_compares_every_policy_at_equal_budgets(run, capsys, tmp_path):
+    checkpoint = run / "checkpoints" / "step-00000002"
+    if not (checkpoint / ROUTER_FILE).is_file():
+        assert run_cli(["train-router", str(run), "--steps", "2", "--windows", "4", "--batch-size", "2"]) == 0
+    out = tmp_path / "budget"
+    argv = ["eval", "budget", str(run), "--budgets", "0", "0.25", "1", "--max-tokens", "128", "--chunk", "8",
+            "--calibration-windows", "2", "--batch-size", "2", "--out", str(out), "--device", "cpu"]  # fmt: skip
+    assert run_cli(argv) == 0
+    capsys.readouterr()
+    result = json.loads((out / "budget-ppl.json").read_text())
+    cells = {(r["protocol"], r["setting"]): r for r in result["rows"]}
+    assert {p for p, _ in cells} == set(POLICIES)
+    for policy in POLICIES:  # the endpoints are the two modes, whatever the policy
+        assert cells[policy, "0%"]["attention_fraction"] == 0 and cells[policy, "100%"]["attention_fraction"] == 1
+        assert cells[policy, "0%"]["metrics"]["ppl"] == cells["tail", "0%"]["metrics"]["ppl"]
+        assert 0 < cells[policy, "25%"]["attention_fraction"] < 0.5
+    table = (out / "budget-ppl.md").read_text()
+    assert "| router |" in table and "budget-ppl: attention (%)" in table
+    assert (out / "budget-ppl.png").stat().st_size > 0
+
+
+def test_an_mqar_model_is_saved_with_its_settings_and_loaded(tmp_path):
+    config = MQARSweepConfig(families=("oryx-tg",), hidden_size=64, head_dim=32, vocab=128,
+                             train_mix=(MQARConfig(64, 4, 64),), test_grid=(MQARConfig(64, 4, 8),))  # fmt: skip
+    model = build_model("oryx-tg", config)
+    save_mqar_model(model, config, tmp_path / "m")
+    loaded, settings = load_mqar_model(tmp_path / "m")
+    assert settings == config
+    assert all(torch.equal(t, model.state_dict()[k]) for k, t in loaded.state_dict().items())

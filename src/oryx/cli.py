@@ -54,6 +54,11 @@ EVAL_COMMANDS: dict[str, Command] = {
         runners.add_zeroshot_arguments,
         runners.run_zeroshot_command,
     ),
+    "budget": Command(
+        "quality against the attention budget: router, entropy, random and fixed placements at equal fractions",
+        runners.add_budget_arguments,
+        runners.run_budget,
+    ),
     "report": Command(
         "Markdown tables and PNG plots of every result file in a folder",
         runners.add_report_arguments,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from oryx.cli_common import UsageError, output_file, positive_int, resolve_device, seed
 
@@ -96,17 +97,23 @@ def _load(args: argparse.Namespace):
     return model, tokenizer, folder, tokens, seq_len
 
 
-def _training_length(folder: Path) -> int | None:
-    """The seq_len the checkpoint was trained with, when it is one of our training checkpoints."""
+def training_setting(folder: Path, key: str) -> Any:
+    """The value of `key` (e.g. seq_len, train_data) in the checkpoint's train_config.yaml, None when the folder is no
+    training checkpoint or has no such key."""
     import yaml
 
     path = folder / "train_config.yaml"
     if not path.is_file():
         return None
     try:
-        seq_len = yaml.safe_load(path.read_text()).get("seq_len")
+        return yaml.safe_load(path.read_text()).get(key)
     except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
-        raise UsageError(f"{path} is damaged (not a YAML mapping); pass --seq-len to evaluate anyway") from None
+        raise UsageError(f"{path} is damaged (not a YAML mapping); pass --{key.replace('_', '-')} to go on") from None
+
+
+def _training_length(folder: Path) -> int | None:
+    """The seq_len the checkpoint was trained with, when it is one of our training checkpoints."""
+    seq_len = training_setting(folder, "seq_len")
     return seq_len if isinstance(seq_len, int) and seq_len > 0 else None
 
 

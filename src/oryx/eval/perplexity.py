@@ -89,6 +89,14 @@ def window(tokens, index: int, seq_len: int) -> np.ndarray:
     return np.asarray(tokens[index * seq_len : index * seq_len + seq_len + 1], dtype=np.int64)
 
 
+def window_batches(tokens, seq_len: int, windows: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`windows` windows of `seq_len` tokens spread evenly over a token stream (`window_indices`), as (input_ids,
+    aligned labels) batches of `batch_size`: `labels[:, t]` is the target of the prediction made at position t."""
+    indices = window_indices(len(tokens), seq_len, windows * seq_len)
+    rows = torch.from_numpy(np.stack([window(tokens, int(i), seq_len) for i in indices]))
+    return [(part[:, :-1], part[:, 1:]) for part in rows.split(batch_size)]
+
+
 def evaluated_targets(tokens, seq_len: int, indices: np.ndarray) -> np.ndarray:
     """The target tokens of the windows `indices`, concatenated [len(indices) · seq_len]."""
     return np.concatenate([window(tokens, int(i), seq_len)[1:] for i in indices])

@@ -4,10 +4,12 @@ and store it in that checkpoint folder, beside weights it leaves untouched.
     oryx train-router runs/oryx-tg-default                        # regression on measured gains (the default)
     oryx train-router runs/oryx-tg-default --method straight-through --budget 0.1 --steps 300
     oryx train-router CHECKPOINT --train-data my_texts/ --tokenizer gpt2 --seq-len 1024
+    oryx train-router runs/mqar/models/oryx-tm-lr0.003            # a model saved by oryx eval mqar --save-models
     oryx eval ppl runs/oryx-tg-default --schedule router:budget=0.1
 
 The data are the run's (`train_data`, `tokenizer`, `text_field`, `seq_len` of its train_config.yaml) unless the flags
-say otherwise; `--windows` windows spread evenly over them. The router is written as `router.safetensors` and added
+say otherwise; `--windows` windows spread evenly over them. An MQAR model's are `--windows` rows of every setting of
+its sweep (training mix and test grid), from the training seed. The router is written as `router.safetensors` and added
 to the folder's checksum manifest, so `oryx eval`, `oryx generate` and `from_pretrained` load it with the model. With
 `--joint` (straight-through only) the language model trains too, so the result goes to a new folder (`--out`), never
 over the checkpoint's weights.
@@ -19,14 +21,15 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from oryx import checkpoint as ckpt
 from oryx.cli_common import UsageError, positive_float, positive_int, resolve_device, seed
+from oryx.eval.mqar_run import MQAR_SETTINGS, load_mqar_model, router_batches
+from oryx.eval.perplexity import window_batches
 from oryx.routing.budget import OWN, calibration_rows, realised_fraction
 from oryx.routing.router import Router, store_router
-from oryx.routing.training import Batch, RouterTraining, train_router, train_router_straight_through
+from oryx.routing.training import RouterTraining, train_router, train_router_straight_through
 from oryx.training import runfolder
 from oryx.training.config import TrainConfig
 
@@ -40,7 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="run folder (its latest checkpoint), or a checkpoint or model folder")
     parser.add_argument("--method", choices=METHODS, default="regression", help="how to train (default: regression)")
     parser.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default: 500; ST 200)")
-    parser.add_argument("--windows", type=positive_int, default=256, help="training windows (default: 256)")
+    parser.add_argument(
+        "--windows", type=positive_int, default=256, help="training windows (MQAR: rows per setting; default: 256)"
+    )
     parser.add_argument("--train-data", default=None, help="training text (default: the run's train_data)")
     parser.add_argument("--text-field", default=None, help="JSONL key / dataset column (default: the run's)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer of --train-data (default: the checkpoint's)")
@@ -62,16 +67,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="load the checkpoint without checking its checksums.json (it is then not verified)",
     )
-
-
-def window_batches(tokens: object, seq_len: int, windows: int, batch_size: int) -> list[Batch]:
-    """`windows` windows of `seq_len` tokens spread evenly over a token stream (the perplexity runner's windows), in
-    batches of `batch_size`, with aligned labels (`labels[:, t]` is the target of the prediction at t)."""
-    from oryx.eval.perplexity import window, window_indices
-
-    indices = window_indices(len(tokens), seq_len, windows * seq_len)
-    rows = torch.from_numpy(np.stack([window(tokens, int(i), seq_len) for i in indices]))
-    return [(part[:, :-1], part[:, 1:]) for part in rows.split(batch_size)]
 
 
 def _run_dir(folder: Path) -> Path | None:
@@ -102,28 +97,35 @@ def train_checkpoint_router(args: argparse.Namespace, log: Callable[[str], None]
     if not 0 < args.budget < 1:
         raise UsageError(f"--budget must be a fraction of the tokens in (0, 1), got {args.budget}")
     hf_logging.disable_progress_bar()
-    folder = ckpt.resolve(args.checkpoint)
-    run_dir = _run_dir(folder)
-    if run_dir is not None:
-        runfolder.check_unlocked(run_dir)  # another process writing the run: say so before reading it
-    model, tokenizer, folder = ckpt.load_pretrained(folder, resolve_device(args.device), verify=args.verify)
+    device = resolve_device(args.device)
+    if (Path(args.checkpoint) / MQAR_SETTINGS).is_file():  # an MQAR model: rows of its sweep's settings
+        model, config = load_mqar_model(args.checkpoint, verify=args.verify)
+        model, folder, tokenizer, run_dir = model.to(device), Path(args.checkpoint), None, None
+        batches = router_batches(config, args.windows, args.batch_size)
+        train_data, seq_len = "mqar", max(c.seq_len for c in config.test_grid)
+    else:
+        folder = ckpt.resolve(args.checkpoint)
+        run_dir = _run_dir(folder)
+        if run_dir is not None:
+            runfolder.check_unlocked(run_dir)  # another process writing the run: say so before reading it
+        model, tokenizer, folder = ckpt.load_pretrained(folder, device, verify=args.verify)
+        train_data, text_field, seq_len = _data_settings(folder, args)
+        try:
+            if args.tokenizer is not None:
+                tokenizer = load_tokenizer(args.tokenizer)
+            tokens = load_tokens(train_data, tokenizer, text_field=text_field)
+        except (ValueError, FileNotFoundError) as err:
+            raise DataError(f"--train-data {train_data}: {err}") from None
+        check_token_ids(tokens, model.config.vocab_size, f"--train-data {train_data}")
+        if len(tokens) <= seq_len:
+            raise DataError(f"--train-data {train_data} has {len(tokens)} tokens, too few for one window of {seq_len}")
+        batches = window_batches(tokens, seq_len, args.windows, args.batch_size)
     if not model.config.is_oryx:
         raise UsageError(f"{folder} holds a {model.config.variant!r} baseline, which has one mode: nothing to route")
-    train_data, text_field, seq_len = _data_settings(folder, args)
-    try:
-        if args.tokenizer is not None:
-            tokenizer = load_tokenizer(args.tokenizer)
-        tokens = load_tokens(train_data, tokenizer, text_field=text_field)
-    except (ValueError, FileNotFoundError) as err:
-        raise DataError(f"--train-data {train_data}: {err}") from None
-    check_token_ids(tokens, model.config.vocab_size, f"--train-data {train_data}")
-    if len(tokens) <= seq_len:
-        raise DataError(f"--train-data {train_data} has {len(tokens)} tokens, too few for one window of {seq_len}")
-    batches = window_batches(tokens, seq_len, args.windows, args.batch_size)
     straight = args.method == "straight-through"
     steps = args.steps or (200 if straight else 500)
     settings = RouterTraining(steps=steps, lr=args.lr, budget=args.budget, joint=args.joint, seed=args.seed)
-    log(f"{folder}: training a {args.method} router on {sum(len(b[0]) for b in batches)} windows of {seq_len} "
+    log(f"{folder}: training a {args.method} router on {sum(len(b[0]) for b in batches)} windows of up to {seq_len} "
         f"tokens of {train_data}")  # fmt: skip
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     trainer = train_router_straight_through if straight else train_router
@@ -132,7 +134,8 @@ def train_checkpoint_router(args: argparse.Namespace, log: Callable[[str], None]
     if args.joint:
         target = Path(args.out)
         target.mkdir(parents=True, exist_ok=True)
-        tokenizer.save_pretrained(target)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(target)
         model.attach_router(router)
         model.save_pretrained(target)
         return router, target
