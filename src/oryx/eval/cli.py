@@ -3,11 +3,14 @@
     oryx eval mqar --out runs/mqar [--scale 0.05 --epochs 4] [--device cuda --jobs 5]
     oryx eval retrieval CHECKPOINT [CHECKPOINT ...] --lengths 512 1024 --modes attn linear cross
     oryx eval zeroshot CHECKPOINT [CHECKPOINT ...] --modes attn linear
+    oryx eval budget RUN_DIR [--tasks ppl niah_1 records_kv] [--budgets 0 0.025 0.05 0.1 0.25 1] [--cost]
+    oryx eval budget MQAR_MODEL_DIR --tasks mqar           # a model of oryx eval mqar --save-models
     oryx eval report RUN_DIR
     oryx eval export-lm-eval-tasks DIR --tokenizer CHECKPOINT
 
 Modes (``--modes``) are cross-mode protocols (``attn``, ``linear``, ``cross``: context linear, prompt and
-generation in attention; ``cross_reverse``) or ``oryx.schedule`` specs (``tail:attn=64``, ...). Results go next to
+generation in attention; ``cross_reverse``) or ``oryx.schedule`` specs (``tail:attn=64``, ``router:budget=0.1``,
+...). Results go next to
 each checkpoint (``<checkpoint>/eval/``) or under ``--out``; every runner also writes the report (Markdown table and
 PNG plot) of its output folder. lm-eval itself: ``python -m oryx.eval.harness`` (see ``oryx.eval.harness``).
 """

@@ -7,7 +7,7 @@
 
 The pieces: the budget rule and its threshold calibration (`budget`), the router head and its file (`router`), the
 routing decision inside a forward for the `router:`, `entropy:` and `random:` schedules (`policies`), and router
-training with the language model frozen (`training`). docs/design.md §14 explains the design.
+training with the language model frozen (`training`). docs/design.md §15 explains the design.
 """
 
 from oryx.routing.budget import RoutingState, calibrate_threshold, decide
