@@ -119,6 +119,19 @@ def test_oryx_model_applies_the_schedule_to_generation(setup):
         assert generated == ours.text
 
 
+def test_oryx_model_runs_adaptive_schedules(setup):
+    """An adaptive schedule decides the modes in generation as greedy_generate does; a router schedule on a
+    checkpoint without a router is refused at once, naming oryx train-router."""
+    model_dir, _ = setup
+    prompt = "Some special magic numbers are hidden here: 1234567. The special magic number is"
+    request = Instance("generate_until", {}, (prompt, {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}), 0)
+    lm = OryxLM(pretrained=str(model_dir), schedule="entropy:threshold=5.5;budget=0.3", device="cpu", batch_size=1)
+    ours = greedy_generate(lm.model, lm.tokenizer, [lm.tok_encode(prompt)], lm.rule, max_new_tokens=6)[0]
+    assert lm.generate_until([request])[0] == ours.text
+    with pytest.raises(ValueError, match="oryx train-router"):
+        OryxLM(pretrained=str(model_dir), schedule="router:budget=0.1", device="cpu", batch_size=1)
+
+
 def test_oryx_model_refuses_a_mode_the_model_lacks():
     config = oryx.OryxConfig(variant="transformer", vocab_size=320, hidden_size=64, num_hidden_layers=1, head_dim=32)
     model = oryx.OryxForCausalLM(config)

@@ -15,6 +15,9 @@ checkpoint folder with no remote code) and registers ``--model oryx``: lm-eval's
   generates in attention. Positions count from the start of the batch's left-padded rows: ``tail`` (aligned to
   the end of the prompt) is exact at any batch size; ``spans`` positions are exact only with ``batch_size=1``.
 
+Adaptive schedules (``router:budget=0.05``, ``entropy:...``, ``random:...``) let the model decide every request's
+modes in both; ``router:`` needs a checkpoint with a router (``oryx train-router``).
+
 lm-eval splits ``--model_args`` at commas; write the commas of a spec as ``;`` (``schedule=spans:linear@0;attn@512``)
 or pass JSON (``--model_args '{"pretrained": "DIR", "schedule": "spans:linear@0,attn@512"}'``).
 
@@ -63,6 +66,10 @@ class OryxLM(HFLM):
         self.rule = ModeRule(str(self.schedule))
         if not self.rule.supported_by(config.supported_modes):
             raise ValueError(f"schedule '{self.schedule}' needs a mode that a {config.variant!r} model does not have")
+        if self.rule.adaptive:  # before any request: a router schedule needs the checkpoint's router
+            from oryx.routing.policies import check_schedule
+
+            check_schedule(self.schedule, self.model)
         self.seed = seed
 
     def _loglikelihood_tokens(
