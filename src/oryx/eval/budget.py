@@ -42,6 +42,7 @@ import torch
 from oryx.eval.inference import ModeRule
 from oryx.eval.perplexity import evaluate
 from oryx.eval.report import ResultRow, markdown_tables, write_results
+from oryx.ops import count_score_elements
 from oryx.routing.budget import OWN, RoutingState, calibrate_threshold, decide
 from oryx.routing.policies import next_token_entropy
 from oryx.routing.training import FeatureCapture
@@ -320,23 +321,30 @@ def budget_retrieval(
     return rows
 
 
-def routing_cost(model: Any, ids: torch.Tensor, spec: str, repeats: int = 5) -> dict[str, float]:
+def routing_cost(model: Any, ids: torch.Tensor, spec: str, repeats: int = 7) -> dict[str, float]:
     """What routing adds to a forward of `ids` [B, T] under `spec`: the median CPU seconds of the routed forward and of
-    the same forward given the modes it chose, and the routing's share of the routed forward."""
-
-    def seconds(**kwargs: Any) -> float:
-        times = []
-        for _ in range(repeats + 1):
+    the same forward given the modes it chose, the routing's share of the routed forward, and the attention work of
+    those modes: the query-key pairs of its rows (ideal) and the scores the reference kernel computed (whole blocks
+    of 128 rows), each relative to all-attention's pairs."""
+    with torch.no_grad(), count_score_elements() as computed:
+        modes = model(ids, schedule=spec).modes  # also a warm-up (and the threshold's calibration)
+    times: dict[str, list[float]] = {"routed": [], "explicit": []}
+    for _ in range(repeats):  # alternating, so that a change of the machine's load hits both alike
+        for name, kwargs in (("routed", {"schedule": spec}), ("explicit", {"modes": modes})):
             start = time.process_time()
             with torch.no_grad():
                 model(ids, **kwargs)
-            times.append(time.process_time() - start)
-        return float(np.median(times[1:]))  # the first is a warm-up
-
-    with torch.no_grad():
-        modes = model(ids, schedule=spec).modes
-    routed, explicit = seconds(schedule=spec), seconds(modes=modes)
-    return {"routed_s": routed, "explicit_s": explicit, "share": (routed - explicit) / routed}
+            times[name].append(time.process_time() - start)
+    routed, explicit = (float(np.median(times[name])) for name in ("routed", "explicit"))
+    full = attention_scores(torch.full_like(modes, ATTN))
+    per_pair = model.config.num_hidden_layers * model.config.num_heads  # the counter counts every head, every layer
+    return {
+        "routed_s": routed,
+        "explicit_s": explicit,
+        "share": (routed - explicit) / routed,
+        "ideal_work": attention_scores(modes) / full,
+        "computed_work": computed.value / per_pair / full,
+    }
 
 
 def plot_quality_against_work(rows: Sequence[ResultRow], metric: str, path: str | Path, title: str) -> Path:

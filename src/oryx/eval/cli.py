@@ -419,12 +419,16 @@ def _routing_costs(model: Any, tokens: Any, seq_len: int, batch_size: int) -> st
     torch.set_num_threads(1)  # CPU time of one thread: steady beside other work on the machine
     try:
         lines = [
-            "| schedule | routed forward (CPU s) | same modes given (CPU s) | routing's share |",
-            "|---|---|---|---|",
+            "| schedule | routed forward (CPU s) | same modes given (CPU s) | routing's share | attention work: ideal "
+            "| computed by the reference kernel |",
+            "|---|---|---|---|---|---|",
         ]
         for spec in specs:
             cost = routing_cost(model, ids, spec)
-            lines.append(f"| `{spec}` | {cost['routed_s']:.3f} | {cost['explicit_s']:.3f} | {cost['share']:.1%} |")
+            lines.append(
+                f"| `{spec}` | {cost['routed_s']:.3f} | {cost['explicit_s']:.3f} | {cost['share']:.1%} | "
+                f"{cost['ideal_work']:.1%} | {cost['computed_work']:.1%} |"
+            )
     finally:
         torch.set_num_threads(threads)
-    return f"Routing cost, one forward of {tuple(ids.shape)} tokens, one thread, median of 5:\n\n" + "\n".join(lines)
+    return f"Routing cost, one forward of {tuple(ids.shape)} tokens, one thread, median of 7:\n\n" + "\n".join(lines)
