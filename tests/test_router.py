@@ -415,7 +415,8 @@ def test_the_budget_command_compares_every_policy_at_equal_budgets(run, capsys, 
     result = json.loads((out / "budget-ppl.json").read_text())
     cells = {(r["protocol"], r["setting"]): r for r in result["rows"]}
     assert {p for p, _ in cells} == set(POLICIES)
-    for policy in POLICIES:  # the endpoints are the two modes, whatever the policy
+    assert cells["oracle", "25%"]["attention_fraction"] == 0.25  # the top quarter of every window by its gain
+    for policy in set(POLICIES) - {"oracle"}:  # the endpoints are the two modes, whatever the policy
         assert cells[policy, "0%"]["attention_fraction"] == 0 and cells[policy, "100%"]["attention_fraction"] == 1
         assert cells[policy, "0%"]["metrics"]["ppl"] == cells["tail", "0%"]["metrics"]["ppl"]
         assert 0 < cells[policy, "25%"]["attention_fraction"] < 0.5

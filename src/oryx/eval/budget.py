@@ -11,6 +11,8 @@ entropy         ``entropy:threshold=H(B),budget=B``, H(B) calibrated like the ro
 random          ``random:budget=B`` (token units), random-chunk: ``random:budget=B,chunk=N``
 head, tail      the first / the last round(B·L) positions (``spans:attn@0,linear@n``, ``tail:attn=n``)
 even            round(B·L) positions in spans of ≤ N, spread evenly over the sequence (``spans:...``)
+oracle          ppl only: attention at the top round(B·L) tokens of each window by their measured gain Δ (what
+                the router is trained to predict; not causal: an upper bound on what a token router can reach)
 queries         MQAR only: the oracle, attention exactly at the K query tokens (fraction K/L); "queries capped":
                 the oracle's scores under the causal budget rule at K/L (what the rule alone costs)
 ==============  ==============================================================================================
@@ -50,7 +52,7 @@ from oryx.schedule import Adaptive, attention_scores, parse
 from oryx.variants import ATTN, LINEAR, variant
 
 BUDGETS = (0.0, 0.025, 0.05, 0.1, 0.25, 1.0)
-POLICIES = ("router", "router-chunk", "entropy", "random", "random-chunk", "head", "tail", "even")
+POLICIES = ("router", "router-chunk", "entropy", "random", "random-chunk", "head", "tail", "even", "oracle")
 MQAR_POLICIES = ("router", "entropy", "random", "head", "tail", "even")
 Batch = tuple[torch.Tensor, torch.Tensor]
 Log = Callable[[str], None]
@@ -171,11 +173,15 @@ def budget_perplexity(
     label: str = "model",
     log: Log = print,
 ) -> list[ResultRow]:
-    """Held-out perplexity of every policy at every budget (`calibration`: windows for the entropy threshold)."""
+    """Held-out perplexity of every policy at every budget (`calibration`: windows for the entropy threshold), and
+    the non-causal oracle's (`oracle_perplexity`) when `policies` hold "oracle"."""
     thresholds = entropy_thresholds(model, calibration, budgets) if "entropy" in policies else {}
     rows, done = [], {}
+    if "oracle" in policies:
+        rows += oracle_perplexity(model, tokens, seq_len, budgets, max_tokens=max_tokens, batch_size=batch_size,
+                                  label=label)  # fmt: skip
     for budget in budgets:
-        for policy in policies:
+        for policy in [p for p in policies if p != "oracle"]:
             spec = policy_spec(policy, budget, seq_len, chunk, thresholds.get(budget))
             if spec not in done:
                 done[spec] = evaluate(model, tokens, seq_len, spec, batch_size=batch_size, max_tokens=max_tokens)
@@ -192,6 +198,36 @@ def budget_perplexity(
                        "all_attention_scores": full},
             ))  # fmt: skip
             log(f"ppl {policy:<13} budget {budget:6.1%}: ppl {result.perplexity:8.3f}, attention {fraction:6.1%}")
+    return rows
+
+
+@torch.no_grad()
+def oracle_perplexity(
+    model: Any, tokens: Any, seq_len: int, budgets: Sequence[float], *, max_tokens: int | None, batch_size: int,
+    label: str,
+) -> list[ResultRow]:  # fmt: skip
+    """Perplexity with attention at the top-B fraction of each window's tokens by their measured gain Δ (the
+    non-causal oracle a router imitates: it reads both modes' losses of the very tokens it scores), per budget."""
+    from oryx.eval.perplexity import window_batches, window_indices
+    from oryx.losses import token_losses
+    from oryx.routing.training import gains
+
+    windows = len(window_indices(len(tokens), seq_len, max_tokens))
+    batches = window_batches(tokens, seq_len, windows, batch_size)
+    rows = []
+    for budget in [b for b in budgets if 0 < b < 1]:
+        total, used = 0.0, []
+        k = round(budget * seq_len)
+        for ids, labels in batches:
+            delta, _ = gains(model, ids, labels)
+            modes = torch.full_like(ids, LINEAR).scatter_(1, delta.topk(k, dim=1).indices.cpu(), ATTN)
+            total += float(token_losses(model(ids.to(model.device), modes=modes.to(model.device)).logits,
+                                        labels.to(model.device)).double().sum())  # fmt: skip
+            used.append(modes)
+        modes = torch.cat(used)
+        rows.append(_row(label, model, "oracle", "ppl", _budget_label(budget), budget,
+                         {"ppl": math.exp(total / modes.numel())}, modes, f"top {k} of each window by Δ",
+                         len(modes), len(modes) * seq_len * (seq_len + 1) // 2, "oracle", budget))  # fmt: skip
     return rows
 
 
