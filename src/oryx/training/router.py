@@ -163,5 +163,8 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"router ({parameters:,} parameters, {router.config.method}) saved into {folder}")
     print(f"budget -> realised attention fraction on its calibration windows: {fractions}")
-    print(f"use it with: oryx eval ppl {folder} --schedule router:budget=0.1")
+    if (folder / MQAR_SETTINGS).is_file():
+        print(f"evaluate it with: oryx eval budget {folder} --tasks mqar")
+    else:
+        print(f"use it with: oryx eval ppl {folder} --schedule router:budget=0.1")
     return 0
