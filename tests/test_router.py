@@ -433,3 +433,21 @@ def test_an_mqar_model_is_saved_with_its_settings_and_loaded(tmp_path):
     loaded, settings = load_mqar_model(tmp_path / "m")
     assert settings == config
     assert all(torch.equal(t, model.state_dict()[k]) for k, t in loaded.state_dict().items())
+
+
+def test_the_budget_command_on_mqar_puts_the_router_beside_the_oracle(tmp_path, capsys):
+    """A saved MQAR model with a router (oryx train-router on MQAR rows): every policy, the oracle alone and under the
+    budget rule (never more than K/L + one token at any prefix), and the router at the oracle's fraction."""
+    config = MQARSweepConfig(families=("oryx-tg",), hidden_size=64, head_dim=32, vocab=128,
+                             train_mix=(MQARConfig(64, 4, 64),), test_grid=(MQARConfig(64, 8, 16),))  # fmt: skip
+    folder = save_mqar_model(build_model("oryx-tg", config), config, tmp_path / "m")
+    argv = ["train-router", str(folder), "--steps", "3", "--windows", "16", "--batch-size", "8", "--device", "cpu"]
+    assert run_cli(argv) == 0
+    argv = ["eval", "budget", str(folder), "--tasks", "mqar", "--budgets", "0", "0.25", "1", "--device", "cpu"]
+    assert run_cli(argv) == 0
+    capsys.readouterr()
+    rows = {r["protocol"]: r for r in json.loads((folder / "eval" / "budget-mqar.json").read_text())["rows"]}
+    assert rows["queries"]["attention_fraction"] == 8 / 64
+    assert {"router 25%", "entropy 25%", "random 25%", "head 25%", "tail 25%", "even 25%", "router K/L"} <= set(rows)
+    assert rows["queries capped"]["attention_fraction"] <= 8 / 64 + 1 / 64
+    assert rows["router 0%"]["metrics"]["accuracy"] == rows["even 0%"]["metrics"]["accuracy"]

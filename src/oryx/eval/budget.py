@@ -240,6 +240,37 @@ def _mqar_router_scores(model: Any, router: Any, batch: Any, rows: int) -> torch
         return router.score_features(capture.features).cpu()
 
 
+@torch.no_grad()
+def _mqar_accuracy(model: Any, test: Any, spec: str, budget: float, batch_size: int) -> tuple[float, torch.Tensor]:
+    """(accuracy, modes used [n, L]) of an MQAR batch under `spec`: a schedule, "queries" (the oracle), or "queries
+    under the rule ..." (the oracle's scores under the budget rule)."""
+    from oryx.eval.mqar_run import query_loss_and_hits, query_modes
+
+    L = test.seq_len
+    schedule = None if spec.startswith("queries") else parse(spec)
+    correct = total = 0
+    used = []
+    for start in range(0, len(test.input_ids), batch_size):
+        part = slice(start, start + batch_size)
+        ids, labels = test.input_ids[part].to(model.device), test.labels[part].to(model.device)
+        if spec.startswith("queries under"):
+            oracle = (labels != -100).double().cpu().numpy()
+            positions = np.broadcast_to(np.arange(L), oracle.shape)
+            modes = decide(oracle, positions, np.ones(oracle.shape, bool), RoutingState.new(len(ids)), threshold=0.5,
+                           budget=budget, chunk=1)  # fmt: skip
+            modes = torch.from_numpy(modes).to(model.device)
+        elif schedule is None:
+            modes = query_modes(test)[part].to(model.device)
+        elif isinstance(schedule, Adaptive):
+            modes = None
+        else:
+            modes = schedule.modes(len(ids), L, prompt_length=L, device=model.device)
+        _, c, t, modes_used = query_loss_and_hits(model, ids, labels, modes, schedule if modes is None else None)
+        correct, total = correct + c, total + t
+        used.append(modes_used.cpu())
+    return correct / total, torch.cat(used)
+
+
 def budget_mqar(
     model: Any,
     config: Any,
@@ -254,13 +285,13 @@ def budget_mqar(
     """MQAR accuracy on the sweep's test grid (`config`: its `MQARSweepConfig`) of every policy at every budget, the
     `queries` oracle (alone and under the budget rule), and the router and random at the oracle's fraction K/L (rows
     "router K/L", "random K/L")."""
-    from oryx.eval.mqar_run import _scaled, query_loss_and_hits, query_modes
+    from oryx.eval.mqar_run import scaled_settings
     from oryx.eval.tasks.mqar import MQAR_TEST_SEED, MQAR_TRAIN_SEED, make_mqar
 
     router = model.router
     policies = [p for p in policies if p != "router" or router is not None]
     rows = []
-    for setting in _scaled(config.test_grid, config.test_scale, 1):
+    for setting in scaled_settings(config.test_grid, config.test_scale, 1):
         L, K = setting.seq_len, setting.num_kv
         test = make_mqar(setting.n, L, K, vocab=config.vocab, seed=[MQAR_TEST_SEED, L, K])
         calibration = make_mqar(calibration_rows, L, K, vocab=config.vocab, seed=[MQAR_TRAIN_SEED, L, K])
@@ -275,41 +306,19 @@ def budget_mqar(
         cells = [(policy, budget, _budget_label(budget)) for budget in budgets for policy in policies]
         cells += [("queries", oracle, ""), ("queries", oracle, "capped")]
         cells += [(p, oracle, "K/L") for p in ("router", "random") if p in policies]
+        done: dict[str, tuple[float, torch.Tensor]] = {}  # the endpoints are the same schedule for every policy
         for policy, budget, tag in cells:
             spec = "queries" if policy == "queries" else policy_spec(policy, budget, L, 1, thresholds.get(budget))
-            schedule = None if spec == "queries" else parse(spec)
             if tag == "capped":  # the oracle's scores under the causal budget rule: what the rule itself costs
                 spec = f"queries under the rule at budget {budget:g}"
-            correct = total = 0
-            used = []
-            for start in range(0, setting.n, batch_size):
-                part = slice(start, start + batch_size)
-                ids, labels = test.input_ids[part].to(model.device), test.labels[part].to(model.device)
-                if tag == "capped":
-                    oracle_scores = (labels != -100).double().cpu().numpy()
-                    positions = np.broadcast_to(np.arange(L), oracle_scores.shape)
-                    modes = torch.from_numpy(decide(oracle_scores, positions, np.ones(positions.shape, bool),
-                                                    RoutingState.new(len(ids)), threshold=0.5, budget=budget,
-                                                    chunk=1)).to(model.device)  # fmt: skip
-                elif schedule is None:
-                    modes = query_modes(test)[part].to(model.device)
-                elif isinstance(schedule, Adaptive):
-                    modes = None
-                else:
-                    modes = schedule.modes(len(ids), L, prompt_length=L, device=model.device)
-                with torch.no_grad():
-                    _, c, t, modes_used = query_loss_and_hits(
-                        model, ids, labels, modes, schedule if modes is None else None
-                    )
-                correct, total = correct + c, total + t
-                used.append(modes_used.cpu())
-            full = setting.n * L * (L + 1) // 2
-            metrics = {"accuracy": correct / total}
+            if spec not in done:
+                done[spec] = _mqar_accuracy(model, test, spec, budget, batch_size)
+            accuracy, modes = done[spec]
             protocol = f"{policy} {tag}".strip()
-            row = _row(label, model, protocol, "mqar", f"{L}x{K}", L, metrics, torch.cat(used), spec, setting.n, full,
-                       policy, budget)  # fmt: skip
+            row = _row(label, model, protocol, "mqar", f"{L}x{K}", L, {"accuracy": accuracy}, modes, spec, setting.n,
+                       setting.n * L * (L + 1) // 2, policy, budget)  # fmt: skip
             rows.append(row)
-            log(f"mqar {L}x{K} {protocol:<16}: accuracy {correct / total:.3f}, attention {row.attention_fraction:.1%}")
+            log(f"mqar {L}x{K} {protocol:<16}: accuracy {accuracy:.3f}, attention {row.attention_fraction:.1%}")
     if router is not None:
         model.attach_router(router)
     return rows

@@ -157,7 +157,8 @@ def protocol_modes_for(batch: MQARBatch, protocol: str) -> torch.Tensor:
     return mqar_modes(len(batch.input_ids), batch.seq_len, batch.num_kv, protocol)
 
 
-def _scaled(configs: Sequence[MQARConfig], scale: float, minimum: int) -> tuple[MQARConfig, ...]:
+def scaled_settings(configs: Sequence[MQARConfig], scale: float, minimum: int) -> tuple[MQARConfig, ...]:
+    """The settings with their rows multiplied by `scale` (at least `minimum` each)."""
     return tuple(c._replace(n=max(minimum, round(c.n * scale))) for c in configs)
 
 
@@ -274,11 +275,11 @@ def train_mqar(
     model = build_model(family, config).to(device)
     train = [
         make_mqar(c.n, c.seq_len, c.num_kv, vocab=config.vocab, seed=[MQAR_TRAIN_SEED, c.seq_len, c.num_kv])
-        for c in _scaled(config.train_mix, config.scale, config.batch_size)
+        for c in scaled_settings(config.train_mix, config.scale, config.batch_size)
     ]
     test = [
         make_mqar(c.n, c.seq_len, c.num_kv, vocab=config.vocab, seed=[MQAR_TEST_SEED, c.seq_len, c.num_kv])
-        for c in _scaled(config.test_grid, config.test_scale, 1)
+        for c in scaled_settings(config.test_grid, config.test_scale, 1)
     ]
     schedule = parse(config.oryx_schedule) if model.config.is_oryx else None
     generator = torch.Generator().manual_seed(config.seed)
