@@ -142,7 +142,7 @@ def _row(
     n: int,
     full_scores: int,
     policy: str,
-    budget: float,
+    budget: float | None,
 ) -> ResultRow:
     """A result cell: `metrics` beside the realised fraction (as metric "attention") and the attention work."""
     attention = int((modes == ATTN).sum())
@@ -315,8 +315,11 @@ def budget_mqar(
                 done[spec] = _mqar_accuracy(model, test, spec, budget, batch_size)
             accuracy, modes = done[spec]
             protocol = f"{policy} {tag}".strip()
+            # The cells at the oracle's fraction (which differs between settings) make one point each in the plot.
+            at_oracle = policy == "queries" or tag == "K/L"
             row = _row(label, model, protocol, "mqar", f"{L}x{K}", L, {"accuracy": accuracy}, modes, spec, setting.n,
-                       setting.n * L * (L + 1) // 2, policy, budget)  # fmt: skip
+                       setting.n * L * (L + 1) // 2, protocol if at_oracle else policy,
+                       None if at_oracle else budget)  # fmt: skip
             rows.append(row)
             log(f"mqar {L}x{K} {protocol:<16}: accuracy {accuracy:.3f}, attention {row.attention_fraction:.1%}")
     if router is not None:
@@ -395,7 +398,8 @@ def routing_cost(model: Any, ids: torch.Tensor, spec: str, repeats: int = 7) -> 
 def plot_quality_against_work(rows: Sequence[ResultRow], metric: str, path: str | Path, title: str) -> Path:
     """`metric` (mean over a policy's cells at one budget) against attention's work at that budget: its query-key
     pairs relative to all-attention's on the same inputs, or, for rows without a count (generation), the realised
-    attention fraction. One line per policy."""
+    attention fraction. One line per policy; a policy whose rows have no budget (the MQAR oracle, cells at the
+    oracle's fraction) is one point over all its rows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -419,8 +423,11 @@ def plot_quality_against_work(rows: Sequence[ResultRow], metric: str, path: str 
                 work = sum(r.attention_tokens for r in group) / sum(r.tokens for r in group)
             points.append((work, float(np.mean([r.metrics[metric] for r in group]))))
         points.sort()
-        style = "-" if policy in ("router", "router-chunk", "queries") else "--"
-        ax.plot(*zip(*points, strict=True), style, marker="o", color=f"C{i % 10}", label=policy)
+        single = len(points) == 1 and (policy, None) in cells
+        style = "" if single else "-" if policy.startswith(("router", "oracle")) else "--"
+        marker = "*" if single else "o"
+        ax.plot(*zip(*points, strict=True), style, marker=marker, markersize=11 if single else 6, color=f"C{i % 10}",
+                label=policy)  # fmt: skip
     ax.set_xscale("symlog", linthresh=0.01)
     ax.set_xlabel("attention query-key pairs / all-attention's" if counted else "attention fraction (realised)")
     ax.set_ylabel(metric)
