@@ -4,6 +4,7 @@
     python benchmarks/gpu.py decode   # one decoding step, batch 16, contexts 2k..128k
     python benchmarks/gpu.py generate # end-to-end generate tokens/s of the 130m presets, per mode
     python benchmarks/gpu.py train    # training steps of the 130m presets beside the compiled Transformer, fla's models
+    python benchmarks/gpu.py flex-options  # flex_attention's kernel options for the attention rows, beside SDPA
     python benchmarks/gpu.py all --json out.json
 
 Mixer core = what the Oryx mixer computes between its projections: the linear recurrence over all tokens, attention
@@ -364,6 +365,44 @@ def bench_generate(gen: torch.Generator, prompt: int = 512, new: int = 128) -> l
     return results
 
 
+# --- flex kernel options --------------------------------------------------------------------------------------------
+FLEX_OPTIONS = [None] + [
+    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
+    for m, n in ((128, 64), (64, 64), (128, 128), (64, 128))
+    for w in (4, 8)
+    for s in (2, 3)
+]
+
+
+def bench_flex_options(lengths: list[int], share: float, gen: torch.Generator) -> list[dict]:
+    """`oryx.ops.causal_attention` (flex backend) over `share` of the 128-token chunks, forward and backward, for each
+    of flex's kernel options (None: flex's own choice), against SDPA causal over every row scaled by `share`."""
+    return [row for T in lengths for row in _flex_options_point(T, share, gen)]
+
+
+def _flex_options_point(T: int, share: float, gen: torch.Generator) -> list[dict]:
+    B = TOKENS // T
+    q, k, v = (torch.randn(B, T, H, D, generator=gen).to(DEV, DT).requires_grad_() for _ in range(3))
+    rows = chunk_rows(B, T, share, gen)
+    heads = [x.transpose(1, 2) for x in (q, k, v)]
+    sdpa = median_ms(fwd_bwd(lambda: F.scaled_dot_product_attention(*heads, is_causal=True), [q, k, v]))
+    attend = fwd_bwd(lambda: ops.causal_attention(q, k, v, query_mask=rows, backend="flex"), [q, k, v])
+    results = []
+    for options in FLEX_OPTIONS:
+        flex.KERNEL_OPTIONS = options
+        try:
+            ms = median_ms(attend)
+        except Exception as err:  # an option set the card or Triton refuses: reported, not fatal
+            print(f"  T={T} {options}: refused ({type(err).__name__}: {str(err)[:120]})", flush=True)
+            continue
+        finally:
+            flex.KERNEL_OPTIONS = None
+        results.append({"T": T, "share": share, "options": options, "ms": ms, "sdpa_ms": sdpa})
+        print(f"  T={T} flex {options or 'default'}: {ms:.3f} ms fwd+bwd = {ms / (share * sdpa):.2f} x "
+              f"{share:g} SDPA ({sdpa:.3f} ms)", flush=True)  # fmt: skip
+    return results
+
+
 # --- training throughput ---------------------------------------------------------------------------------------------
 # A point is one model at one shape, measured in a fresh process (so its first step pays every compile and autotune
 # that a new run pays, and its peak memory is its own): fla-gdn / fla-mamba2 are fla's own models at the shape of our
@@ -494,7 +533,7 @@ def environment() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["mixer", "decode", "generate", "train", "all"])
+    parser.add_argument("what", choices=["mixer", "decode", "generate", "train", "flex-options", "all"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--rows", type=float, nargs="+", default=[0.25, 0.025], help="shares of chunks in attention")
     parser.add_argument("--variants", nargs="+", default=["tg", "tm"], choices=["tg", "tm"], help="mixer variants")
@@ -524,6 +563,9 @@ def main() -> None:
         save()
     if args.what in ("generate", "all"):
         out["generate"] = bench_generate(gen)
+        save()
+    if args.what == "flex-options":
+        out["flex_options"] = bench_flex_options(args.lengths, args.rows[0], gen)
         save()
     if args.what in ("train", "all"):
         out["train"] = []

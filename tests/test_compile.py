@@ -56,7 +56,7 @@ def test_compiled_loss_and_gradients_equal_eager(variant, gen):
     compiled.backward()
     assert rel_err(compiled, eager) < 1e-6
     for name, p in model.named_parameters():
-        assert rel_err(p.grad, expected[name]) < 1e-5, name
+        assert rel_err(p.grad, expected[name]) < 1e-4, name  # model-level policy (docs/design.md §12)
 
 
 @pytest.mark.slow
@@ -95,5 +95,5 @@ def test_regional_compilation_equals_eager_and_compiles_one_block(gen):
     compiled.backward()
     assert rel_err(compiled, eager) < 1e-6
     for name, p in model.named_parameters():
-        assert rel_err(p.grad, expected[name]) < 1e-5, name
+        assert rel_err(p.grad, expected[name]) < 1e-4, name  # model-level policy (docs/design.md §12)
     assert len(_debug_get_cache_entry_list(type(model.model.layers[0]).forward.__code__)) == 1

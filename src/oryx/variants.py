@@ -32,13 +32,12 @@ class RecurrenceEntry:
     oryx: str  # the Oryx variant, e.g. "tg"; its preset family is "oryx-tg"
     baseline: str  # the single-mixer baseline's variant and preset family, e.g. "gdn"
     module: str  # "module:Class" of its recurrence (oryx.layers.recurrences), imported when a model is built
-    title: str  # its name in tables and help texts
 
 
 RECURRENCES: tuple[RecurrenceEntry, ...] = (
-    RecurrenceEntry("tg", "gdn", "oryx.layers.recurrences.gated_delta:GatedDeltaNet", "Gated DeltaNet"),
-    RecurrenceEntry("tm", "mamba2", "oryx.layers.recurrences.mamba2:Mamba2", "Mamba-2"),
-    RecurrenceEntry("tk", "kda", "oryx.layers.recurrences.kimi_delta:KimiDelta", "Kimi Delta Attention"),
+    RecurrenceEntry("tg", "gdn", "oryx.layers.recurrences.gated_delta:GatedDeltaNet"),  # Gated DeltaNet
+    RecurrenceEntry("tm", "mamba2", "oryx.layers.recurrences.mamba2:Mamba2"),  # Mamba-2 (SSD)
+    RecurrenceEntry("tk", "kda", "oryx.layers.recurrences.kimi_delta:KimiDelta"),  # Kimi Delta Attention
 )
 
 
@@ -50,7 +49,6 @@ class Variant:
     family: str  # preset family: "oryx-tg", "gdn", ...
     modes: tuple[int, ...]  # the modes a token may take: (ATTN, LINEAR) for Oryx, one mode for a baseline
     recurrence_path: str | None  # "module:Class" of its recurrence; None for the Transformer
-    title: str
 
     @property
     def recurrence(self) -> Any:
@@ -74,9 +72,9 @@ class Variant:
 
 def _table() -> dict[str, Variant]:
     """The Oryx variants first, then the Transformer and the recurrences' baselines."""
-    oryx = [Variant(e.oryx, f"oryx-{e.oryx}", (ATTN, LINEAR), e.module, f"Oryx ({e.title})") for e in RECURRENCES]
-    baselines = [Variant(e.baseline, e.baseline, (LINEAR,), e.module, e.title) for e in RECURRENCES]
-    transformer = Variant("transformer", "transformer", (ATTN,), None, "Transformer++")
+    oryx = [Variant(e.oryx, f"oryx-{e.oryx}", (ATTN, LINEAR), e.module) for e in RECURRENCES]
+    baselines = [Variant(e.baseline, e.baseline, (LINEAR,), e.module) for e in RECURRENCES]
+    transformer = Variant("transformer", "transformer", (ATTN,), None)
     return {v.name: v for v in (*oryx, transformer, *baselines)}
 
 
@@ -96,7 +94,6 @@ def oryx_variants() -> list[str]:
     return [name for name, v in VARIANTS.items() if v.is_oryx]
 
 
-def family_names(oryx_last: bool = True) -> list[str]:
-    """Every preset family; the baselines first and the Oryx families last (the order of comparison tables)."""
-    families = list(FAMILIES)
-    return sorted(families, key=lambda f: FAMILIES[f].is_oryx) if oryx_last else families
+def family_names() -> list[str]:
+    """Every preset family, the baselines first and the Oryx families last (the order of comparison tables)."""
+    return sorted(FAMILIES, key=lambda f: FAMILIES[f].is_oryx)

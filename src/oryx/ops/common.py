@@ -104,6 +104,33 @@ def segsum(g: Tensor) -> Tensor:
     return out.masked_fill(~lower, float("-inf"))
 
 
+def delta_chunk_scan(
+    u_free: Tensor,
+    w: Tensor,
+    q_decayed: Tensor,
+    scores: Tensor,
+    k_decayed: Tensor,
+    chunk_decay: Tensor,
+    state: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """The loop over chunks of the chunked delta rules (Gated DeltaNet, KDA): the only part that depends on the state a
+    chunk starts from. Per chunk, from state S_0 [B, H, K, V]: the pseudo-values u = U' − W S_0, the outputs
+    o = Q_decayed S_0 + scores u, and the next state S = chunk_decay ⊙ S_0 + K_decayedᵀ u.
+
+    u_free [B, H, N, C, V]; w, q_decayed, k_decayed [B, H, N, C, K]; scores [B, H, N, C, C]; chunk_decay
+    [B, H, N, 1, 1] (a decay per head) or [B, H, N, K, 1] (per key channel). Returns the unscaled outputs
+    [B, H, N, C, V] and the final state.
+    """
+    outs = []
+    # unbind once: indexing [:, :, n] inside the loop would make autograd add a full-size zero gradient per chunk.
+    per_chunk = (t.unbind(2) for t in (u_free, w, q_decayed, scores, k_decayed.transpose(-1, -2), chunk_decay))
+    for u_n, w_n, q_n, scores_n, k_t_n, decay_n in zip(*per_chunk, strict=True):
+        u = u_n - w_n @ state  # [B, H, C, V]
+        outs.append(q_n @ state + scores_n @ u)
+        state = decay_n * state + k_t_n @ u
+    return torch.stack(outs, dim=2), state
+
+
 class DerivedFromMasks:
     """The last value derived from some mask tensors, reused while the very same tensors come back unchanged.
 

@@ -25,6 +25,7 @@ import torch
 from oryx.ops import dispatch
 from oryx.ops.common import (
     check_linear_inputs,
+    delta_chunk_scan,
     from_chunks,
     resolve_scale,
     segsum,
@@ -121,18 +122,10 @@ def gated_delta_rule_chunked(
 
     # 4. Recurrence over chunks: the pseudo-values, outputs and next state are the only S_0-dependent parts.
     state = q.new_zeros(B, H, K, V, dtype=dtype) if initial_state is None else initial_state.to(dtype)
-    outs = []
-    # unbind once: indexing [:, :, n] inside the loop would make autograd add a full-size zero gradient per chunk.
-    per_chunk = (
-        t.unbind(2)
-        for t in (u_free, w, q_decayed, scores, k_decayed.transpose(-1, -2), decay_from_start[..., -1, None, None])
+    outs, state = delta_chunk_scan(
+        u_free, w, q_decayed, scores, k_decayed, decay_from_start[..., -1, None, None], state
     )
-    for u_n, w_n, q_n, scores_n, k_t_n, decay_n in zip(*per_chunk, strict=True):
-        u = u_n - w_n @ state  # [B, H, C, V]
-        outs.append(q_n @ state + scores_n @ u)
-        state = decay_n * state + k_t_n @ u
-
-    o = from_chunks(scale * torch.stack(outs, dim=2), T, q.dtype)
+    o = from_chunks(scale * outs, T, q.dtype)
     return o, (state if output_final_state else None)
 
 

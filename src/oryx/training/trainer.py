@@ -297,8 +297,11 @@ def _train(
         on_main(info, lock)
         replacement = on_main(info, lambda: _prepare_run_dir(config, run_dir, resume_from is not None, overwrite))
         try:
-            result = _run(config, info, run_dir, tokenizer, cfg, val_tokens, data, rows_per_rank, state, resume_from,
-                          fingerprints, accept_data_change, replacement, started)  # fmt: skip
+            session = _setup(config, info, run_dir, tokenizer, cfg, val_tokens, data, rows_per_rank, state, resume_from)
+            if state is not None:
+                _resume(session, state, resume_from, fingerprints, accept_data_change)
+                del state  # the checkpoint's tensors: the model and AdamW hold their own copies now
+            result = _loop(session, resume_from, fingerprints, replacement, started)
             if config.report and info.is_main:  # still under the lock
                 result.report = write_report(run_dir, config, started)
             return result
@@ -448,29 +451,6 @@ class _Session:
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # resumes and their changes, kept in checkpoints
     start_record: dict[str, Any] = field(default_factory=dict)  # what the run's "start" metrics record adds
-
-
-def _run(
-    config: TrainConfig,
-    info: distributed.Dist,
-    run_dir: Path,
-    tokenizer: Any,
-    cfg: OryxConfig,
-    val_tokens: Any,
-    data: PackedDataset,
-    rows_per_rank: int,
-    state: ckpt.Checkpoint | None,
-    resume_from: Path | None,
-    fingerprints: dict[str, Any],
-    accept_data_change: bool,
-    replacement: runfolder.RunReplacement | None,
-    started: float,
-) -> TrainResult:
-    session = _setup(config, info, run_dir, tokenizer, cfg, val_tokens, data, rows_per_rank, state, resume_from)
-    if state is not None:
-        _resume(session, state, resume_from, fingerprints, accept_data_change)
-        del state
-    return _loop(session, resume_from, fingerprints, replacement, started)
 
 
 def _setup(

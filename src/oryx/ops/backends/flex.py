@@ -42,6 +42,9 @@ FEW_ROWS = 16  # up to this many query rows, SDPA with a dense [Tq, Tk] mask is 
 # that trains, evaluates and generates can pass 8 (the GPU test module does).
 RECOMPILE_LIMIT = 64
 
+# flex_attention's kernel options (block sizes, warps, stages), None for its own choice per card; benchmarks/gpu.py
+# flex-options measures alternatives on a card. A change compiles flex again (the options are constants of its kernel).
+KERNEL_OPTIONS: dict[str, int] | None = None
 _compiled_flex: Callable | None = None
 _block_masks = DerivedFromMasks()  # one BlockMask per forward, shared by its layers
 
@@ -54,9 +57,9 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, mask, scale: float) -> Tensor:
 
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     if torch.compiler.is_compiling():  # inside a compiled model: inlined there, under the caller's settings
-        return _compiled_flex(q, k, v, block_mask=mask, scale=scale)
+        return _compiled_flex(q, k, v, block_mask=mask, scale=scale, kernel_options=KERNEL_OPTIONS)
     with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
-        return _compiled_flex(q, k, v, block_mask=mask, scale=scale)
+        return _compiled_flex(q, k, v, block_mask=mask, scale=scale, kernel_options=KERNEL_OPTIONS)
 
 
 def compiled_length(n_tokens: int) -> int:
