@@ -23,10 +23,10 @@ what the policy realised: the attention fraction and the query-key pairs attenti
 quality against attention work. That is the ideal cost, which block-sparse kernels approach when attention rows come
 in aligned blocks (chunk units); the reference kernel pays a whole block of 128 rows for any row in it.
 
-Tasks: held-out perplexity (`budget_perplexity`), MQAR on a model saved by ``oryx eval mqar --save-models
---router-rows N`` (`budget_mqar`; each setting's router threshold and entropy threshold are calibrated on that
-setting's training rows, and the router and random also run at the oracle's fraction K/L), and NIAH / record recall
-(`budget_retrieval`). `routing_cost` measures what routing adds to a forward.
+Tasks: held-out perplexity (`budget_perplexity`), MQAR on a model saved by ``oryx eval mqar --save-models``, its
+router from ``oryx train-router MODEL`` (`budget_mqar`; each setting's router threshold and entropy threshold are
+calibrated on that setting's training rows, and the router and random also run at the oracle's fraction K/L), and
+NIAH / record recall (`budget_retrieval`). `routing_cost` measures what routing adds to a forward.
 """
 
 from __future__ import annotations
