@@ -425,6 +425,25 @@ def test_the_budget_command_compares_every_policy_at_equal_budgets(run, capsys, 
     assert (out / "budget-ppl.png").stat().st_size > 0
 
 
+def test_the_budget_command_refuses_what_it_cannot_compare(corpus, capsys, tmp_path):
+    """Router policies asked for by name on a checkpoint without a router: an error naming oryx train-router (by
+    default they are left out, with a note); a baseline, with one mode, has no budget to place."""
+    plain = tmp_path / "plain"
+    train(tiny(corpus, plain, steps=2, save_every=2, eval_every=2))
+    argv = ["eval", "budget", str(plain), "--budgets", "0.25", "--max-tokens", "64", "--calibration-windows", "2",
+            "--batch-size", "2", "--out", str(tmp_path / "out"), "--device", "cpu"]  # fmt: skip
+    error_line(capsys, [*argv, "--policies", "router", "tail"], "oryx train-router", str(plain), command="eval budget")
+    error_line(capsys, [*argv, "--policies", "router-chunk"], "oryx train-router", command="eval budget")
+    assert run_cli([*argv, "--policies", "tail", "random"]) == 0
+    assert run_cli(argv) == 0
+    assert "has no router" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "out" / "budget-ppl.json").read_text())["rows"]
+    assert {r["protocol"] for r in rows} == set(POLICIES) - {"router", "router-chunk"}
+    baseline = tmp_path / "gdn"
+    train(tiny(corpus, baseline, preset="gdn-tiny", schedule=None, steps=2, save_every=2, eval_every=2))
+    error_line(capsys, ["eval", "budget", str(baseline), "--device", "cpu"], "'gdn' baseline", command="eval budget")
+
+
 def test_an_mqar_model_is_saved_with_its_settings_and_loaded(tmp_path):
     config = MQARSweepConfig(families=("oryx-tg",), hidden_size=64, head_dim=32, vocab=128,
                              train_mix=(MQARConfig(64, 4, 64),), test_grid=(MQARConfig(64, 4, 8),))  # fmt: skip

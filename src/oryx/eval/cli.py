@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -291,7 +291,9 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
                         "folder saved by oryx eval mqar --save-models (mqar)")  # fmt: skip
     parser.add_argument("--tasks", nargs="+", default=["ppl"], help="ppl, mqar, niah_1/2/3, records_kv/html")
     parser.add_argument("--budgets", nargs="+", type=_fraction, default=list(BUDGETS), help="fractions of the tokens")
-    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    parser.add_argument(
+        "--policies", nargs="+", default=None, choices=POLICIES, help="default: all (the router's if it has one)"
+    )
     parser.add_argument("--chunk", type=positive_int, default=32, help="chunk units and even spans (default: 32)")
     parser.add_argument("--data", default="prose:validation", help="held-out text of ppl (default: prose:validation)")
     parser.add_argument("--calibration-data", default=None, help="text of the entropy thresholds (default: the run's "
@@ -336,6 +338,31 @@ def run_budget(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
 
 
+def _budget_policies(args: argparse.Namespace, model: Any, folder: Path, available: Sequence[str]) -> list[str]:
+    """The policies to compare: `--policies`, else every one of `available`; refuses a model with one mode, and
+    router policies asked for by name on a model without a router (by default they are left out, with a note)."""
+    if not model.config.is_oryx:
+        raise UsageError(
+            f"{folder} holds a {model.config.variant!r} baseline, which has one mode: there is no attention budget "
+            "to place; evaluate an Oryx model"
+        )
+    policies = [p for p in args.policies or available if p in available]
+    if model.router is None:
+        asked = [p for p in args.policies or () if p.startswith("router")]
+        if asked:
+            raise UsageError(
+                f"--policies {' '.join(asked)} needs a trained router, and {folder} has none: train one with "
+                f"`oryx train-router {args.checkpoint}`"
+            )
+        if any(p.startswith("router") for p in policies):
+            print(f"note: {folder} has no router (oryx train-router): the router policies are left out")
+        policies = [p for p in policies if not p.startswith("router")]
+    if not policies:
+        raise UsageError(f"--policies: none of {' '.join(args.policies)} applies to this task; choose from "
+                         f"{' '.join(available)}")  # fmt: skip
+    return policies
+
+
 def _budget_mqar(args: argparse.Namespace, device: str, budget: Any) -> int:
     from oryx.eval.mqar_run import load_mqar_model
 
@@ -343,7 +370,7 @@ def _budget_mqar(args: argparse.Namespace, device: str, budget: Any) -> int:
     model = model.to(device)
     folder = Path(args.checkpoint)
     label = args.label or folder.name
-    policies = [p for p in args.policies if p in budget.MQAR_POLICIES]
+    policies = _budget_policies(args, model, folder, budget.MQAR_POLICIES)
     rows = budget.budget_mqar(model, config, budgets=args.budgets, policies=policies, label=label)
     meta = {"checkpoint": str(folder), "label": label, "budgets": args.budgets, "policies": policies}
     for path in budget.write_budget_report(rows, args.out or folder / "eval", "budget-mqar", "accuracy", meta):
@@ -358,6 +385,7 @@ def _budget_text(args: argparse.Namespace, device: str, budget: Any) -> int:
     from oryx.eval.perplexity import window_batches
 
     model, tokenizer, folder = load_pretrained(args.checkpoint, device, verify=args.verify)
+    policies = _budget_policies(args, model, folder, budget.POLICIES)
     label = args.label or (folder.parent.parent.name if folder.parent.name == "checkpoints" else folder.name)
     seq_len = args.seq_len or _training_length(folder) or 512
     calibration_data = args.calibration_data or training_setting(folder, "train_data")
@@ -376,11 +404,8 @@ def _budget_text(args: argparse.Namespace, device: str, budget: Any) -> int:
         tokens_of(calibration_data, "--calibration-data"), seq_len, args.calibration_windows, args.batch_size
     )
     out = Path(args.out) if args.out else folder / "eval"
-    meta = {"checkpoint": str(folder), "label": label, "budgets": args.budgets, "policies": args.policies,
+    meta = {"checkpoint": str(folder), "label": label, "budgets": args.budgets, "policies": policies,
             "chunk": args.chunk, "calibration_data": calibration_data}  # fmt: skip
-    policies = [p for p in args.policies if model.router is not None or not p.startswith("router")]
-    if len(policies) < len(args.policies):
-        print(f"note: {folder} has no router (oryx train-router): the router policies are left out")
     if "ppl" in args.tasks:
         tokens = tokens_of(args.data, "--data")
         rows = budget.budget_perplexity(
