@@ -3,6 +3,9 @@ schedule in log-likelihoods and in generation) and the `hf` route."""
 
 from __future__ import annotations
 
+import logging
+import math
+
 import pytest
 import torch
 
@@ -117,6 +120,46 @@ def test_oryx_model_applies_the_schedule_to_generation(setup):
         generated = lm.generate_until([request])[0]
         ours = greedy_generate(lm.model, lm.tokenizer, [lm.tok_encode(prompt)], lm.rule, max_new_tokens=6)[0]
         assert generated == ours.text
+
+
+def test_oryx_model_runs_adaptive_schedules(setup):
+    """An adaptive schedule decides the modes in generation as greedy_generate does; a router schedule on a
+    checkpoint without a router is refused at once, naming oryx train-router."""
+    model_dir, _ = setup
+    prompt = "Some special magic numbers are hidden here: 1234567. The special magic number is"
+    request = Instance("generate_until", {}, (prompt, {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}), 0)
+    lm = OryxLM(pretrained=str(model_dir), schedule="entropy:threshold=5.5;budget=0.3", device="cpu", batch_size=1)
+    ours = greedy_generate(lm.model, lm.tokenizer, [lm.tok_encode(prompt)], lm.rule, max_new_tokens=6)[0]
+    assert lm.generate_until([request])[0] == ours.text
+    with pytest.raises(ValueError, match="oryx train-router"):
+        OryxLM(pretrained=str(model_dir), schedule="router:budget=0.1", device="cpu", batch_size=1)
+
+
+def test_oryx_model_reports_the_realised_attention_fraction(setup, caplog):
+    """The tokens the model read and those in attention, counted by hand: a log-likelihood request read in linear
+    mode except its continuation, and generations from left-padded prompts (padding not counted; every generated
+    token fed back is read in attention under tail:attn=5)."""
+    model_dir, _ = setup
+    context, continuation = "The grass is green and the", " sky is blue."
+    lm = OryxLM(pretrained=str(model_dir), schedule="tail:attn=0", device="cpu", batch_size=2)
+    assert math.isnan(lm.attention_fraction)
+    ctx, cont = lm._encode_pair(context, continuation)
+    with caplog.at_level(logging.INFO, logger="lm_eval.models.oryx"):
+        lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)])
+    assert (lm.attention_tokens, lm.tokens_read) == (len(cont) - 1, len(ctx) + len(cont) - 1)
+    assert f"attention for {100 * lm.attention_fraction:.1f} % of the {lm.tokens_read} tokens" in caplog.text
+
+    prompts = ["Some special magic numbers are hidden here: 1234567. The number is", "A short prompt:"]
+    arguments = {"until": ["never appears"], "max_gen_toks": 5, "do_sample": False}
+    requests = [Instance("generate_until", {}, (p, arguments), i) for i, p in enumerate(prompts)]
+    prompt_tokens = sum(len(lm.tok_encode(p)) for p in prompts)
+    for schedule in ("linear", "attn", "tail:attn=5"):
+        lm = OryxLM(pretrained=str(model_dir), schedule=schedule, device="cpu", batch_size=2)
+        lm.generate_until(requests)
+        fed_back = lm.tokens_read - prompt_tokens  # generated tokens read again, in both rows
+        assert 0 < fed_back <= 2 * (arguments["max_gen_toks"] - 1) and fed_back % 2 == 0
+        expected = {"linear": 0, "attn": lm.tokens_read, "tail:attn=5": 2 * 5 + fed_back}[schedule]
+        assert lm.attention_tokens == expected
 
 
 def test_oryx_model_refuses_a_mode_the_model_lacks():

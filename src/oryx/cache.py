@@ -8,8 +8,9 @@ Per layer (Oryx; baselines keep only the parts their mixer has):
     conv       [B, C, W-1]   the last W-1 inputs of the shared K/V short conv
     key, value [B, Tc, H, d] attention's view of every cached token (keys after RoPE)
     recurrent  [B, H, K, V]  the linear recurrence's state, float32
-Per cache: key_mask [B, Tc] (False where a position was padding) and num_real [B] (real tokens so far, which gives the
-rotary position of the next token of every row).
+Per cache: key_mask [B, Tc] (False where a position was padding), num_real [B] (real tokens so far, which gives the
+rotary position of the next token of every row), the modes of every cached position, and an adaptive schedule's
+budget counts (`routing`, `oryx.routing.budget.RoutingState`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from oryx.configuration import OryxConfig
+from oryx.routing.budget import RoutingState
 
 
 @dataclass
@@ -112,6 +114,8 @@ class OryxCache:
         self.num_real: torch.Tensor | None = None  # [B] long
         self.seq_len = 0
         self.write_index: torch.Tensor | None = None  # [1] long: the next position, once static
+        self.routing: RoutingState | None = None  # the budget counts of an adaptive schedule (oryx.routing)
+        self._modes: list[torch.Tensor] = []  # the modes of every forward so far, [B, T] each
 
     @property
     def is_linear(self) -> list[bool]:
@@ -167,8 +171,17 @@ class OryxCache:
         if self.seq_len >= self.capacity:
             raise ValueError(f"the static cache is full ({self.capacity} positions); make_static with more capacity")
 
-    def advance(self, new_mask: torch.Tensor) -> None:
-        """Record that a forward consumed the positions of `new_mask` [B, T] (True = real token)."""
+    @property
+    def modes(self) -> torch.Tensor | None:
+        """The modes [B, seq_len] of every position consumed so far (None once static: a CUDA graph records none)."""
+        if self.is_static or not self._modes:
+            return None
+        return torch.cat(self._modes, dim=1)
+
+    def advance(self, new_mask: torch.Tensor, modes: torch.Tensor | None = None) -> None:
+        """Record that a forward consumed the positions of `new_mask` [B, T] (True = real token) in `modes` [B, T]."""
+        if modes is not None and not self.is_static:
+            self._modes.append(modes)
         if self.is_static:  # one real token, every counter advanced in place (no new tensors)
             self.key_mask.index_fill_(1, self.write_index, True)
             self.num_real.add_(1)
@@ -192,6 +205,9 @@ class OryxCache:
         if self.num_real is not None:
             self.num_real = self.num_real.index_select(0, beam_idx.to(self.num_real.device))
             self.key_mask = self.key_mask.index_select(0, beam_idx.to(self.key_mask.device))
+        self._modes = [m.index_select(0, beam_idx.to(m.device)) for m in self._modes]
+        if self.routing is not None:
+            self.routing.reorder(beam_idx.cpu().numpy())
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes allocated for each kind of state, summed over layers: {"kv", "recurrent", "conv"} (the KV buffers

@@ -12,6 +12,8 @@ needs:
     trainer_state.json   step, tokens seen, the data position, elapsed time
     train_config.yaml    the run's TrainConfig
     checksums.json       sha256 of every file above, written last (`oryx.manifest`)
+    router.safetensors   optional: a router added later by `oryx train-router` (and to the manifest); resuming
+                         ignores it, loading a model attaches it
 
 A checkpoint is written to a hidden temporary folder and renamed into place (`os.replace`), then `latest` is
 replaced the same way; older checkpoints beyond `keep` are removed only after that, each first renamed to a hidden
@@ -43,6 +45,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from oryx.manifest import MANIFEST, CheckpointError, unlisted_files, verified_view, verify_manifest, write_manifest
+from oryx.routing.router import ROUTER_FILE
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -260,7 +263,7 @@ def read(path: str | os.PathLike[str], verify: bool = True) -> Checkpoint:
             raise CheckpointError(f"{path} does not exist" if not path.exists() else f"{path} is not a folder")
         names = sorted(p.name for p in path.iterdir())
     model_state: dict[str, torch.Tensor] = {}
-    for shard in [n for n in names if n.endswith(".safetensors")]:
+    for shard in [n for n in names if n.endswith(".safetensors") and n != ROUTER_FILE]:  # the router is no LM weight
         try:
             model_state.update(load_file(path / shard))
         except (SafetensorError, OSError) as err:

@@ -1,4 +1,5 @@
-"""The `oryx` command line: `oryx {train,eval,generate,bench,info} --help`, and `oryx eval <evaluation> --help`.
+"""The `oryx` command line: `oryx {train,train-router,eval,generate,bench,info} --help`, and `oryx eval <evaluation>
+--help`.
 
 Every command is one row of `COMMANDS`: its help line, the function that adds its arguments and the function that
 runs it (`run(args) -> int`); a group (`eval`) is a table of such rows. A new command is one row here. A user-caused
@@ -17,6 +18,7 @@ from oryx.cli_common import ArgumentParser, run_command
 from oryx.eval import cli as runners
 from oryx.eval import command as evaluations
 from oryx.training import cli as training
+from oryx.training import router as router_training
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,11 @@ EVAL_COMMANDS: dict[str, Command] = {
         runners.add_zeroshot_arguments,
         runners.run_zeroshot_command,
     ),
+    "budget": Command(
+        "quality against the attention budget: router, entropy, random and fixed placements at equal fractions",
+        runners.add_budget_arguments,
+        runners.run_budget,
+    ),
     "report": Command(
         "Markdown tables and PNG plots of every result file in a folder",
         runners.add_report_arguments,
@@ -69,6 +76,11 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         "train a model (default: a small Oryx-TG on the embedded corpus) and report",
         training.add_arguments,
         training.run,
+    ),
+    "train-router": Command(
+        "train a router for a run's checkpoint (the model decides where to attend, under a budget)",
+        router_training.add_arguments,
+        router_training.run,
     ),
     "eval": EVAL_COMMANDS,
     "generate": Command(

@@ -39,8 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--schedule",
         default=None,
-        help="mode schedule, e.g. attn, linear, 'tail:attn=64', 'spans:linear@0,attn@512' (default: the model's "
-        "default mode)",
+        help="mode schedule, e.g. attn, linear, 'tail:attn=64', 'spans:linear@0,attn@512', or adaptive: "
+        "'router:budget=0.05' (needs oryx train-router), 'entropy:threshold=4', 'random:budget=0.05' (default: the "
+        "model's default mode)",
     )
     parser.add_argument(
         "--max-new-tokens", type=positive_int, default=200, help="tokens to generate at most (default: 200)"
@@ -121,7 +122,8 @@ def generate(
     cache = getattr(out, CACHE_FIELD)
     new = out.sequences[0, ids.shape[1] :]
     processed = cache.get_seq_length()
-    modes = spec.modes(1, processed, prompt_length=ids.shape[1])
+    # The modes the model used: recorded in the cache (not in a static one, whose schedule is a fixed one).
+    modes = cache.modes if cache.modes is not None else spec.modes(1, processed, prompt_length=ids.shape[1])
     return {
         "schedule": str(spec),
         "text": tokenizer.decode(new, skip_special_tokens=True),

@@ -97,9 +97,12 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, str]:
     return sums
 
 
-def verify_manifest(folder: str | os.PathLike[str], required: Iterable[str] = ()) -> dict[str, str]:
+def verify_manifest(
+    folder: str | os.PathLike[str], required: Iterable[str] = (), ignore: Iterable[str] = ()
+) -> dict[str, str]:
     """Check every file the manifest lists against its checksum, that it lists `required`, and that the folder
-    holds no weight file it does not list; returns the manifest.
+    holds no weight file it does not list, except the files named in `ignore` (about to be replaced); returns the
+    manifest.
 
     Raises:
         CheckpointError: naming the folder and the first missing, damaged or unlisted file.
@@ -109,7 +112,10 @@ def verify_manifest(folder: str | os.PathLike[str], required: Iterable[str] = ()
     for name in required:
         if name not in sums:
             raise CheckpointError(f"checkpoint {folder} is incomplete: {MANIFEST} does not list {name}")
+    ignore = set(ignore)
     for name, expected in sums.items():
+        if name in ignore:
+            continue
         file = folder / name
         if not file.is_file():
             raise CheckpointError(f"checkpoint {folder} is incomplete: {name} is missing; refusing to use it")
@@ -118,7 +124,9 @@ def verify_manifest(folder: str | os.PathLike[str], required: Iterable[str] = ()
                 f"checkpoint {folder} is damaged: {name} does not match its checksum (changed or truncated after "
                 "it was saved); refusing to use it"
             )
-    unlisted = sorted(p.name for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.name not in sums)
+    unlisted = sorted(
+        p.name for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.name not in sums and p.name not in ignore
+    )
     if unlisted:
         raise CheckpointError(
             f"{folder} holds {', '.join(unlisted)}, which {MANIFEST} does not list; refusing to load weights that "

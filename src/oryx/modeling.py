@@ -7,6 +7,7 @@ baseline's single mixer); `modes` [B, T] (0 = attention, 1 = linear) is the same
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,27 @@ from oryx.cache import OryxCache
 from oryx.configuration import OryxConfig
 from oryx.decoding import StaticDecoder
 from oryx.layers.common import RMSNorm, SwiGLU
-from oryx.layers.mixers import MixContext, build_mixer, matched_intermediate_size
+from oryx.layers.mixers import MixContext, Route, build_mixer, matched_intermediate_size, mode_flags
 from oryx.ops.cross_entropy import linear_cross_entropy
 from oryx.variants import ATTN, LINEAR
 
 # transformers renamed the outputs' cache field from `past_key_values` to `cache` during 5.x; generation looks for
 # the name its version knows, so the cache is returned under that one.
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+@dataclass
+class OryxModelOutput(BaseModelOutputWithPast):
+    """`BaseModelOutputWithPast` plus `modes` [B, T]: the modes the forward used (given, or decided by a schedule)."""
+
+    modes: torch.Tensor | None = None
+
+
+@dataclass
+class OryxCausalLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus `modes` [B, T]: the modes the forward used (given, or decided by a schedule)."""
+
+    modes: torch.Tensor | None = None
 
 
 class OryxBlock(GradientCheckpointingLayer):
@@ -90,15 +105,21 @@ class OryxPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args: Any, **kwargs: Any):
         """transformers' `from_pretrained`; a local folder saved by Oryx 0.1.0 loads through `oryx.compat`'s key
-        remap (with its config, onto the CPU; `dtype` is honoured)."""
+        remap (with its config, onto the CPU; `dtype` is honoured). A folder's `router.safetensors` (`oryx
+        train-router`) is attached to a causal LM (`OryxForCausalLM.router`)."""
         from safetensors import safe_open
         from safetensors.torch import load_file
 
+        from oryx.routing.router import ROUTER_FILE, load_router
+
         folder = Path(pretrained_model_name_or_path)
-        shards = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+        shards = sorted(p for p in folder.glob("*.safetensors") if p.name != ROUTER_FILE) if folder.is_dir() else []
         keys = [key for shard in shards for key in safe_open(shard, "pt").keys()]  # noqa: SIM118 (not a dict)
         if not compat.is_legacy(keys):
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            if folder.is_dir() and (folder / ROUTER_FILE).is_file() and hasattr(model, "attach_router"):
+                model.attach_router(load_router(folder / ROUTER_FILE))
+            return model
         config = kwargs.get("config") or OryxConfig.from_pretrained(folder)
         model = cls(config)
         state = compat.upgrade_state({k: v for shard in shards for k, v in load_file(shard).items()}, config)
@@ -138,11 +159,14 @@ class OryxModel(OryxPreTrainedModel):
         use_cache: bool | None = None,
         inputs_embeds: torch.Tensor | None = None,
         active_modes: tuple[bool, bool] | None = None,
+        route: Route | None = None,
         **kwargs: Any,
-    ) -> BaseModelOutputWithPast:
-        """Final hidden states [B, T, D]. `modes` [B, T] (0 = attention, 1 = linear; None = `config.default_mode`);
-        `active_modes` = (whether any row of `modes` is attention, whether any is linear) when the caller knows it on
-        the host (a CUDA-graph capture cannot read it back from the device); None derives it from `modes`."""
+    ) -> OryxModelOutput:
+        """Final hidden states [B, T, D] and the modes used. `modes` [B, T] (0 = attention, 1 = linear; None =
+        `config.default_mode`); `active_modes` = (whether any row of `modes` is attention, whether any is linear) when
+        the caller knows it on the host (a CUDA-graph capture cannot read it back from the device); None derives it
+        from `modes`. `route`: a routing decision (`oryx.routing`) that layer 0 makes after its linear branch, which
+        replaces `modes` for every layer."""
         hidden = self._embed(input_ids, inputs_embeds)
         B, T = hidden.shape[:2]
         if cache is None and use_cache:
@@ -161,13 +185,15 @@ class OryxModel(OryxPreTrainedModel):
             )
         ctx = self._context(modes, attention_mask, cache, B, T, hidden.device, active_modes)
         ctx.rotary(self.config.head_dim, self.config.rope_theta)  # once here, not inside a (compiled) block
+        ctx.route = route
         for block in self.layers:
             hidden = block(hidden, ctx, cache)
+        if ctx.route is not None:
+            raise ValueError(f"a routing decision needs an Oryx mixer in layer 0; a {self.config.variant!r} has none")
         if cache is not None:
-            cache.advance(
-                ctx.pad_mask if ctx.pad_mask is not None else torch.ones(B, T, dtype=torch.bool, device=hidden.device)
-            )
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), **{CACHE_FIELD: cache})
+            real = torch.ones(B, T, dtype=torch.bool, device=hidden.device) if ctx.pad_mask is None else ctx.pad_mask
+            cache.advance(real, ctx.modes)
+        return OryxModelOutput(last_hidden_state=self.norm(hidden), modes=ctx.modes, **{CACHE_FIELD: cache})
 
     def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         """The input embeddings [B, T, D], after checking what the caller passed (`_check_ids`, `_check_embeds`)."""
@@ -249,16 +275,7 @@ class OryxModel(OryxPreTrainedModel):
         if pad_mask is not None or (cached_mask is not None and (tracing or not bool(cached_mask.all()))):
             new = pad_mask if pad_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
             key_mask = new if cached_mask is None else torch.cat([cached_mask, new], dim=1)
-        attn_rows = modes == ATTN if pad_mask is None else (modes == ATTN) & pad_mask
-        if active_modes is not None:
-            has_attn, has_linear = active_modes
-        elif tracing:
-            has_attn = has_linear = True
-        else:
-            has_attn, has_linear = bool(attn_rows.any()), bool((modes == LINEAR).any())
-        has_linear = has_linear or not has_attn
-        if not has_linear:
-            attn_rows = None  # every row: attention can take its fused causal path
+        attn_rows, has_attn, has_linear = mode_flags(modes, pad_mask, active_modes, tracing)
         return MixContext(modes, positions, pad_mask, key_mask, attn_rows, has_attn, has_linear)
 
     def _static_context(self, modes, cache: OryxCache, B: int, T: int, device, active_modes) -> MixContext:
@@ -327,6 +344,19 @@ class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @property
+    def router(self) -> nn.Module | None:
+        """The attached router (`oryx.routing.Router`) that `router:` schedules use, or None. It is no submodule: the
+        model's parameters, state dict and `model.safetensors` stay the language model's alone, and the router lives
+        in its own file (`router.safetensors`, saved by `save_pretrained`)."""
+        return self.__dict__.get("_router")
+
+    def attach_router(self, router: nn.Module | None) -> None:
+        """Attach `router` (checked against this model's variant and width), or detach with None."""
+        if router is not None:
+            router.check_model(self.config)
+        self.__dict__["_router"] = router
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
@@ -354,27 +384,30 @@ class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
         decoder: StaticDecoder | None = None,
         shift_labels: torch.LongTensor | None = None,
         loss_chunk_tokens: int = 0,
+        schedule: Any = None,
+        prompt_length: int | None = None,
         **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
-        """Logits [B, T, V] (or the last `logits_to_keep`) and, with `labels`, the next-token loss (labels are shifted
-        inside; -100 is ignored). `shift_labels` [B, T] instead: the targets already aligned with the positions
-        (transformers' name; what the trainer passes, so that the last position has a target too).
-        `loss_chunk_tokens` > 0 with a loss: computed `loss_chunk_tokens` tokens at a time
+    ) -> OryxCausalLMOutput:
+        """Logits [B, T, V] (or the last `logits_to_keep`), the modes used [B, T] (`out.modes`) and, with `labels`, the
+        next-token loss (labels are shifted inside; -100 is ignored). `shift_labels` [B, T] instead: the targets
+        already aligned with the positions (transformers' name; what the trainer passes, so that the last position has
+        a target too). `loss_chunk_tokens` > 0 with a loss: computed `loss_chunk_tokens` tokens at a time
         (`oryx.ops.cross_entropy`) without materialising the logits, which come back as None.
-        `cache`/`past_key_values` (the same thing) continues from an earlier call;
-        `active_modes` as in `OryxModel.forward`. `decoder`: a `StaticDecoder` that runs this one-token step instead
-        (what `generate(cuda_graphs=True)` passes for every step after the prompt)."""
+        `cache`/`past_key_values` (the same thing) continues from an earlier call; `active_modes` as in
+        `OryxModel.forward`. `decoder`: a `StaticDecoder` that runs this one-token step instead (what
+        `generate(cuda_graphs=True)` passes for every step after the prompt).
+
+        `schedule` (instead of `modes`): any `oryx.schedule` spec or `Schedule`. A fixed one gives the modes of the
+        absolute positions (continuing after the cache; `tail` counts `prompt_length` prompt tokens, default all
+        tokens so far); an adaptive one (`router:`, `entropy:`, `random:`) lets the model decide them while it reads
+        the tokens, counting its budget on across calls through the cache."""
         cache = cache if cache is not None else past_key_values
         if decoder is not None:
-            return CausalLMOutputWithPast(logits=decoder.step(input_ids, modes), **{CACHE_FIELD: decoder.cache})
-        out = self.model(
-            input_ids=input_ids,
-            modes=modes,
-            attention_mask=attention_mask,
-            cache=cache,
-            use_cache=use_cache,
-            inputs_embeds=inputs_embeds,
-            active_modes=active_modes,
+            return OryxCausalLMOutput(
+                logits=decoder.step(input_ids, modes), modes=modes, **{CACHE_FIELD: decoder.cache}
+            )
+        out, after = self._hidden_states(
+            input_ids, modes, schedule, attention_mask, cache, use_cache, inputs_embeds, active_modes, prompt_length
         )
         hidden = out.last_hidden_state if not logits_to_keep else out.last_hidden_state[:, -logits_to_keep:]
         loss = None
@@ -394,7 +427,81 @@ class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
             # keeps the [B·T, V] logits a view instead of a copy (at T = 4096, V = 8192: 134 MB per step).
             targets = shift_labels if labels is None else F.pad(labels[:, 1:], (0, 1), value=-100)
             logits, loss = self.lm_loss(hidden, targets, loss_chunk_tokens)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: out.get(CACHE_FIELD)})
+        if after is not None:
+            if logits is None:
+                raise ValueError(f"schedule '{schedule}' reads the forward's logits; pass loss_chunk_tokens=0 with it")
+            after(logits)
+        return OryxCausalLMOutput(loss=loss, logits=logits, modes=out.modes, **{CACHE_FIELD: out.get(CACHE_FIELD)})
+
+    def hidden_states(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        modes: torch.Tensor | None = None,
+        schedule: Any = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> OryxModelOutput:
+        """The final hidden states [B, T, D] and the modes used [B, T] of one fresh sequence per row, without the
+        vocabulary projection (for scoring a few positions of long inputs); `modes` or `schedule` as in `forward`."""
+        out, _ = self._hidden_states(input_ids, modes, schedule, attention_mask, None, False, inputs_embeds)
+        return out
+
+    def _hidden_states(
+        self,
+        input_ids: torch.Tensor | None,
+        modes: torch.Tensor | None,
+        schedule: Any,
+        attention_mask: torch.Tensor | None,
+        cache: OryxCache | None,
+        use_cache: bool | None,
+        inputs_embeds: torch.Tensor | None,
+        active_modes: tuple[bool, bool] | None = None,
+        prompt_length: int | None = None,
+    ) -> tuple[OryxModelOutput, Any]:
+        """`OryxModel.forward` under `modes` or `schedule`, and what to call with the logits (None, or an adaptive
+        schedule's update of the cache's routing state)."""
+        after = route = None
+        if schedule is not None:
+            if modes is not None:
+                raise ValueError("pass either modes or schedule, not both")
+            if cache is None and use_cache:
+                cache = OryxCache(self.config)
+            modes, route, after = self._scheduled(
+                schedule, input_ids, inputs_embeds, attention_mask, cache, prompt_length
+            )
+        out = self.model(
+            input_ids=input_ids,
+            modes=modes,
+            attention_mask=attention_mask,
+            cache=cache,
+            use_cache=use_cache,
+            inputs_embeds=inputs_embeds,
+            active_modes=active_modes,
+            route=route,
+        )
+        return out, after
+
+    def _scheduled(
+        self,
+        schedule: Any,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        cache: OryxCache | None,
+        prompt_length: int | None,
+    ) -> tuple[torch.Tensor | None, Route | None, Any]:
+        """(modes, route, what to call with the logits) of one forward under `schedule` (see `forward`)."""
+        from oryx.routing import policies
+        from oryx.schedule import Adaptive, parse
+
+        spec = parse(schedule)
+        if isinstance(spec, Adaptive):
+            route, after = policies.prepare(spec, self, input_ids, inputs_embeds, attention_mask, cache)
+            return None, route, after
+        B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        past = 0 if cache is None else cache.get_seq_length()
+        prompt = past + T if prompt_length is None else prompt_length
+        return spec.modes(B, T, offset=past, prompt_length=prompt, device=self.device), None, None
 
     def lm_loss(
         self, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 0
@@ -411,13 +518,16 @@ class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
         return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
     def save_pretrained(self, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> None:
-        """transformers' `save_pretrained`, then `checksums.json` over the folder's files (`oryx.manifest`), which
-        `oryx eval` and `oryx generate` verify. Save a tokenizer into the folder first, or call
-        `oryx.write_manifest(folder)` after adding files."""
+        """transformers' `save_pretrained` (and `router.safetensors` when a router is attached), then
+        `checksums.json` over the folder's files (`oryx.manifest`), which `oryx eval` and `oryx generate` verify.
+        Save a tokenizer into the folder first, or call `oryx.write_manifest(folder)` after adding files."""
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             from oryx.manifest import write_manifest
+            from oryx.routing.router import save_router
 
+            if self.router is not None:
+                save_router(self.router, save_directory)
             write_manifest(save_directory)
 
     # --- generation -------------------------------------------------------------------------------------------
@@ -426,7 +536,10 @@ class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
     ):
         """transformers' `generate` plus `schedule`: a spec string or `oryx.schedule.Schedule` giving the mode of
         every prompt and generated token by absolute position (e.g. "tail:attn=64": linear prefill, attention for the
-        last 64 prompt tokens and all generated ones). Without a schedule every token uses `config.default_mode`.
+        last 64 prompt tokens and all generated ones), or an adaptive one (`router:budget=0.05`, ...) under which the
+        model decides each token's mode as it reads it. Without a schedule every token uses `config.default_mode`.
+        The cache of the result (`return_dict_in_generate=True`) holds the modes of every processed token
+        (`cache.modes`).
 
         `cuda_graphs=True`: after the prompt, preallocate the cache to the generation's length and replay every
         decoding step from a CUDA graph (`oryx.decoding`); without CUDA the same fixed-buffer step runs eagerly.
@@ -441,6 +554,15 @@ class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
                 "assisted/speculative decoding needs a croppable cache; Oryx's recurrent state cannot be "
                 "rewound. Use greedy, sampling or beam search."
             )
+        from oryx.schedule import Adaptive
+
+        spec = None if schedule is None else parse(schedule)
+        if isinstance(spec, Adaptive):
+            from oryx.routing.policies import check_schedule
+
+            check_schedule(spec, self)
+            if cuda_graphs:
+                raise ValueError(f"cuda_graphs=True decodes under fixed schedules only, not the adaptive '{spec}'")
         decoder = None
         if cuda_graphs:
             if kwargs.get("num_beams", self.generation_config.num_beams or 1) > 1:
@@ -451,7 +573,7 @@ class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
             decoder = StaticDecoder(self, capacity=input_ids.shape[1] + max(new_tokens, 1))
         return super().generate(
             input_ids,
-            oryx_schedule=None if schedule is None else parse(schedule),
+            oryx_schedule=spec,
             oryx_prompt_length=input_ids.shape[1],
             oryx_decoder=decoder,
             **kwargs,
@@ -478,8 +600,12 @@ class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
         decoder = oryx_decoder if oryx_decoder is not None and cache is not None and one_token else None
         if decoder is not None and decoder.cache is None:
             decoder.attach(cache)  # after the prompt: every decoding step from here runs on the static cache
-        modes = None
-        if oryx_schedule is not None:
+        from oryx.schedule import Adaptive
+
+        modes = schedule = None
+        if isinstance(oryx_schedule, Adaptive):
+            schedule = oryx_schedule  # the model decides the modes as it reads (its counts live in the cache)
+        elif oryx_schedule is not None:
             modes = oryx_schedule.modes(
                 new_ids.shape[0], new_ids.shape[1], offset=seen, prompt_length=oryx_prompt_length
             )
@@ -488,6 +614,7 @@ class OryxForCausalLM(OryxPreTrainedModel, GenerationMixin):
         return {
             "input_ids": new_ids,
             "modes": modes,
+            "schedule": schedule,
             "attention_mask": attention_mask,
             "cache": cache,
             "use_cache": use_cache,

@@ -12,6 +12,17 @@ command line and in configs (docs/design.md §6, docs/paper.md §4.2):
                                   increasing, the first at 0)
     tail:attn=64                  linear everywhere except the last N prompt tokens and every generated token
 
+Adaptive schedules: the model decides the modes while it reads the tokens (`oryx.routing`), so they work where a
+model runs (`model(input_ids, schedule=...)`, `model.generate(schedule=...)`, every `oryx eval` runner), not in
+`modes()`. Each keeps attention on at most its budget plus one unit at every prefix (a unit is one token, or a
+chunk of `chunk` positions whose mode is decided from the tokens before it):
+
+    router:budget=0.05[,chunk=128]         the model's trained router (`oryx train-router`): attention where its
+                                          predicted gain is above the threshold of that budget
+    entropy:threshold=2.5[,budget=0.1]     training-free: attention at position t+1 while the linear mode's
+                                          next-token entropy at t is above the threshold (nats)
+    random:budget=0.1[,chunk=16,seed=0]    the control: units drawn at random (seeded), under the same budget rule
+
 The grammar is kept tight: kinds, keys and mode names are lower case and exactly those above (no aliases such
 as `attention`; a near miss gets a "did you mean" hint). Whitespace around any part is ignored. A bad spec
 raises `ValueError` naming the bad part and showing the grammar. `str(schedule)` is the canonical spec, and
@@ -38,9 +49,26 @@ from torch import Generator, Tensor
 
 from oryx.configuration import ATTN, LINEAR  # not `from oryx`: oryx/__init__ imports this module early
 
-__all__ = ["GRAMMAR", "Chunks", "Fixed", "Schedule", "Spans", "Tail", "attention_fraction", "parse"]
+__all__ = [
+    "GRAMMAR",
+    "Adaptive",
+    "Chunks",
+    "Entropy",
+    "Fixed",
+    "Random",
+    "Router",
+    "Schedule",
+    "Spans",
+    "Tail",
+    "attention_fraction",
+    "attention_scores",
+    "parse",
+]
 
-GRAMMAR = "attn | linear | chunks:size=N,p_attn=P | spans:MODE@POS,... | tail:attn=N"
+GRAMMAR = (
+    "attn | linear | chunks:size=N,p_attn=P | spans:MODE@POS,... | tail:attn=N | router:budget=B[,chunk=N] | "
+    "entropy:threshold=H[,budget=B] | random:budget=B[,chunk=N,seed=S]"
+)
 MODE_NAMES: dict[str, int] = {"attn": ATTN, "linear": LINEAR}
 _NAME_OF_MODE = {mode: name for name, mode in MODE_NAMES.items()}
 Device = torch.device | str | None
@@ -262,6 +290,114 @@ class Tail(Schedule):
         return f"tail:attn={self.attn}"
 
 
+def _check_budget(budget: object, what: str = "budget") -> float:
+    """A fraction of tokens in [0, 1] (NaN, inf and bools refused)."""
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0.0 <= budget <= 1.0:
+        raise ValueError(f"{what} must be a fraction of the tokens in [0, 1] (e.g. 0.05 for 5 %), got {budget!r}")
+    return float(budget)
+
+
+def _check_chunk(chunk: object) -> int:
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive integer number of positions (1 = every token), got {chunk!r}")
+    return chunk
+
+
+class Adaptive(Schedule):
+    """A schedule whose modes the model decides while it reads the tokens (`oryx.routing`), under a budget: at every
+    prefix of positions 0 … t, at most ceil(budget · (t + 1)) + `chunk` tokens are in attention.
+
+    The decision is made per *unit*: a token (`chunk` = 1) or a chunk of `chunk` absolute positions. A unit's mode
+    depends only on tokens up to it (a chunk's, only on tokens before it), so a prefill followed by decoding takes
+    the same modes as one forward over the whole sequence. `modes()` cannot give them: pass the schedule to the model
+    (`model(input_ids, schedule=...)`, `generate(schedule=...)`).
+    """
+
+    budget: float | None
+    chunk: int
+
+    def _modes(
+        self,
+        batch: int,
+        length: int,
+        offset: int,
+        generator: Generator | None,
+        prompt_length: int | None,
+        device: Device,
+    ) -> Tensor:
+        raise ValueError(
+            f"schedule '{self}' is adaptive: the model decides its modes while it reads the tokens, so they cannot "
+            "be listed in advance; pass it to the model instead: model(input_ids, schedule=...) or "
+            "model.generate(input_ids, schedule=...)"
+        )
+
+    def attention_fraction(self, length: int, offset: int = 0, prompt_length: int | None = None) -> float:
+        """The budget (the realised fraction is what a forward's `out.modes` holds); NaN without one."""
+        return math.nan if self.budget is None else self.budget
+
+
+@dataclass(frozen=True)
+class Router(Adaptive):
+    """The model's router (`oryx.routing.Router`, trained by `oryx train-router`): attention on the units whose
+    predicted gain of attention over the linear mode is above the threshold that realises `budget` on the router's
+    calibration windows. Token units score a token from its own layer-0 features; a chunk of `chunk` positions takes
+    the mean score of the chunk before it (the first chunk is linear). Spec `router:budget=0.05[,chunk=128]`."""
+
+    budget: float
+    chunk: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "budget", _check_budget(self.budget))
+        _check_chunk(self.chunk)
+
+    def __str__(self) -> str:
+        return f"router:budget={self.budget!r}" + (f",chunk={self.chunk}" if self.chunk != 1 else "")
+
+
+@dataclass(frozen=True)
+class Entropy(Adaptive):
+    """Training-free: position t+1 is attention while the linear mode's next-token entropy at position t is above
+    `threshold` (nats), within `budget` when given. A prefill reads the entropies from a look-ahead forward in linear
+    mode; during generation each token's mode comes from the entropy of the distribution the model just produced.
+    Spec `entropy:threshold=2.5[,budget=0.1]`."""
+
+    threshold: float
+    budget: float | None = None
+    chunk = 1
+
+    def __post_init__(self) -> None:
+        threshold = self.threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0.0 <= threshold < math.inf:
+            raise ValueError(f"entropy threshold must be a finite number of nats >= 0, got {threshold!r}")
+        object.__setattr__(self, "threshold", float(threshold))
+        if self.budget is not None:
+            object.__setattr__(self, "budget", _check_budget(self.budget))
+
+    def __str__(self) -> str:
+        return f"entropy:threshold={self.threshold!r}" + (f",budget={self.budget!r}" if self.budget is not None else "")
+
+
+@dataclass(frozen=True)
+class Random(Adaptive):
+    """The control: every unit draws a uniform score from a generator seeded by (`seed`, batch row), and the units
+    above the threshold that realises `budget` (under the same budget rule as the router) are attention. Spec
+    `random:budget=0.1[,chunk=16,seed=0]`."""
+
+    budget: float
+    chunk: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "budget", _check_budget(self.budget))
+        _check_chunk(self.chunk)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"random seed must be an integer in [0, 2^32), got {self.seed!r}")
+
+    def __str__(self) -> str:
+        chunk = f",chunk={self.chunk}" if self.chunk != 1 else ""
+        return f"random:budget={self.budget!r}{chunk}" + (f",seed={self.seed}" if self.seed else "")
+
+
 def attention_fraction(modes: torch.Tensor, mask: torch.Tensor | None = None) -> float:
     """Fraction of tokens in attention.
 
@@ -283,6 +419,16 @@ def attention_fraction(modes: torch.Tensor, mask: torch.Tensor | None = None) ->
     else:
         total = modes.numel()
     return int(is_attn.sum()) / total if total else math.nan
+
+
+def attention_scores(modes: torch.Tensor, mask: torch.Tensor | None = None) -> int:
+    """Query-key pairs that attention scores for `modes` [B, T] of sequences from position 0 (per head and layer):
+    Σ over attention rows of the keys at or before them (with a [B, T] `mask`, real keys only). The ideal cost of
+    attention rows, which block-sparse kernels approach for rows in aligned blocks (`oryx.ops.count_score_elements`
+    counts what the reference kernel computes)."""
+    real = torch.ones_like(modes, dtype=torch.bool) if mask is None else mask.bool()
+    keys = real.long().cumsum(1)  # real keys up to each position
+    return int(keys[(modes == ATTN) & real].sum())
 
 
 def _error(spec: str, message: str) -> ValueError:
@@ -326,6 +472,13 @@ def _int(spec: str, what: str, text: str) -> int:
         raise _error(spec, f"{what} must be an integer, got {text!r}") from None
 
 
+def _float(spec: str, what: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise _error(spec, f"{what} must be a number, got {text!r}") from None
+
+
 def parse(spec: str | Schedule) -> Schedule:
     """Parse a schedule spec (see the module docstring); a `Schedule` is returned as-is.
 
@@ -347,12 +500,7 @@ def parse(spec: str | Schedule) -> Schedule:
     if kind == "chunks":
         values = _key_values(spec, kind, params, ("size", "p_attn"))
         size = _int(spec, "chunk size", values["size"]) if "size" in values else Chunks.size
-        p_attn = Chunks.p_attn
-        if "p_attn" in values:
-            try:
-                p_attn = float(values["p_attn"])
-            except ValueError:
-                raise _error(spec, f"p_attn must be a number, got {values['p_attn']!r}") from None
+        p_attn = _float(spec, "p_attn", values["p_attn"]) if "p_attn" in values else Chunks.p_attn
         return _make(spec, Chunks, size, p_attn)
     if kind == "spans":
         if not params:
@@ -372,5 +520,21 @@ def parse(spec: str | Schedule) -> Schedule:
         if "attn" not in values:
             raise _error(spec, "tail needs attn=N (the number of prompt tokens in attention)")
         return _make(spec, Tail, _int(spec, "tail attn", values["attn"]))
-    kinds = (*MODE_NAMES, "chunks", "spans", "tail")
+    if kind in ("router", "random"):
+        keys = ("budget", "chunk") if kind == "router" else ("budget", "chunk", "seed")
+        values = _key_values(spec, kind, params, keys)
+        if "budget" not in values:
+            raise _error(spec, f"{kind} needs budget=B (the fraction of tokens in attention, e.g. 0.05)")
+        args = [_float(spec, "budget", values["budget"])]
+        args.append(_int(spec, "chunk", values["chunk"]) if "chunk" in values else 1)
+        if kind == "random":
+            args.append(_int(spec, "seed", values["seed"]) if "seed" in values else 0)
+        return _make(spec, Router if kind == "router" else Random, *args)
+    if kind == "entropy":
+        values = _key_values(spec, kind, params, ("threshold", "budget"))
+        if "threshold" not in values:
+            raise _error(spec, "entropy needs threshold=H (nats of the linear mode's next-token entropy)")
+        budget = _float(spec, "budget", values["budget"]) if "budget" in values else None
+        return _make(spec, Entropy, _float(spec, "entropy threshold", values["threshold"]), budget)
+    kinds = (*MODE_NAMES, "chunks", "spans", "tail", "router", "entropy", "random")
     raise _error(spec, f"unknown schedule kind {kind!r}{_hint(kind, kinds)}")

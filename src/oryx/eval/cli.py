@@ -3,11 +3,14 @@
     oryx eval mqar --out runs/mqar [--scale 0.05 --epochs 4] [--device cuda --jobs 5]
     oryx eval retrieval CHECKPOINT [CHECKPOINT ...] --lengths 512 1024 --modes attn linear cross
     oryx eval zeroshot CHECKPOINT [CHECKPOINT ...] --modes attn linear
+    oryx eval budget RUN_DIR [--tasks ppl niah_1 records_kv] [--budgets 0 0.025 0.05 0.1 0.25 1] [--cost]
+    oryx eval budget MQAR_MODEL_DIR --tasks mqar           # a model of oryx eval mqar --save-models
     oryx eval report RUN_DIR
     oryx eval export-lm-eval-tasks DIR --tokenizer CHECKPOINT
 
 Modes (``--modes``) are cross-mode protocols (``attn``, ``linear``, ``cross``: context linear, prompt and
-generation in attention; ``cross_reverse``) or ``oryx.schedule`` specs (``tail:attn=64``, ...). Results go next to
+generation in attention; ``cross_reverse``) or ``oryx.schedule`` specs (``tail:attn=64``, ``router:budget=0.1``,
+...). Results go next to
 each checkpoint (``<checkpoint>/eval/``) or under ``--out``; every runner also writes the report (Markdown table and
 PNG plot) of its output folder. lm-eval itself: ``python -m oryx.eval.harness`` (see ``oryx.eval.harness``).
 """
@@ -16,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from oryx.cli_common import (
+    UsageError,
     nonnegative_int,
     positive_float,
     positive_int,
@@ -114,6 +118,11 @@ def add_mqar_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto = bf16 on GPU")
     parser.add_argument("--jobs", type=positive_int, default=1, help="training runs at once, in separate processes")
     parser.add_argument("--seed", type=seed, default=default.seed)
+    parser.add_argument(
+        "--save-models",
+        action="store_true",
+        help="save every trained model into OUT/models/ (for oryx train-router and oryx eval budget)",
+    )
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
@@ -162,6 +171,7 @@ def run_mqar(args: argparse.Namespace) -> int:
         device=_device(args.device),
         precision=args.precision,
         seed=args.seed,
+        save_models=args.save_models,
     )
     if args.train_mix:
         if any(len(s) != 3 for s in args.train_mix):
@@ -265,3 +275,185 @@ def run_export(args: argparse.Namespace) -> int:
     print(f"wrote {len(names)} tasks to {args.out}: {' '.join(names)}")
     print(f"run them with: python -m oryx.eval.harness --include_path {args.out} --tasks oryx_zeroshot ...")
     return 0
+
+
+def _fraction(text: str) -> float:
+    value = positive_float(text) if text not in ("0", "0.0") else 0.0
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction of the tokens in [0, 1], got {text}")
+    return value
+
+
+def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    from oryx.eval.budget import BUDGETS, POLICIES
+
+    parser.add_argument("checkpoint", help="run folder or checkpoint folder (ppl, niah_*, records_*), or an MQAR model "
+                        "folder saved by oryx eval mqar --save-models (mqar)")  # fmt: skip
+    parser.add_argument("--tasks", nargs="+", default=["ppl"], help="ppl, mqar, niah_1/2/3, records_kv/html")
+    parser.add_argument("--budgets", nargs="+", type=_fraction, default=list(BUDGETS), help="fractions of the tokens")
+    parser.add_argument(
+        "--policies", nargs="+", default=None, choices=POLICIES, help="default: all (the router's if it has one)"
+    )
+    parser.add_argument("--chunk", type=positive_int, default=32, help="chunk units and even spans (default: 32)")
+    parser.add_argument("--data", default="prose:validation", help="held-out text of ppl (default: prose:validation)")
+    parser.add_argument("--calibration-data", default=None, help="text of the entropy thresholds (default: the run's "
+                        "train_data)")  # fmt: skip
+    parser.add_argument("--calibration-windows", type=positive_int, default=32, help="windows of the thresholds")
+    parser.add_argument("--seq-len", type=positive_int, default=None, help="tokens per window (default: the run's)")
+    parser.add_argument("--max-tokens", type=positive_int, default=65536, help="ppl targets per cell (default: 65536)")
+    parser.add_argument("--niah-length", type=positive_int, default=512, help="NIAH prompt length (default: 512)")
+    parser.add_argument("--n", type=positive_int, default=20, help="retrieval samples per task (default: 20)")
+    parser.add_argument("--cost", action="store_true", help="also measure what routing adds to a forward (ppl)")
+    parser.add_argument("--out", default=None, help="output folder (default: <checkpoint>/eval)")
+    parser.add_argument("--label", default=None, help="the model's name in tables and plots (default: folder name)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="windows or samples per forward")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda (default: auto)")
+    parser.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="load model folders without checking their checksums.json (they are then not verified)",
+    )
+
+
+def run_budget(args: argparse.Namespace) -> int:
+    """Every policy at every budget on each task; writes budget-<task>.json/.md/.png (see `oryx.eval.budget`)."""
+    from transformers.utils import logging as hf_logging
+
+    from oryx.eval import budget
+    from oryx.eval.retrieval import RETRIEVAL_TASKS
+
+    hf_logging.disable_progress_bar()
+    unknown = [t for t in args.tasks if t not in ("ppl", "mqar", *RETRIEVAL_TASKS)]
+    if unknown:
+        raise UsageError(f"--tasks: unknown {unknown}; choose from ppl, mqar, {', '.join(RETRIEVAL_TASKS)}")
+    if "mqar" in args.tasks and len(args.tasks) > 1:
+        raise UsageError("--tasks mqar runs on an MQAR model folder: evaluate it on its own")
+    device = _device(args.device)
+    try:
+        if "mqar" in args.tasks:
+            return _budget_mqar(args, device, budget)
+        return _budget_text(args, device, budget)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def _budget_policies(args: argparse.Namespace, model: Any, folder: Path, available: Sequence[str]) -> list[str]:
+    """The policies to compare: `--policies`, else every one of `available`; refuses a model with one mode, and
+    router policies asked for by name on a model without a router (by default they are left out, with a note)."""
+    if not model.config.is_oryx:
+        raise UsageError(
+            f"{folder} holds a {model.config.variant!r} baseline, which has one mode: there is no attention budget "
+            "to place; evaluate an Oryx model"
+        )
+    policies = [p for p in args.policies or available if p in available]
+    if model.router is None:
+        asked = [p for p in args.policies or () if p.startswith("router")]
+        if asked:
+            raise UsageError(
+                f"--policies {' '.join(asked)} needs a trained router, and {folder} has none: train one with "
+                f"`oryx train-router {args.checkpoint}`"
+            )
+        if any(p.startswith("router") for p in policies):
+            print(f"note: {folder} has no router (oryx train-router): the router policies are left out")
+        policies = [p for p in policies if not p.startswith("router")]
+    if not policies:
+        raise UsageError(f"--policies: none of {' '.join(args.policies)} applies to this task; choose from "
+                         f"{' '.join(available)}")  # fmt: skip
+    return policies
+
+
+def _budget_mqar(args: argparse.Namespace, device: str, budget: Any) -> int:
+    from oryx.eval.mqar_run import load_mqar_model
+
+    model, config = load_mqar_model(args.checkpoint, verify=args.verify)
+    model = model.to(device)
+    folder = Path(args.checkpoint)
+    label = args.label or folder.name
+    policies = _budget_policies(args, model, folder, budget.MQAR_POLICIES)
+    rows = budget.budget_mqar(model, config, budgets=args.budgets, policies=policies, label=label)
+    meta = {"checkpoint": str(folder), "label": label, "budgets": args.budgets, "policies": policies}
+    for path in budget.write_budget_report(rows, args.out or folder / "eval", "budget-mqar", "accuracy", meta):
+        print(f"wrote {path}")
+    return 0
+
+
+def _budget_text(args: argparse.Namespace, device: str, budget: Any) -> int:
+    from oryx.checkpoint import load_pretrained
+    from oryx.data import DataError, check_token_ids, load_tokens
+    from oryx.eval.command import _training_length, training_setting
+    from oryx.eval.perplexity import window_batches
+
+    model, tokenizer, folder = load_pretrained(args.checkpoint, device, verify=args.verify)
+    policies = _budget_policies(args, model, folder, budget.POLICIES)
+    label = args.label or (folder.parent.parent.name if folder.parent.name == "checkpoints" else folder.name)
+    seq_len = args.seq_len or _training_length(folder) or 512
+    calibration_data = args.calibration_data or training_setting(folder, "train_data")
+    if calibration_data is None:
+        raise UsageError(f"{folder} is no training checkpoint: pass --calibration-data (text for the thresholds)")
+
+    def tokens_of(source: str, flag: str) -> Any:
+        try:
+            tokens = load_tokens(source, tokenizer)
+        except (ValueError, FileNotFoundError) as err:
+            raise DataError(f"{flag} {source}: {err}") from None
+        check_token_ids(tokens, model.config.vocab_size, f"{flag} {source}")
+        return tokens
+
+    calibration = window_batches(
+        tokens_of(calibration_data, "--calibration-data"), seq_len, args.calibration_windows, args.batch_size
+    )
+    out = Path(args.out) if args.out else folder / "eval"
+    meta = {"checkpoint": str(folder), "label": label, "budgets": args.budgets, "policies": policies,
+            "chunk": args.chunk, "calibration_data": calibration_data}  # fmt: skip
+    if "ppl" in args.tasks:
+        tokens = tokens_of(args.data, "--data")
+        rows = budget.budget_perplexity(
+            model, tokens, seq_len, calibration, budgets=args.budgets, policies=policies, chunk=args.chunk,
+            max_tokens=args.max_tokens, batch_size=args.batch_size, label=label,
+        )  # fmt: skip
+        notes = _routing_costs(model, tokens, seq_len, args.batch_size) if args.cost else ""
+        paths = budget.write_budget_report(
+            rows, out, "budget-ppl", "ppl", {**meta, "data": args.data, "seq_len": seq_len, "notes": notes}
+        )
+        for path in paths:
+            print(f"wrote {path}")
+    retrieval = [t for t in args.tasks if t != "ppl"]
+    if retrieval:
+        rows = budget.budget_retrieval(
+            model, tokenizer, calibration, tasks=retrieval, length=args.niah_length, n=args.n, budgets=args.budgets,
+            policies=policies, chunk=args.chunk, batch_size=args.batch_size, label=label,
+        )  # fmt: skip
+        for path in budget.write_budget_report(rows, out, "budget-retrieval", "recall", {**meta, "n": args.n}):
+            print(f"wrote {path}")
+    return 0
+
+
+def _routing_costs(model: Any, tokens: Any, seq_len: int, batch_size: int) -> str:
+    """Markdown: what routing adds to a forward of one batch of windows, per adaptive schedule (CPU time)."""
+    import torch
+
+    from oryx.eval.budget import routing_cost
+    from oryx.eval.perplexity import window_batches
+
+    ids = window_batches(tokens, seq_len, batch_size, batch_size)[0][0].to(model.device)
+    specs = ["random:budget=0.1", "entropy:threshold=4.0,budget=0.1"]
+    if model.router is not None:
+        specs = ["router:budget=0.1", "router:budget=0.1,chunk=32", *specs]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CPU time of one thread: steady beside other work on the machine
+    try:
+        lines = [
+            "| schedule | routed forward (CPU s) | same modes given (CPU s) | routing's share | attention work: ideal "
+            "| computed by the reference kernel |",
+            "|---|---|---|---|---|---|",
+        ]
+        for spec in specs:
+            cost = routing_cost(model, ids, spec)
+            lines.append(
+                f"| `{spec}` | {cost['routed_s']:.3f} | {cost['explicit_s']:.3f} | {cost['share']:.1%} | "
+                f"{cost['ideal_work']:.1%} | {cost['computed_work']:.1%} |"
+            )
+    finally:
+        torch.set_num_threads(threads)
+    return f"Routing cost, one forward of {tuple(ids.shape)} tokens, one thread, median of 7:\n\n" + "\n".join(lines)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from oryx.cli_common import UsageError, output_file, positive_int, resolve_device, seed
 
@@ -44,8 +45,9 @@ def add_ppl_arguments(parser: argparse.ArgumentParser) -> None:
         "--schedule",
         nargs="+",
         default=None,
-        help="one or more schedules, e.g. attn linear 'chunks:size=128,p_attn=0.25' 'tail:attn=64' "
-        "(default: every mode the model has)",
+        help="one or more schedules, e.g. attn linear 'chunks:size=128,p_attn=0.25' 'tail:attn=64', or adaptive: "
+        "'router:budget=0.1' (after oryx train-router), 'entropy:threshold=4', 'random:budget=0.1' (default: every "
+        "mode the model has); the realised attention fraction is printed",
     )
     parser.add_argument(
         "--max-tokens", type=positive_int, default=None, help="score at most this many targets (default: all)"
@@ -95,17 +97,23 @@ def _load(args: argparse.Namespace):
     return model, tokenizer, folder, tokens, seq_len
 
 
-def _training_length(folder: Path) -> int | None:
-    """The seq_len the checkpoint was trained with, when it is one of our training checkpoints."""
+def training_setting(folder: Path, key: str) -> Any:
+    """The value of `key` (e.g. seq_len, train_data) in the checkpoint's train_config.yaml, None when the folder is no
+    training checkpoint or has no such key."""
     import yaml
 
     path = folder / "train_config.yaml"
     if not path.is_file():
         return None
     try:
-        seq_len = yaml.safe_load(path.read_text()).get("seq_len")
+        return yaml.safe_load(path.read_text()).get(key)
     except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
-        raise UsageError(f"{path} is damaged (not a YAML mapping); pass --seq-len to evaluate anyway") from None
+        raise UsageError(f"{path} is damaged (not a YAML mapping); pass --{key.replace('_', '-')} to go on") from None
+
+
+def _training_length(folder: Path) -> int | None:
+    """The seq_len the checkpoint was trained with, when it is one of our training checkpoints."""
+    seq_len = training_setting(folder, "seq_len")
     return seq_len if isinstance(seq_len, int) and seq_len > 0 else None
 
 
@@ -115,7 +123,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     model, tokenizer, folder, tokens, seq_len = _load(args)
     schedules = args.schedule or ["attn" if m == 0 else "linear" for m in model.config.supported_modes]
     print(f"{folder}: {len(tokens):,} tokens of {args.data}, windows of {seq_len}")
-    print(f"{'schedule':<32}{'tokens':>10}{'loss':>9}{'ppl':>10}{'bits/tok':>10}{'bits/byte':>11}")
+    print(f"{'schedule':<32}{'tokens':>10}{'loss':>9}{'ppl':>10}{'bits/tok':>10}{'bits/byte':>11}{'attn %':>8}")
     results = []
     for spec in schedules:
         try:
@@ -136,7 +144,7 @@ def run_ppl(args: argparse.Namespace) -> int:
         bpb = "" if result.bits_per_byte is None else f"{result.bits_per_byte:.4f}"
         print(
             f"{result.schedule:<32}{result.tokens:>10,}{result.nll:>9.4f}{result.perplexity:>10.3f}"
-            f"{result.bits_per_token:>10.4f}{bpb:>11}"
+            f"{result.bits_per_token:>10.4f}{bpb:>11}{100 * result.attention_fraction:>8.1f}"
         )
     if args.json:
         payload = {"checkpoint": str(folder), "data": args.data, "seq_len": seq_len, "results": results}

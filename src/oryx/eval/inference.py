@@ -5,7 +5,8 @@ A *mode rule* says which mode every token of one sample uses. It is either a cro
 ``oryx.eval.tasks.common.PROTOCOLS`` (``attn``, ``linear``, ``cross``, ``cross_reverse``: one mode for the
 sample's context, another for its prompt and generation; the boundary is per sample) or an ``oryx.schedule``
 spec (``tail:attn=64``, ``spans:linear@0,attn@512``, ``chunks:size=128,p_attn=0.25``), read by absolute position
-in the sample, with the sample's prompt length for ``tail``. ``attn`` and ``linear`` mean the same either way.
+in the sample, with the sample's prompt length for ``tail``. ``attn`` and ``linear`` mean the same either way. An
+adaptive spec (``router:budget=0.05``, ``entropy:...``, ``random:...``) lets the model decide each sample's modes.
 
 Batches are padded, but every row gets its own rule evaluated at its own positions, so a batch gives the same
 numbers as one sample at a time (right padding for scoring cannot reach earlier positions of a causal model; left
@@ -25,7 +26,7 @@ from oryx.eval.perplexity import autocast
 from oryx.eval.scoring import STOP, cut_at_stop
 from oryx.eval.tasks.common import PROTOCOLS, protocol_modes
 from oryx.modeling import CACHE_FIELD, OryxForCausalLM
-from oryx.schedule import Fixed, Schedule, parse
+from oryx.schedule import Adaptive, Fixed, Schedule, parse
 
 __all__ = ["Generation", "LoglikResult", "ModeRule", "continuation_logliks", "greedy_generate"]
 
@@ -43,6 +44,11 @@ class ModeRule:
         if schedule is not None:
             object.__setattr__(self, "spec", str(schedule))  # canonical, for reports
 
+    @property
+    def adaptive(self) -> bool:
+        """Whether the model decides the modes as it reads (an `oryx.schedule.Adaptive` spec such as `router:`)."""
+        return isinstance(self.schedule, Adaptive)
+
     def uses(self) -> set[int]:
         """The modes this rule may assign."""
         if self.spec in PROTOCOLS:
@@ -57,7 +63,7 @@ class ModeRule:
     def modes(
         self, length: int, prompt_len: int, context_len: int, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Modes [length] of positions 0 … length−1 of one sample.
+        """Modes [length] of positions 0 … length−1 of one sample (not of an adaptive rule: the model decides those).
 
         Args:
             length: positions to cover (prompt, plus generated or continuation tokens).
@@ -98,6 +104,12 @@ class Generation:
     tokens: int
 
 
+def _mode_arguments(rule: ModeRule, modes: torch.Tensor, start: int, stop: int) -> dict[str, object]:
+    """The model's mode argument for positions `start … stop−1` of a batch: the schedule of an adaptive rule, else
+    those columns of the precomputed `modes` [B, T]."""
+    return {"schedule": rule.schedule} if rule.adaptive else {"modes": modes[:, start:stop]}
+
+
 def _pad_mode(row: torch.Tensor) -> int:
     """The mode given to a padded position: one the row already uses, so a single-mode baseline accepts it."""
     return int(row[0]) if len(row) else ATTN
@@ -116,7 +128,8 @@ def continuation_logliks(
 
     The model reads ``context + continuation[:-1]`` under ``rule`` (prompt = context, so ``cross`` and
     ``tail:attn=0`` both put the context in linear mode and the continuation in attention) and the log-softmax at
-    positions ``len(context) − 1 …`` scores the continuation tokens. Requests run longest first, right-padded.
+    positions ``len(context) − 1 …`` scores the continuation tokens. Requests run longest first, right-padded (an
+    adaptive rule decides each row's modes from its own tokens; the padding after them cannot change that).
 
     Raises:
         ValueError: an empty context or continuation.
@@ -135,16 +148,21 @@ def continuation_logliks(
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         modes = torch.empty(len(batch), width, dtype=torch.long)
         for row, (i, inp) in enumerate(zip(batch, inputs, strict=True)):
-            ctx_len = len(requests[i][0])
-            row_modes = rule.modes(len(inp), prompt_len=ctx_len, context_len=ctx_len, generator=generator)
             ids[row, : len(inp)] = torch.tensor(inp)
-            modes[row] = _pad_mode(row_modes)
-            modes[row, : len(inp)] = row_modes
-            attention_tokens += int((row_modes == ATTN).sum())
-            tokens += len(inp)
+            if not rule.adaptive:
+                ctx_len = len(requests[i][0])
+                row_modes = rule.modes(len(inp), prompt_len=ctx_len, context_len=ctx_len, generator=generator)
+                modes[row] = _pad_mode(row_modes)
+                modes[row, : len(inp)] = row_modes
         with autocast(device, precision):
-            hidden = model.model(ids.to(device), modes=modes.to(device)).last_hidden_state
-            for row, i in enumerate(batch):
+            if rule.adaptive:
+                out = model.hidden_states(ids.to(device), schedule=rule.schedule)
+            else:
+                out = model.hidden_states(ids.to(device), modes=modes.to(device))
+            hidden = out.last_hidden_state
+            for row, (i, inp) in enumerate(zip(batch, inputs, strict=True)):
+                attention_tokens += int((out.modes[row, : len(inp)] == ATTN).sum())
+                tokens += len(inp)
                 ctx, cont = requests[i]
                 # Only the continuation's positions go through the vocabulary projection (B·T·V floats would not fit).
                 scored = model.lm_head(hidden[row, len(ctx) - 1 : len(ctx) - 1 + len(cont)]).float().log_softmax(-1)
@@ -171,8 +189,10 @@ def greedy_generate(
 
     Prompts are left-padded in batches of similar length, prefilled in one forward and decoded one token per
     step from the model's cache, every row under ``rule`` at its own positions (``context_lens[i]`` is prompt
-    i's protocol switch point; default: the whole prompt is context). Token ids the tokenizer cannot decode
-    (a vocabulary padded for fast matmuls) are never chosen.
+    i's protocol switch point; default: the whole prompt is context). Under an adaptive rule the model decides
+    every row's modes as it reads (the counts live in the cache), and the last generated token, which is never
+    read, has no mode and is not counted. Token ids the tokenizer cannot decode (a vocabulary padded for fast
+    matmuls) are never chosen.
     """
     context_lens = [len(p) for p in prompts] if context_lens is None else context_lens
     device = next(model.parameters()).device
@@ -188,21 +208,24 @@ def greedy_generate(
         modes = torch.empty(len(batch), width + max_new_tokens, dtype=torch.long)
         for row, i in enumerate(batch):
             pad = width - len(prompts[i])
-            row_modes = rule.modes(
-                len(prompts[i]) + max_new_tokens,
-                prompt_len=len(prompts[i]),
-                context_len=context_lens[i],
-                generator=generator,
-            )
             ids[row, pad:] = torch.tensor(list(prompts[i]))
             mask[row, pad:] = 1
-            modes[row] = _pad_mode(row_modes)
-            modes[row, pad:] = row_modes
+            if not rule.adaptive:
+                row_modes = rule.modes(
+                    len(prompts[i]) + max_new_tokens,
+                    prompt_len=len(prompts[i]),
+                    context_len=context_lens[i],
+                    generator=generator,
+                )
+                modes[row] = _pad_mode(row_modes)
+                modes[row, pad:] = row_modes
         ids, mask, modes = ids.to(device), mask.to(device), modes.to(device)
+
         generated = torch.empty(len(batch), 0, dtype=torch.long, device=device)
         used: list[int | None] = [None] * len(batch)  # per row: generated tokens up to and including its stop
         with autocast(device, precision):
-            out = model(ids, modes=modes[:, :width], attention_mask=mask, use_cache=True, logits_to_keep=1)
+            prefill = _mode_arguments(rule, modes, 0, width)
+            out = model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **prefill)
             for step in range(max_new_tokens):
                 logits = out.logits[:, -1].float()
                 logits[:, len(tokenizer) :] = -math.inf
@@ -216,11 +239,13 @@ def greedy_generate(
                 mask = torch.cat([mask, mask.new_ones(len(batch), 1)], dim=1)
                 out = model(
                     generated[:, -1:],
-                    modes=modes[:, width + step : width + step + 1],
                     attention_mask=mask,
                     cache=getattr(out, CACHE_FIELD),
                     logits_to_keep=1,
+                    **_mode_arguments(rule, modes, width + step, width + step + 1),
                 )
+        if rule.adaptive:
+            modes = getattr(out, CACHE_FIELD).modes  # what the model decided for every token it read
         for row, i in enumerate(batch):
             n_used = used[row] or generated.shape[1]
             new = [t for t in generated[row, :n_used].tolist() if t != eos]

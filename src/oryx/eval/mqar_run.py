@@ -37,6 +37,7 @@ result file of ``oryx.eval.report``), ``mqar.md`` and ``mqar.png``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -68,7 +69,7 @@ from oryx.eval.tasks.mqar import (
 )
 from oryx.modeling import OryxForCausalLM
 from oryx.optim import adamw, lr_factor
-from oryx.schedule import parse
+from oryx.schedule import Adaptive, Schedule, parse
 from oryx.variants import ATTN, LINEAR, MODE_NAMES, family_names
 from oryx.variants import FAMILIES as FAMILY_TABLE
 
@@ -105,6 +106,7 @@ class MQARSweepConfig:
     precision: str = "auto"
     seed: int = 0
     log_every: int = 50
+    save_models: bool = False  # each trained model into <out>/models/<family>-lr<lr>/ (for oryx eval budget)
 
     def __post_init__(self) -> None:
         if not self.families or not self.lrs:
@@ -115,7 +117,8 @@ class MQARSweepConfig:
         bad = [p for p in self.protocols if p not in MQAR_PROTOCOLS]
         if bad:
             raise ValueError(f"unknown MQAR protocols {bad}; choose from {', '.join(MQAR_PROTOCOLS)}")
-        parse(self.oryx_schedule)  # fail before any work
+        if isinstance(parse(self.oryx_schedule), Adaptive):  # parse fails before any work on a bad spec
+            raise ValueError(f"oryx_schedule must be a fixed training schedule, not the adaptive {self.oryx_schedule}")
         longest = max(c.seq_len for c in (*self.train_mix, *self.test_grid))
         if self.vocab <= longest:
             raise ValueError(f"MQAR needs vocab > sequence length; got vocab {self.vocab} for length {longest}")
@@ -154,20 +157,26 @@ def protocol_modes_for(batch: MQARBatch, protocol: str) -> torch.Tensor:
     return mqar_modes(len(batch.input_ids), batch.seq_len, batch.num_kv, protocol)
 
 
-def _scaled(configs: Sequence[MQARConfig], scale: float, minimum: int) -> tuple[MQARConfig, ...]:
+def scaled_settings(configs: Sequence[MQARConfig], scale: float, minimum: int) -> tuple[MQARConfig, ...]:
+    """The settings with their rows multiplied by `scale` (at least `minimum` each)."""
     return tuple(c._replace(n=max(minimum, round(c.n * scale))) for c in configs)
 
 
-def _query_loss_and_hits(
-    model: OryxForCausalLM, ids: torch.Tensor, labels: torch.Tensor, modes: torch.Tensor | None
-) -> tuple[torch.Tensor, int, int]:
-    """Cross-entropy at the supervised positions of aligned ``labels`` [B, L] (and correct, supervised counts)."""
-    hidden = model.model(ids, modes=modes).last_hidden_state
+def query_loss_and_hits(
+    model: OryxForCausalLM,
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    modes: torch.Tensor | None = None,
+    schedule: Schedule | None = None,
+) -> tuple[torch.Tensor, int, int, torch.Tensor]:
+    """Cross-entropy at the supervised positions of aligned ``labels`` [B, L], the correct and supervised counts, and
+    the modes used [B, L] (``modes``, or those an adaptive ``schedule`` decided)."""
+    out = model.hidden_states(ids, modes=modes, schedule=schedule)
     supervised = labels != IGNORE_INDEX
-    logits = model.lm_head(hidden[supervised]).float()
+    logits = model.lm_head(out.last_hidden_state[supervised]).float()
     targets = labels[supervised]
     loss = F.cross_entropy(logits, targets)
-    return loss, int((logits.argmax(-1) == targets).sum()), int(supervised.sum())
+    return loss, int((logits.argmax(-1) == targets).sum()), int(supervised.sum()), out.modes
 
 
 def _sync(device: torch.device) -> None:
@@ -197,7 +206,7 @@ def _probe_seconds(
             _sync(device)
             start = time.perf_counter()
             with autocast(device, config.precision):
-                loss, _, _ = _query_loss_and_hits(
+                loss, _, _, _ = query_loss_and_hits(
                     model, batch.input_ids[rows].to(device), batch.labels[rows].to(device), draw_modes(len(rows), batch)
                 )
             loss.backward()
@@ -230,7 +239,7 @@ def evaluate_mqar(
             for start in range(0, len(batch.input_ids), batch_size):
                 part = slice(start, start + batch_size)
                 with autocast(device, precision):
-                    _, c, t = _query_loss_and_hits(
+                    _, c, t, _ = query_loss_and_hits(
                         model, batch.input_ids[part].to(device), batch.labels[part].to(device), modes[part].to(device)
                     )
                 correct, total = correct + c, total + t
@@ -248,8 +257,16 @@ def evaluate_mqar(
     return out
 
 
-def train_mqar(family: str, lr: float, config: MQARSweepConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train one ``family`` model at learning rate ``lr`` on the (scaled) MQAR mix and test it on the grid.
+def train_mqar(
+    family: str,
+    lr: float,
+    config: MQARSweepConfig,
+    log: Callable[[str], None] = print,
+    save_to: str | Path | None = None,
+) -> dict[str, Any]:
+    """Train one ``family`` model at learning rate ``lr`` on the (scaled) MQAR mix and test it on the grid; with
+    ``save_to``, save the model there with the sweep's settings (``mqar.json``), for ``oryx train-router`` and
+    ``oryx eval budget``.
 
     Returns a JSON-able dict: the run's settings, its training summary and ``results`` from ``evaluate_mqar``.
     """
@@ -258,11 +275,11 @@ def train_mqar(family: str, lr: float, config: MQARSweepConfig, log: Callable[[s
     model = build_model(family, config).to(device)
     train = [
         make_mqar(c.n, c.seq_len, c.num_kv, vocab=config.vocab, seed=[MQAR_TRAIN_SEED, c.seq_len, c.num_kv])
-        for c in _scaled(config.train_mix, config.scale, config.batch_size)
+        for c in scaled_settings(config.train_mix, config.scale, config.batch_size)
     ]
     test = [
         make_mqar(c.n, c.seq_len, c.num_kv, vocab=config.vocab, seed=[MQAR_TEST_SEED, c.seq_len, c.num_kv])
-        for c in _scaled(config.test_grid, config.test_scale, 1)
+        for c in scaled_settings(config.test_grid, config.test_scale, 1)
     ]
     schedule = parse(config.oryx_schedule) if model.config.is_oryx else None
     generator = torch.Generator().manual_seed(config.seed)
@@ -302,7 +319,7 @@ def train_mqar(family: str, lr: float, config: MQARSweepConfig, log: Callable[[s
             for group in optimizer.param_groups:
                 group["lr"] = lr * lr_factor(step, total, config.warmup_ratio, 0.0)
             with autocast(device, config.precision):
-                loss, c, t = _query_loss_and_hits(
+                loss, c, t, _ = query_loss_and_hits(
                     model,
                     train[s].input_ids[rows].to(device),
                     train[s].labels[rows].to(device),
@@ -331,6 +348,8 @@ def train_mqar(family: str, lr: float, config: MQARSweepConfig, log: Callable[[s
         for p in dict.fromkeys(r["protocol"] for r in results)
     )
     log(f"{family} lr {lr:g}: mean test accuracy {summary} (eval {time.perf_counter() - started:.0f} s)")
+    if save_to is not None:
+        save_mqar_model(model, config, save_to)
     return {
         "family": family,
         "lr": lr,
@@ -348,6 +367,55 @@ def train_mqar(family: str, lr: float, config: MQARSweepConfig, log: Callable[[s
     }
 
 
+MQAR_SETTINGS = "mqar.json"  # the sweep's settings, in a saved model's folder
+
+
+def router_batches(config: MQARSweepConfig, rows: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids, aligned labels) batches for training a router on MQAR: ``rows`` rows of every setting of the
+    sweep (its training mix and its test grid) drawn from the training seed, never the test rows. The gain of
+    attention is measured at the query positions; elsewhere nothing is predicted."""
+    settings = dict.fromkeys((c.seq_len, c.num_kv) for c in (*config.train_mix, *config.test_grid))
+    data = [make_mqar(rows, L, K, vocab=config.vocab, seed=[MQAR_TRAIN_SEED, L, K]) for L, K in settings]
+    return [
+        (batch.input_ids[start : start + batch_size], batch.labels[start : start + batch_size])
+        for batch in data
+        for start in range(0, rows, batch_size)
+    ]
+
+
+def save_mqar_model(model: OryxForCausalLM, config: MQARSweepConfig, folder: str | Path) -> Path:
+    """Save a trained MQAR model with the sweep's settings into ``folder`` (checksummed)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MQAR_SETTINGS).write_text(json.dumps(config.to_json(), indent=1))  # first: save_pretrained lists it
+    model.cpu().save_pretrained(folder)
+    return folder
+
+
+def load_mqar_model(folder: str | Path, verify: bool = True) -> tuple[OryxForCausalLM, MQARSweepConfig]:
+    """A model saved by ``save_mqar_model`` (with its router, when it has one) and its sweep's settings.
+
+    Raises:
+        CheckpointError: the folder is missing, damaged or not verifiable, or not an MQAR model's.
+    """
+    from oryx.checkpoint import CheckpointError
+    from oryx.manifest import verified_view
+
+    folder = Path(folder)
+    if not (folder / MQAR_SETTINGS).is_file():
+        raise CheckpointError(f"{folder} is no MQAR model folder (no {MQAR_SETTINGS}); save one with --save-models")
+    with contextlib.ExitStack() as stack:
+        source = stack.enter_context(verified_view(folder, required=(MQAR_SETTINGS,))) if verify else folder
+        model = OryxForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+        settings = json.loads((source / MQAR_SETTINGS).read_text())
+    settings["train_mix"] = tuple(MQARConfig(*c) for c in settings["train_mix"])
+    settings["test_grid"] = tuple(MQARConfig(*c) for c in settings["test_grid"])
+    for key in ("families", "lrs", "protocols"):
+        settings[key] = tuple(settings[key])
+    model.config._name_or_path = str(folder)
+    return model, MQARSweepConfig(**settings)
+
+
 def _run_name(family: str, lr: float) -> str:
     return f"{family}-lr{lr:g}"
 
@@ -357,7 +425,8 @@ def _job(family: str, lr: float, config: MQARSweepConfig, out_dir: str, threads:
     if config.device == "cpu":
         torch.set_num_threads(threads)
     path = Path(out_dir) / "runs" / f"{_run_name(family, lr)}.json"
-    result = train_mqar(family, lr, config, log=lambda line: print(line, flush=True))
+    models = Path(out_dir) / "models" / _run_name(family, lr) if config.save_models else None
+    result = train_mqar(family, lr, config, log=lambda line: print(line, flush=True), save_to=models)
     path.write_text(json.dumps({"config": config.to_json(), **result}, indent=1))
     return str(path)
 

@@ -22,10 +22,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from oryx.schedule import parse
+from oryx.losses import token_losses
+from oryx.schedule import Adaptive, attention_scores, parse
+from oryx.variants import ATTN
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -40,12 +41,16 @@ def perplexity(nll: float) -> float:
 
 @dataclass
 class PerplexityResult:
-    """Mean negative log-likelihood `nll` (nats per token) over `tokens` targets, and their UTF-8 `bytes`."""
+    """Mean negative log-likelihood `nll` (nats per token) over `tokens` targets, and their UTF-8 `bytes`;
+    `attention_fraction`: the realised fraction of the inputs read in attention; `attention_scores`: the query-key
+    pairs attention scored for them (per head and layer: Σ over attention rows of the keys up to the row)."""
 
     schedule: str
     tokens: int
     nll: float
     bytes: int | None = None
+    attention_fraction: float | None = None
+    attention_scores: int | None = None
 
     @property
     def perplexity(self) -> float:
@@ -84,6 +89,14 @@ def window(tokens, index: int, seq_len: int) -> np.ndarray:
     return np.asarray(tokens[index * seq_len : index * seq_len + seq_len + 1], dtype=np.int64)
 
 
+def window_batches(tokens, seq_len: int, windows: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`windows` windows of `seq_len` tokens spread evenly over a token stream (`window_indices`), as (input_ids,
+    aligned labels) batches of `batch_size`: `labels[:, t]` is the target of the prediction made at position t."""
+    indices = window_indices(len(tokens), seq_len, windows * seq_len)
+    rows = torch.from_numpy(np.stack([window(tokens, int(i), seq_len) for i in indices]))
+    return [(part[:, :-1], part[:, 1:]) for part in rows.split(batch_size)]
+
+
 def evaluated_targets(tokens, seq_len: int, indices: np.ndarray) -> np.ndarray:
     """The target tokens of the windows `indices`, concatenated [len(indices) · seq_len]."""
     return np.concatenate([window(tokens, int(i), seq_len)[1:] for i in indices])
@@ -101,8 +114,7 @@ def token_nll(
     model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, modes: torch.Tensor, **kwargs
 ) -> torch.Tensor:
     """Per-token negative log-likelihood [B, T] (float32) of `targets` [B, T] given `inputs` [B, T] and `modes`."""
-    logits = model(inputs, modes=modes, **kwargs).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)
+    return token_losses(model(inputs, modes=modes, **kwargs).logits, targets)
 
 
 @torch.no_grad()
@@ -128,7 +140,8 @@ def evaluate(
         tokens: a 1-D token stream (numpy array or memmap, `oryx.data.load_tokens`).
         seq_len: T, tokens of context per window.
         schedule: mode schedule spec; `chunks` draws are seeded by `seed`, `tail:attn=N` treats each window as the
-            prompt (its last N tokens in attention).
+            prompt (its last N tokens in attention); an adaptive one (`router:`, ...) lets the model decide each
+            window's modes, each window a fresh sequence.
         batch_size: windows per forward.
         tokenizer: if given, bytes (and so bits per byte) are counted from its decoding of the targets.
         precision: "fp32", "bf16" or "auto" (bf16 on GPU).
@@ -146,15 +159,22 @@ def evaluate(
         raise ValueError(f"{len(tokens)} tokens are too few for one window of {seq_len + 1} per rank")
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    all_modes = spec.modes(n, seq_len, generator=generator, prompt_length=seq_len)  # [N, T], same on every rank
+    adaptive = isinstance(spec, Adaptive)  # the model decides each window's modes as it reads it
+    all_modes = None if adaptive else spec.modes(n, seq_len, generator=generator, prompt_length=seq_len)  # [N, T]
     share = n // world_size
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # [nll sum, target count]
+    total = torch.zeros(4, dtype=torch.float64, device=device)  # [nll sum, targets, attention rows, their scores]
     for start in range(rank * share, (rank + 1) * share, batch_size):
         rows = range(start, min(start + batch_size, (rank + 1) * share))
         batch = torch.from_numpy(np.stack([window(tokens, int(indices[r]), seq_len) for r in rows])).to(device)
         with autocast(device, precision):
-            nll = token_nll(model, batch[:, :-1], batch[:, 1:], all_modes[rows.start : rows.stop].to(device))
-        total += torch.stack([nll.double().sum(), torch.tensor(nll.numel(), dtype=torch.float64, device=device)])
+            if adaptive:
+                out = model(batch[:, :-1], schedule=spec)
+                nll, modes = token_losses(out.logits, batch[:, 1:]), out.modes
+            else:
+                modes = all_modes[rows.start : rows.stop].to(device)
+                nll = token_nll(model, batch[:, :-1], batch[:, 1:], modes)
+        used = [nll.numel(), int((modes == ATTN).sum()), attention_scores(modes)]
+        total += torch.cat([nll.double().sum()[None], torch.tensor(used, dtype=torch.float64, device=device)])
     if reduce is not None:
         total = reduce(total)
     count = int(total[1].item())
@@ -167,7 +187,14 @@ def evaluate(
         else:
             texts = (tokenizer.decode(t.tolist(), skip_special_tokens=True) for t in targets)
             num_bytes = sum(len(text.encode("utf-8")) for text in texts)
-    return PerplexityResult(schedule=str(spec), tokens=count, nll=float(total[0].item()) / count, bytes=num_bytes)
+    return PerplexityResult(
+        schedule=str(spec),
+        tokens=count,
+        nll=float(total[0].item()) / count,
+        bytes=num_bytes,
+        attention_fraction=float(total[2].item()) / count,
+        attention_scores=int(total[3].item()),
+    )
 
 
 def token_bytes(tokenizer) -> np.ndarray | None:

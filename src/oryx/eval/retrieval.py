@@ -35,7 +35,7 @@ def family_of(model: torch.nn.Module) -> str:
     return variant(model.config.variant).family
 
 
-def _samples(task: str, length: int, n: int, tokenizer, seed: int) -> tuple[list[list[int]], list[int], list[str]]:
+def task_samples(task: str, length: int, n: int, tokenizer, seed: int) -> tuple[list[list[int]], list[int], list[str]]:
     """(prompts, context lengths, gold answers) of one task setting."""
     if task in NIAH_TASKS:
         samples = make_niah(task, n, length, tokenizer, seed=seed)
@@ -87,7 +87,7 @@ def run_retrieval(
     rows = []
     for task in tasks:
         for length in lengths if task in NIAH_TASKS else [None]:
-            prompts, context_lens, golds = _samples(task, length or 0, n, tokenizer, seed)
+            prompts, context_lens, golds = task_samples(task, length or 0, n, tokenizer, seed)
             for rule in runnable:
                 generations = greedy_generate(
                     model,

@@ -20,6 +20,7 @@ projection and conv, in the head layout of fla's GatedDeltaNet layer or mamba_ss
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -35,6 +36,28 @@ from oryx.layers.recurrences import Recurrence
 from oryx.ops import causal_attention, causal_conv1d
 from oryx.variants import ATTN, LINEAR, variant
 
+# A routing decision (oryx.routing): called by layer 0's mixer with its input x [B, T, D] and its linear branch's
+# output [B, T, H, d], it sets the modes of the forward (MixContext.set_modes) for that layer and every later one.
+Route = Callable[[torch.Tensor, torch.Tensor, "MixContext"], None]
+
+
+def mode_flags(
+    modes: torch.Tensor, pad_mask: torch.Tensor | None, active_modes: tuple[bool, bool] | None, tracing: bool
+) -> tuple[torch.Tensor | None, bool, bool]:
+    """(attn_rows, has_attn, has_linear) of `modes` [B, T]: the rows whose output comes from attention ([B, T] bool,
+    padding excluded; None when every row does, so attention can take its fused causal path) and whether any row
+    needs each mixer. `active_modes` gives the flags when the caller knows them on the host; while tracing without
+    them both mixers run (exact: each token still selects its mode's output)."""
+    attn_rows = modes == ATTN if pad_mask is None else (modes == ATTN) & pad_mask
+    if active_modes is not None:
+        has_attn, has_linear = active_modes
+    elif tracing:
+        has_attn = has_linear = True
+    else:
+        has_attn, has_linear = bool(attn_rows.any()), bool((modes == LINEAR).any())
+    has_linear = has_linear or not has_attn
+    return (None if not has_linear else attn_rows), has_attn, has_linear
+
 
 @dataclass
 class MixContext:
@@ -43,7 +66,9 @@ class MixContext:
     modes [B, T] long; positions [B, T] long (rotary positions, from the padding mask); pad_mask [B, T] bool or None
     (True = real token); key_mask [B, Tc+T] bool or None (valid keys, cached ones included); attn_rows [B, T] bool
     (rows whose output comes from attention) or None when every row does; has_attn / has_linear: whether any row
-    needs that mixer's output.
+    needs that mixer's output. route: a pending routing decision, which layer 0 makes (and clears) after its linear
+    branch; soft_select [B, T] float or None: training a router through the select, every layer outputs
+    m·o_attn + (1 − m)·o_linear with this m instead of picking one output (both branches run on every row).
     """
 
     modes: torch.Tensor
@@ -53,6 +78,8 @@ class MixContext:
     attn_rows: torch.Tensor | None
     has_attn: bool
     has_linear: bool
+    route: Route | None = None
+    soft_select: torch.Tensor | None = None
     _rotary: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def rotary(self, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +87,16 @@ class MixContext:
         if (head_dim, theta) not in self._rotary:
             self._rotary[head_dim, theta] = rotary_tables(self.positions, head_dim, theta)
         return self._rotary[head_dim, theta]
+
+    def set_modes(self, modes: torch.Tensor, soft_select: torch.Tensor | None = None) -> None:
+        """Decide the forward's modes [B, T] (a routing decision, made in layer 0); with `soft_select` [B, T] (the
+        straight-through select of router training) every row runs both branches and mixes them by it."""
+        self.modes = modes
+        if soft_select is None:
+            self.attn_rows, self.has_attn, self.has_linear = mode_flags(modes, self.pad_mask, None, False)
+        else:
+            self.attn_rows, self.has_attn, self.has_linear = None, True, True
+        self.soft_select = soft_select
 
 
 # --- components -----------------------------------------------------------------------------------------------------
@@ -161,14 +198,23 @@ class OryxMixer(nn.Module):
         if self.recurrence.feature_silu:
             kv = F.silu(kv)
         k, v = kv.view(B, T, 2, H, d).unbind(2)
-        # 2. Each mode's output. The recurrence is skipped only when nothing needs it (no cache, no linear row).
-        need_linear = ctx.has_linear or state is not None
+        # 2. Each mode's output. The recurrence is skipped only when nothing needs it (no cache, no linear row, no
+        # pending routing decision). A routing decision reads the linear branch of layer 0, which no token's mode
+        # can change (both states advance on every token), then holds for this layer's attention and every later
+        # layer.
+        need_linear = ctx.has_linear or state is not None or ctx.route is not None
         out_linear = self._linear(x, k, v, ctx, state) if need_linear else None
+        if ctx.route is not None:
+            route, ctx.route = ctx.route, None
+            route(x, out_linear, ctx)
         out_attn = self._attention(x, k, v, ctx, state)
         if out_linear is None:
             o = out_attn
         elif out_attn is None:
             o = out_linear
+        elif ctx.soft_select is not None:
+            select = ctx.soft_select[..., None, None].to(out_attn.dtype)
+            o = select * out_attn + (1 - select) * out_linear
         else:
             o = out_attn if ctx.attn_rows is None else torch.where(ctx.attn_rows[..., None, None], out_attn, out_linear)
         # 3. Shared gated norm and output projection.

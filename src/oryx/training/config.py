@@ -28,7 +28,7 @@ import yaml
 from oryx.cli_common import SEED_LIMIT, UsageError, resolve_device
 from oryx.configuration import OryxConfig, preset_names
 from oryx.data.corpus import CORPORA, SPLITS
-from oryx.schedule import Fixed, parse
+from oryx.schedule import Adaptive, Fixed, parse
 from oryx.variants import FAMILIES, MODE_NAMES, Variant
 
 TRAINING_MIX = "chunks:size=128,p_attn=0.25"
@@ -260,6 +260,11 @@ class TrainConfig:
             schedule = parse(self.schedule_spec)
         except ValueError as err:
             raise ConfigError(f"schedule: {err}") from None
+        if isinstance(schedule, Adaptive):
+            raise ConfigError(
+                f"schedule: '{schedule}' is adaptive (a trained model decides its modes); train with a fixed schedule "
+                f"such as the default {TRAINING_MIX!r}, then train a router with oryx train-router"
+            )
         if not self.is_oryx and not (isinstance(schedule, Fixed) and self.schedule_spec in self.eval_modes):
             raise ConfigError(
                 f"schedule: {self.preset} is a single-mixer baseline; it trains only in mode "
