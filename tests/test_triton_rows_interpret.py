@@ -118,6 +118,37 @@ def test_values_gradients_and_exact_zero_rows(dtype, Tq, Tk, kind, padded, Dv):
         assert torch.equal(fast[2].grad[~km], torch.zeros_like(fast[2].grad[~km]))
 
 
+@pytest.mark.parametrize("choice", [0, 1, 2])
+def test_every_block_shape_of_the_autotuner(choice, monkeypatch):
+    """The interpreter runs one config per kernel; here each kernel runs each of its autotune block shapes in turn
+    (``choice`` picks the shape, modulo the kernel's count), on a continuation with key padding and token rows."""
+    import triton
+
+    from oryx.ops.backends import triton_rows_kernels as kernels
+
+    for kernel, blocks in (
+        (kernels.fwd_kernel, kernels.FWD_BLOCKS),
+        (kernels.dkdv_kernel, kernels.DKDV_BLOCKS),
+        (kernels.dq_kernel, kernels.DQ_BLOCKS),
+    ):
+        m, n = blocks[choice % len(blocks)]
+        monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4)])
+    gen = torch.Generator().manual_seed(choice)
+    B, Tq, Tk, H, D = 2, 300, 430, 2, 64
+    q = torch.randn(B, Tq, H, D, generator=gen, requires_grad=True)
+    k, v = (torch.randn(B, Tk, H, D, generator=gen, requires_grad=True) for _ in range(2))
+    qm, km = query_mask("tokens", B, Tq, gen), padding(B, Tk)
+    o = rows(q, k, v, qm, km)
+    ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    o_ref = ops.causal_attention(*ref, query_mask=qm, key_mask=km, backend="torch")
+    do = torch.randn(o.shape, generator=gen)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    refs = torch.autograd.grad(o_ref, ref, do.double())
+    assert rel_err(o, o_ref) <= TOL[torch.float32]
+    for name, a, b in zip(["dq", "dk", "dv"], grads, refs, strict=True):
+        assert rel_err(a, b) <= TOL[torch.float32], name
+
+
 def test_lse_gradient_matches_float64():
     """The log-sum-exp output's own gradient (delta − dlse in the backward) against autograd through logsumexp."""
     from oryx.ops.backends import triton_rows

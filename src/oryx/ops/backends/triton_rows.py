@@ -15,7 +15,7 @@ Tk − Tq + i:
    without a causal mask, then the diagonal tiles with one (key padding masked in both); o = acc / l and
    lse = m + log l. Unselected rows and rows without a valid key are written as exact zeros with lse = +inf.
 3. Backward: delta = rowsum(dO·o) − dlse per row of the active blocks; a dK/dV program per key tile loops over the
-   query steps at or after it, skipping those of inactive blocks (p = exp(s − lse), dv += pᵀdO,
+   query steps of the active blocks at or after it (a device-built list of them: p = exp(s − lse), dv += pᵀdO,
    ds = p·(dO vᵀ − delta), dk += dsᵀq); a dQ program per query step of an active block loops over its causal prefix
    (dq += ds k). Rows with lse = +inf have p = 0, so their gradients are exact zeros.
 
@@ -133,10 +133,14 @@ def rows_attention_backward(
     dk = torch.empty(B, Tk, H, D, dtype=q.dtype, device=q.device)
     dv = torch.empty(B, Tk, H, Dv, dtype=q.dtype, device=q.device)
     km = _mask_arg(key_mask, active)
+    # The dK/dV loop walks a list of the active blocks (no per-step branch): each sequence's active blocks first, in
+    # order, and how many come before each block.
+    order = torch.argsort((active == 0).to(torch.int8), dim=1, stable=True).to(torch.int32)
+    prefix = F.pad(active.cumsum(1, dtype=torch.int32), (1, 0))
     sizes = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_o), H, Tq, Tk, NQ, scale, scale * LOG2E)
     flags = {"D": D, "DV": Dv, "HAS_KMASK": key_mask is not None, "DOT_PREC": _precision(q.dtype), "ROWS_": ROWS}
     kernels.dkdv_kernel[lambda meta: (-(-Tk // meta["BLOCK_N"]), B * H)](
-        q, k, v, grad_o, lse, delta, active, km, dk, dv, *sizes, **flags
+        q, k, v, grad_o, lse, delta, order, prefix, km, dk, dv, *sizes, **flags
     )
     kernels.dq_kernel[lambda meta: (-(-Tq // meta["BLOCK_M"]), B * H)](
         q, k, v, grad_o, lse, delta, active, km, dq, *sizes, **flags

@@ -35,11 +35,12 @@ def _configs(blocks: list[tuple[int, int]], warps: list[int], stages: list[int])
 
 
 # BLOCK_M of the forward is ROWS_ (one program per flag); BLOCK_N is its key tile.
-FWD_CONFIGS = _configs([(128, 64), (128, 128)], [4, 8], [2, 3])
+FWD_BLOCKS = [(128, 64), (128, 128)]
 # dK/dV: BLOCK_N keys per program, BLOCK_M query rows per step (divides ROWS_: a step never straddles two flags).
-DKDV_CONFIGS = _configs([(32, 128), (64, 128), (64, 64)], [4, 8], [2, 3])
+DKDV_BLOCKS = [(32, 128), (64, 128), (64, 64)]
 # dQ: BLOCK_M query rows per program (divides ROWS_), BLOCK_N keys per step.
-DQ_CONFIGS = _configs([(128, 32), (64, 64), (128, 64)], [4, 8], [2, 3])
+DQ_BLOCKS = [(128, 32), (64, 64), (128, 64)]
+FWD_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS = (_configs(b, [4, 8], [2, 3]) for b in (FWD_BLOCKS, DKDV_BLOCKS, DQ_BLOCKS))
 
 
 # --- forward ----------------------------------------------------------------------------------------------------------
@@ -164,40 +165,43 @@ def delta_kernel(
 
 @triton.jit
 def _dkdv_steps(
-    dk, dv, k, v, Q, DO, LSE, DELTA, ACTIVE, stride_qt, stride_dt, offs_d, offs_dv, offs_n, start, end, offset, Tq,
+    dk, dv, k, v, Q, DO, LSE, DELTA, ORDER, stride_qt, stride_dt, offs_d, offs_dv, offs_n, start, end, offset, Tq,
     qk_scale, BLOCK_M: tl.constexpr, ROWS_: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
-    """Accumulate dK, dV [BLOCK_N, ·] over the query steps [start, end) of active blocks (transposed scores)."""
-    for start_m in range(start, end, BLOCK_M):
-        if tl.load(ACTIVE + start_m // ROWS_) != 0:
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            in_q = offs_m < Tq
-            q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=in_q[:, None], other=0.0)
-            do = tl.load(DO + offs_m[:, None] * stride_dt + offs_dv[None, :], mask=in_q[:, None], other=0.0)
-            # Rows past Tq read lse = +inf: probability 0.
-            lse = tl.load(LSE + offs_m, mask=in_q, other=float("inf")) * 1.4426950408889634
-            delta = tl.load(DELTA + offs_m, mask=in_q, other=0.0)
-            st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
-            pt = tl.exp2(st - lse[None, :])
-            if CAUSAL:
-                pt = tl.where(offs_n[:, None] <= offset + offs_m[None, :], pt, 0.0)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
-            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
+    """Accumulate dK, dV [BLOCK_N, ·] over the query steps [start, end) of the active blocks listed in ORDER (step j
+    is part j % steps of block ORDER[j // steps], steps = ROWS_ / BLOCK_M); scores transposed: [BLOCK_N, BLOCK_M]."""
+    steps = ROWS_ // BLOCK_M
+    for j in range(start, end):
+        offs_m = tl.load(ORDER + j // steps) * ROWS_ + (j % steps) * BLOCK_M + tl.arange(0, BLOCK_M)
+        in_q = offs_m < Tq
+        q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=in_q[:, None], other=0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_dt + offs_dv[None, :], mask=in_q[:, None], other=0.0)
+        # Rows past Tq read lse = +inf: probability 0.
+        lse = tl.load(LSE + offs_m, mask=in_q, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(DELTA + offs_m, mask=in_q, other=0.0)
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+        pt = tl.exp2(st - lse[None, :])
+        if CAUSAL:
+            pt = tl.where(offs_n[:, None] <= offset + offs_m[None, :], pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
     return dk, dv
 
 
 @triton.autotune(configs=DKDV_CONFIGS, key=["D", "DV", "HAS_KMASK"])
 @triton.jit
 def dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, ACTIVE, KM, DK, DVALUE,
+    Q, K, V, DO, LSE, DELTA, ORDER, PREFIX, KM, DK, DVALUE,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_db, stride_dt, stride_dh,
     H, Tq, Tk, NQ, scale, qk_scale,
     D: tl.constexpr, DV: tl.constexpr, HAS_KMASK: tl.constexpr, DOT_PREC: tl.constexpr, ROWS_: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
+    """One key tile over the active query blocks at or after it: ORDER [B, NQ] lists each sequence's active blocks
+    first, ascending; PREFIX [B, NQ + 1] counts the active blocks before each block."""
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     offset = Tk - Tq
@@ -217,18 +221,21 @@ def dkdv_kernel(
     DO += b * stride_db + h * stride_dh
     LSE += pid_bh * Tq
     DELTA += pid_bh * Tq
-    ACTIVE += b * NQ
-    # Query rows that see the tile's first key start at row (first key − offset); steps whose first row is before the
-    # tile's last key need the causal mask, later ones see the whole tile.
+    ORDER += b * NQ
+    PREFIX += b * (NQ + 1)
+    # Blocks from `first` on hold a row that sees the tile's first key; from `whole` on, every row sees the whole tile
+    # (no causal mask). In list positions: [j0, j1) masked, [j1, j2) not, in steps of BLOCK_M rows.
     first_key = pid_n * BLOCK_N
-    start = tl.maximum(first_key - offset, 0) // BLOCK_M * BLOCK_M
-    full = tl.maximum((tl.maximum(first_key + BLOCK_N - 1 - offset, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M, start)
+    first = tl.maximum(first_key - offset, 0) // ROWS_
+    whole = tl.minimum((tl.maximum(first_key + BLOCK_N - 1 - offset, 0) + ROWS_ - 1) // ROWS_, NQ)
+    steps = ROWS_ // BLOCK_M
+    j0, j1, j2 = tl.load(PREFIX + first) * steps, tl.load(PREFIX + whole) * steps, tl.load(PREFIX + NQ) * steps
     dk, dv = _dkdv_steps(
-        dk, dv, k, v, Q, DO, LSE, DELTA, ACTIVE, stride_qt, stride_dt, offs_d, offs_dv, offs_n, start,
-        tl.minimum(full, Tq), offset, Tq, qk_scale, BLOCK_M, ROWS_, True, DOT_PREC,
+        dk, dv, k, v, Q, DO, LSE, DELTA, ORDER, stride_qt, stride_dt, offs_d, offs_dv, offs_n, j0, j1, offset, Tq,
+        qk_scale, BLOCK_M, ROWS_, True, DOT_PREC,
     )  # fmt: skip
     dk, dv = _dkdv_steps(
-        dk, dv, k, v, Q, DO, LSE, DELTA, ACTIVE, stride_qt, stride_dt, offs_d, offs_dv, offs_n, full, Tq, offset, Tq,
+        dk, dv, k, v, Q, DO, LSE, DELTA, ORDER, stride_qt, stride_dt, offs_d, offs_dv, offs_n, j1, j2, offset, Tq,
         qk_scale, BLOCK_M, ROWS_, False, DOT_PREC,
     )  # fmt: skip
     if HAS_KMASK:  # a padding key's column of probabilities is 0 in the forward: no gradient
