@@ -126,12 +126,13 @@ def test_every_block_shape_of_the_autotuner(choice, monkeypatch):
 
     from oryx.ops.backends import triton_rows_kernels as kernels
 
-    for kernel, blocks in (
-        (kernels.fwd_kernel, kernels.FWD_BLOCKS),
-        (kernels.dkdv_kernel, kernels.DKDV_BLOCKS),
-        (kernels.dq_kernel, kernels.DQ_BLOCKS),
+    for kernel, tiles in (
+        (kernels.fwd_kernel, kernels.FWD_TILES),
+        (kernels.dkdv_kernel, kernels.DKDV_TILES),
+        (kernels.dq_kernel, kernels.DQ_TILES),
     ):
-        m, n = blocks[choice % len(blocks)]
+        shapes = sorted({(m, n) for m, n, _, _ in tiles})
+        m, n = shapes[choice % len(shapes)]
         monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4)])
     gen = torch.Generator().manual_seed(choice)
     B, Tq, Tk, H, D = 2, 300, 430, 2, 64

@@ -127,7 +127,7 @@ def rows_attention_backward(
     delta = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
     kernels.delta_kernel[(NQ, B * H)](
         o, grad_o, lse if grad_lse is None else grad_lse.contiguous(), delta, active, *_strides(o), *_strides(grad_o),
-        H, Tq, NQ, DV=Dv, HAS_DLSE=grad_lse is not None, BLOCK_M=ROWS,
+        H, Tq, NQ, DV=Dv, HAS_DLSE=grad_lse is not None, BLOCK_M=ROWS, num_warps=8,  # 4 warps spill at Dv = 128
     )  # fmt: skip
     dq = torch.zeros_like(q, memory_format=torch.contiguous_format)  # inactive blocks are never written
     dk = torch.empty(B, Tk, H, D, dtype=q.dtype, device=q.device)

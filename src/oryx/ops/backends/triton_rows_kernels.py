@@ -18,29 +18,28 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# ORYX_ROWS_AUTOTUNE=0 runs each kernel's first config only (no autotuning: a quick first call, e.g. for tests).
+AUTOTUNE = not INTERPRET and os.environ.get("ORYX_ROWS_AUTOTUNE", "1") != "0"
+
+# Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages), the first the default. A few only: each costs a compile
+# on a fresh card. Chosen from ptxas's resource use for sm_90 at D = 128 (bf16): BLOCK_M·D fp32 accumulators need 8
+# warps at 128 rows, or spill.
+# Forward: BLOCK_M is ROWS_ (one program per flag); BLOCK_N its key tile.
+FWD_TILES = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 3)]
+# dK/dV: BLOCK_N keys per program, BLOCK_M query rows per step (divides ROWS_: a step never straddles two flags).
+DKDV_TILES = [(64, 64, 8, 3), (64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 2)]
+# dQ: BLOCK_M query rows per program (divides ROWS_), BLOCK_N keys per step.
+DQ_TILES = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 32, 8, 2), (128, 64, 8, 2)]
 
 
-def _configs(blocks: list[tuple[int, int]], warps: list[int], stages: list[int]) -> list[triton.Config]:
-    """Autotune candidates: (BLOCK_M, BLOCK_N) × warps × stages; one small config under the interpreter (CPU), where
-    timing candidates would only cost time."""
-    if INTERPRET:
-        m, n = blocks[0]
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=1)]
+def _configs(tiles: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m, n in blocks
-        for w in warps
-        for s in stages
+        for m, n, w, s in (tiles if AUTOTUNE else tiles[:1])
     ]
 
 
-# BLOCK_M of the forward is ROWS_ (one program per flag); BLOCK_N is its key tile.
-FWD_BLOCKS = [(128, 64), (128, 128)]
-# dK/dV: BLOCK_N keys per program, BLOCK_M query rows per step (divides ROWS_: a step never straddles two flags).
-DKDV_BLOCKS = [(32, 128), (64, 128), (64, 64)]
-# dQ: BLOCK_M query rows per program (divides ROWS_), BLOCK_N keys per step.
-DQ_BLOCKS = [(128, 32), (64, 64), (128, 64)]
-FWD_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS = (_configs(b, [4, 8], [2, 3]) for b in (FWD_BLOCKS, DKDV_BLOCKS, DQ_BLOCKS))
+FWD_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS = (_configs(t) for t in (FWD_TILES, DKDV_TILES, DQ_TILES))
 
 
 # --- forward ----------------------------------------------------------------------------------------------------------
