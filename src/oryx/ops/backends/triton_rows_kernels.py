@@ -21,25 +21,41 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # ORYX_ROWS_AUTOTUNE=0 runs each kernel's first config only (no autotuning: a quick first call, e.g. for tests).
 AUTOTUNE = not INTERPRET and os.environ.get("ORYX_ROWS_AUTOTUNE", "1") != "0"
 
-# Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages), the first the default. A few only: each costs a compile
-# on a fresh card. Chosen from ptxas's resource use for sm_90 at D = 128 (bf16): BLOCK_M·D fp32 accumulators need 8
-# warps at 128 rows, or spill.
+# Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) for 16-bit inputs, the first the default. A few only:
+# each costs a compile on a fresh card. Chosen from ptxas's resource use for sm_90 at D = 128 (bf16): BLOCK_M·D fp32
+# accumulators need 8 warps at 128 rows, or spill.
 # Forward: BLOCK_M is ROWS_ (one program per flag); BLOCK_N its key tile.
 FWD_TILES = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 3)]
 # dK/dV: BLOCK_N keys per program, BLOCK_M query rows per step (divides ROWS_: a step never straddles two flags).
 DKDV_TILES = [(64, 64, 8, 3), (64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 2)]
 # dQ: BLOCK_M query rows per program (divides ROWS_), BLOCK_N keys per step.
 DQ_TILES = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 32, 8, 2), (128, 64, 8, 2)]
+# float32 inputs (a test and reference path, not the fast one): tiles whose operands fit in shared memory at D = 128.
+FWD_TILES_FP32 = [(128, 32, 8, 2)]
+DKDV_TILES_FP32 = [(32, 64, 8, 2)]
+DQ_TILES_FP32 = [(64, 32, 8, 2)]
 
 
-def _configs(tiles: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m, n, w, s in (tiles if AUTOTUNE else tiles[:1])
+Tiles = list[tuple[int, int, int, int]]
+
+
+def _autotune(tiles: Tiles, tiles_fp32: Tiles):
+    """``triton.autotune`` over the 16-bit candidates, then the float32 ones, pruned by the inputs' dtype; each list's
+    first only without autotuning, and the 16-bit default alone under the interpreter (which cannot time candidates)."""
+    if INTERPRET:
+        tiles, tiles_fp32 = tiles[:1], []
+    elif not AUTOTUNE:
+        tiles, tiles_fp32 = tiles[:1], tiles_fp32[:1]
+    configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles + tiles_fp32
     ]
 
+    def by_dtype(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        return configs[len(tiles) :] if named_args["Q"].dtype.itemsize == 4 else configs[: len(tiles)]
 
-FWD_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS = (_configs(t) for t in (FWD_TILES, DKDV_TILES, DQ_TILES))
+    return triton.autotune(
+        configs=configs, key=["D", "DV", "HAS_KMASK"], prune_configs_by={"early_config_prune": by_dtype}
+    )
 
 
 # --- forward ----------------------------------------------------------------------------------------------------------
@@ -85,7 +101,7 @@ def _fwd_steps(
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["D", "DV", "HAS_KMASK"])
+@_autotune(FWD_TILES, FWD_TILES_FP32)
 @triton.jit
 def fwd_kernel(
     Q, K, V, Out, LSE, ACTIVE, QM, KM,
@@ -189,7 +205,7 @@ def _dkdv_steps(
     return dk, dv
 
 
-@triton.autotune(configs=DKDV_CONFIGS, key=["D", "DV", "HAS_KMASK"])
+@_autotune(DKDV_TILES, DKDV_TILES_FP32)
 @triton.jit
 def dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, ORDER, PREFIX, KM, DK, DVALUE,
@@ -266,7 +282,7 @@ def _dq_steps(
     return dq
 
 
-@triton.autotune(configs=DQ_CONFIGS, key=["D", "DV", "HAS_KMASK"])
+@_autotune(DQ_TILES, DQ_TILES_FP32)
 @triton.jit
 def dq_kernel(
     Q, K, V, DO, LSE, DELTA, ACTIVE, KM, DQ,
