@@ -19,8 +19,11 @@ Tk − Tq + i:
    ds = p·(dO vᵀ − delta), dk += dsᵀq); a dQ program per query step of an active block loops over its causal prefix
    (dq += ds k). Rows with lse = +inf have p = 0, so their gradients are exact zeros.
 
-Dots take the inputs' dtype (bf16/fp16 on the tensor cores; float32 as IEEE float32) and accumulate in float32.
-Head dims D, Dv ∈ ``HEAD_DIMS``; another Dv goes to the flex backend (``supports`` sees q only).
+Dots take the inputs' dtype (bf16/fp16 on the tensor cores; float32 as three-pass TF32, about float32 accuracy) and
+accumulate in float32. Head dims D, Dv ∈ ``HEAD_DIMS`` (Dv may differ from D); another Dv goes to the flex backend
+(``supports`` sees q only). The kernels autotune a few tile configs per (D, Dv, key padding, dtype) on their first call
+(``ORYX_ROWS_AUTOTUNE=0``: the default config only). Offsets are int32: a q, k or v of 2³¹ elements or more is beyond
+them.
 
 Custom ops, so that torch.compile (fullgraph) sees through the kernels: ``oryx::rows_attention`` (o, lse) with a fake
 implementation and registered autograd calling ``oryx::rows_attention_backward`` (its own fake). Triton is imported on
@@ -130,7 +133,7 @@ def rows_attention_backward(
         o, grad_o, lse if grad_lse is None else grad_lse.contiguous(), delta, active, *_strides(o), *_strides(grad_o),
         H, Tq, NQ, DV=Dv, HAS_DLSE=grad_lse is not None, BLOCK_M=ROWS, num_warps=8,  # 4 warps spill at Dv = 128
     )  # fmt: skip
-    dq = torch.zeros_like(q, memory_format=torch.contiguous_format)  # inactive blocks are never written
+    dq = torch.zeros(B, Tq, H, D, dtype=q.dtype, device=q.device)  # inactive blocks are never written
     dk = torch.empty(B, Tk, H, D, dtype=q.dtype, device=q.device)
     dv = torch.empty(B, Tk, H, Dv, dtype=q.dtype, device=q.device)
     km = _mask_arg(key_mask, active)
@@ -151,7 +154,7 @@ def rows_attention_backward(
 
 @rows_attention_backward.register_fake
 def _(q, k, v, o, lse, active, key_mask, grad_o, grad_lse, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the kernels write them
 
 
 def _setup(ctx, inputs, output) -> None:
