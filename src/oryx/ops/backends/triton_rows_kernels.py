@@ -224,19 +224,6 @@ def dkdv_kernel(
     offs_d, offs_dv = tl.arange(0, D), tl.arange(0, DV)
     in_k = offs_n < Tk
     kv_rows = offs_n[:, None]
-    k = tl.load(
-        K + b * stride_kb + h * stride_kh + kv_rows * stride_kt + offs_d[None, :], mask=in_k[:, None], other=0.0
-    )
-    v = tl.load(
-        V + b * stride_vb + h * stride_vh + kv_rows * stride_vt + offs_dv[None, :], mask=in_k[:, None], other=0.0
-    )
-    dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, DV], dtype=tl.float32)
-    Q += b * stride_qb + h * stride_qh
-    DO += b * stride_db + h * stride_dh
-    LSE += pid_bh * Tq
-    DELTA += pid_bh * Tq
-    ORDER += b * NQ
     PREFIX += b * (NQ + 1)
     # Blocks from `first` on hold a row that sees the tile's first key; from `whole` on, every row sees the whole tile
     # (no causal mask). In list positions: [j0, j1) masked, [j1, j2) not, in steps of BLOCK_M rows.
@@ -245,6 +232,17 @@ def dkdv_kernel(
     whole = tl.minimum((tl.maximum(first_key + BLOCK_N - 1 - offset, 0) + ROWS_ - 1) // ROWS_, NQ)
     steps = ROWS_ // BLOCK_M
     j0, j1, j2 = tl.load(PREFIX + first) * steps, tl.load(PREFIX + whole) * steps, tl.load(PREFIX + NQ) * steps
+    # A tile that no active row sees reads nothing (a load under an all-false mask) and writes zero gradients.
+    live = (in_k & (j0 < j2))[:, None]
+    k = tl.load(K + b * stride_kb + h * stride_kh + kv_rows * stride_kt + offs_d[None, :], mask=live, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + kv_rows * stride_vt + offs_dv[None, :], mask=live, other=0.0)
+    dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, DV], dtype=tl.float32)
+    Q += b * stride_qb + h * stride_qh
+    DO += b * stride_db + h * stride_dh
+    LSE += pid_bh * Tq
+    DELTA += pid_bh * Tq
+    ORDER += b * NQ
     dk, dv = _dkdv_steps(
         dk, dv, k, v, Q, DO, LSE, DELTA, ORDER, stride_qt, stride_dt, offs_d, offs_dv, offs_n, j0, j1, offset, Tq,
         qk_scale, BLOCK_M, ROWS_, True, DOT_PREC,
@@ -257,7 +255,7 @@ def dkdv_kernel(
         valid = tl.load(KM + b * Tk + offs_n, mask=in_k, other=0) != 0
         dk = tl.where(valid[:, None], dk, 0.0)
         dv = tl.where(valid[:, None], dv, 0.0)
-    # dK, dV share q's layout strides [B, Tk, H, ·] contiguous (allocated by the launcher).
+    # dK, dV are contiguous [B, Tk, H, ·] (allocated so by the launcher).
     dk_ptr = DK + ((b * Tk + kv_rows) * H + h) * D + offs_d[None, :]
     dv_ptr = DVALUE + ((b * Tk + kv_rows) * H + h) * DV + offs_dv[None, :]
     tl.store(dk_ptr, (dk * scale).to(DK.dtype.element_ty), mask=in_k[:, None])
