@@ -622,7 +622,7 @@ def main() -> None:
     if args.what == "flex-options":
         out["flex_options"] = bench_flex_options(args.lengths, args.rows[0], gen)
         save()
-    if args.what == "rows":
+    if args.what in ("rows", "all"):
         out["rows"] = bench_rows(args.lengths, args.rows, gen)
         save()
     if args.what in ("train", "all"):
