@@ -408,18 +408,18 @@ def _flex_options_point(T: int, share: float, gen: torch.Generator) -> list[dict
 ROWS_BACKENDS = ["flex", "triton_rows"]
 
 
-def bench_rows(lengths: list[int], shares: list[float], gen: torch.Generator) -> list[dict]:
-    """`oryx.ops.causal_attention` over each share p of the 128-token chunks on each backend of ``ROWS_BACKENDS``,
+def bench_rows(lengths: list[int], shares: list[float], backends: list[str], gen: torch.Generator) -> list[dict]:
+    """`oryx.ops.causal_attention` over each share p of the 128-token chunks on each of ``backends``,
     forward and forward+backward, as a ratio to p × SDPA causal over every row (issue 13's target: ≈ 1.2). The first
     call (flex compiles, triton_rows autotunes) is timed apart, as ``first_s``."""
     results = []
     for T in lengths:
-        results += _rows_point(T, shares, gen)
+        results += _rows_point(T, shares, backends, gen)
         torch.cuda.empty_cache()
     return results
 
 
-def _rows_point(T: int, shares: list[float], gen: torch.Generator) -> list[dict]:
+def _rows_point(T: int, shares: list[float], backends: list[str], gen: torch.Generator) -> list[dict]:
     B = TOKENS // T
     q, k, v = (torch.randn(B, T, H, D, generator=gen).to(DEV, DT).requires_grad_() for _ in range(3))
     heads = [x.transpose(1, 2) for x in (q, k, v)]
@@ -434,7 +434,7 @@ def _rows_point(T: int, shares: list[float], gen: torch.Generator) -> list[dict]
     results = []
     for p in shares:
         rows = chunk_rows(B, T, p, gen)
-        for backend in ROWS_BACKENDS:
+        for backend in backends:
 
             def attend(backend=backend, rows=rows):
                 return ops.causal_attention(q, k, v, query_mask=rows, backend=backend)
@@ -592,6 +592,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--rows", type=float, nargs="+", default=[0.25, 0.025], help="shares of chunks in attention")
     parser.add_argument("--variants", nargs="+", default=["tg", "tm"], choices=["tg", "tm"], help="mixer variants")
+    parser.add_argument("--backends", nargs="+", default=ROWS_BACKENDS, help="rows: causal_attention backends")
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192, 32768, 131072])
     parser.add_argument("--models", nargs="+", default=TRAIN_MODELS, help="train: presets, fla-gdn, fla-mamba2")
     parser.add_argument("--shapes", nargs="+", default=["8x2048"], help="train: BATCHxLENGTH per step")
@@ -623,7 +624,7 @@ def main() -> None:
         out["flex_options"] = bench_flex_options(args.lengths, args.rows[0], gen)
         save()
     if args.what in ("rows", "all"):
-        out["rows"] = bench_rows(args.lengths, args.rows, gen)
+        out["rows"] = bench_rows(args.lengths, args.rows, args.backends, gen)
         save()
     if args.what in ("train", "all"):
         out["train"] = []
