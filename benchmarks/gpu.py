@@ -7,6 +7,7 @@
     python benchmarks/gpu.py train --models oryx-tg-130m --shapes 8x2048 1x32768 --loss-chunk-tokens 0 4096
                                       # peak memory and speed with the plain loss (0) and the chunked one (default)
     python benchmarks/gpu.py flex-options  # flex_attention's kernel options for the attention rows, beside SDPA
+    python benchmarks/gpu.py rows     # the attention rows on triton_rows and flex, fwd and fwd+bwd, as × p·SDPA
     python benchmarks/gpu.py all --json out.json
 
 Mixer core = what the Oryx mixer computes between its projections: the linear recurrence over all tokens, attention
@@ -408,6 +409,60 @@ def _flex_options_point(T: int, share: float, gen: torch.Generator) -> list[dict
     return results
 
 
+# --- attention rows: triton_rows beside flex ------------------------------------------------------------------------
+ROWS_BACKENDS = ["flex", "triton_rows"]
+
+
+def bench_rows(lengths: list[int], shares: list[float], backends: list[str], gen: torch.Generator) -> list[dict]:
+    """`oryx.ops.causal_attention` over each share p of the 128-token chunks on each of ``backends``,
+    forward and forward+backward, as a ratio to p × SDPA causal over every row (issue 13's target: ≈ 1.2). The first
+    call (flex compiles, triton_rows autotunes) is timed apart, as ``first_s``."""
+    results = []
+    for T in lengths:
+        results += _rows_point(T, shares, backends, gen)
+        torch.cuda.empty_cache()
+    return results
+
+
+def _rows_point(T: int, shares: list[float], backends: list[str], gen: torch.Generator) -> list[dict]:
+    B = TOKENS // T
+    q, k, v = (torch.randn(B, T, H, D, generator=gen).to(DEV, DT).requires_grad_() for _ in range(3))
+    heads = [x.transpose(1, 2) for x in (q, k, v)]
+
+    def sdpa():
+        return F.scaled_dot_product_attention(*heads, is_causal=True)
+
+    with torch.no_grad():
+        anchor = {"fwd": median_ms(sdpa)}
+    anchor["fwdbwd"] = median_ms(fwd_bwd(sdpa, [q, k, v]))
+    print(f"  T={T} B={B} SDPA causal fwd {anchor['fwd']:.3f} ms  fwd+bwd {anchor['fwdbwd']:.3f} ms", flush=True)
+    results = []
+    for p in shares:
+        rows = chunk_rows(B, T, p, gen)
+        for backend in backends:
+
+            def attend(backend=backend, rows=rows):
+                return ops.causal_attention(q, k, v, query_mask=rows, backend=backend)
+
+            start = time.perf_counter()
+            step = fwd_bwd(attend, [q, k, v])  # its forward compiles / autotunes
+            step()
+            torch.cuda.synchronize()
+            row = {"T": T, "B": B, "share": p, "backend": backend, "first_s": time.perf_counter() - start}
+            with torch.no_grad():
+                row["fwd_ms"] = median_ms(attend)
+            row["fwdbwd_ms"] = median_ms(step)
+            row |= {f"sdpa_{key}_ms": ms for key, ms in anchor.items()}
+            results.append(row)
+            print(
+                f"  T={T} {p:>5.1%} chunks {backend:<11} fwd {row['fwd_ms']:7.3f} ms = "
+                f"{row['fwd_ms'] / (p * anchor['fwd']):5.2f} × p·SDPA   fwd+bwd {row['fwdbwd_ms']:7.3f} ms = "
+                f"{row['fwdbwd_ms'] / (p * anchor['fwdbwd']):5.2f} × p·SDPA   (first call {row['first_s']:.1f} s)",
+                flush=True,
+            )
+    return results
+
+
 # --- training throughput ---------------------------------------------------------------------------------------------
 # A point is one model at one shape, measured in a fresh process (so its first step pays every compile and autotune
 # that a new run pays, and its peak memory is its own): fla-gdn / fla-mamba2 are fla's own models at the shape of our
@@ -631,10 +686,11 @@ def environment() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["mixer", "decode", "generate", "train", "flex-options", "all"])
+    parser.add_argument("what", choices=["mixer", "decode", "generate", "train", "flex-options", "rows", "all"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--rows", type=float, nargs="+", default=[0.25, 0.025], help="shares of chunks in attention")
     parser.add_argument("--variants", nargs="+", default=["tg", "tm"], choices=["tg", "tm"], help="mixer variants")
+    parser.add_argument("--backends", nargs="+", default=ROWS_BACKENDS, help="rows: causal_attention backends")
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192, 32768, 131072])
     parser.add_argument("--models", nargs="+", default=TRAIN_MODELS, help="train: presets, fla-gdn, fla-mamba2")
     parser.add_argument("--shapes", nargs="+", default=["8x2048"], help="train: BATCHxLENGTH per step")
@@ -669,6 +725,9 @@ def main() -> None:
         save()
     if args.what == "flex-options":
         out["flex_options"] = bench_flex_options(args.lengths, args.rows[0], gen)
+        save()
+    if args.what in ("rows", "all"):
+        out["rows"] = bench_rows(args.lengths, args.rows, args.backends, gen)
         save()
     if args.what in ("train", "all"):
         out["train"] = []

@@ -8,7 +8,8 @@ tests/test_gpu.py`` (``-s`` prints every measured error; benchmarks/RESULTS.md r
 
 Tolerances, per path and dtype (H100, torch 2.11, Triton 3.6, fla-core 0.6.0; benchmarks/RESULTS.md has the run):
 - flex / SDPA attention: float32 ≤ 1e-5 (measured ≤ 9e-7: IEEE float32), bfloat16 ≤ 1e-2 (measured ≤ 3.1e-3), values
-  and gradients. Unselected rows must be exact zeros, output and query gradient (compared with ==).
+  and gradients. Unselected rows must be exact zeros, output and query gradient (compared with ==). The triton_rows
+  kernels are held to the same (float32 dots as IEEE float32; float16 to the bfloat16 tolerance).
 - fla fused recurrent (decoding, short inference calls): float32 ≤ 1e-5 (measured ≤ 1.1e-7: no matrix units), bfloat16
   ≤ 1e-2 (measured ≤ 1.7e-3).
 - fla chunked (training, prefill): float32 ≤ 5e-3, because Triton runs float32 dots as TF32 on Ampere and later;
@@ -244,6 +245,7 @@ def query_mask(kind: str, B: int, T: int, gen: torch.Generator) -> torch.Tensor 
     return chunks.repeat_interleave(128, dim=1)[:, :T]
 
 
+@pytest.mark.parametrize("backend", ["flex", "triton_rows"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     ("Tq", "Tk", "kind", "padded"),
@@ -257,7 +259,7 @@ def query_mask(kind: str, B: int, T: int, gen: torch.Generator) -> torch.Tensor 
         (1, 300, "all", False),  # one decoding row: SDPA without a mask
     ],
 )
-def test_attention_values_gradients_and_exact_zero_rows(dtype, Tq, Tk, kind, padded, gen):
+def test_attention_values_gradients_and_exact_zero_rows(backend, dtype, Tq, Tk, kind, padded, gen):
     B, H, D = 2, 4, 128
     q, k, v = (torch.randn(B, T, H, D, generator=gen) for T in (Tq, Tk, Tk))
     qm = query_mask(kind, B, Tq, gen)
@@ -268,9 +270,9 @@ def test_attention_values_gradients_and_exact_zero_rows(dtype, Tq, Tk, kind, pad
     qm_d = None if qm is None else qm.to(DEV)
     km_d = None if km is None else km.to(DEV)
     fast, ref = leaves(q, k, v, dtype=dtype)
-    o = ops.causal_attention(*fast, query_mask=qm_d, key_mask=km_d, backend="flex")
+    o = ops.causal_attention(*fast, query_mask=qm_d, key_mask=km_d, backend=backend)
     o_ref = ops.causal_attention(*ref, query_mask=qm_d, key_mask=km_d, backend="torch")
-    print(f"\nattention {dtype} Tq={Tq} Tk={Tk} rows={kind} padded={padded}")
+    print(f"\nattention {backend} {dtype} Tq={Tq} Tk={Tk} rows={kind} padded={padded}")
     tol = ATTN_TOL[dtype]
     if kind != "none":  # with no row selected the reference returns constant zeros, without a graph
         do = torch.randn(o.shape, generator=gen).to(DEV)
@@ -286,7 +288,7 @@ def test_attention_values_gradients_and_exact_zero_rows(dtype, Tq, Tk, kind, pad
             assert torch.equal(fast[0].grad[~qm_d], torch.zeros_like(fast[0].grad[~qm_d]))
 
 
-@pytest.mark.parametrize("backend", ["torch", "flex"])
+@pytest.mark.parametrize("backend", ["torch", "flex", "triton_rows"])
 def test_attention_under_cuda_autocast_matches_float64(backend, gen):
     """Training runs under bf16 autocast, where CUDA runs SDPA in bf16: the per-block reference must still assemble
     its output (regression: a float32 buffer refused bf16 blocks) and match float64 within bf16 error."""
@@ -297,6 +299,54 @@ def test_attention_under_cuda_autocast_matches_float64(backend, gen):
         o = ops.causal_attention(q, k, v, query_mask=qm, backend=backend)
     o_ref = ops.causal_attention(q.double(), k.double(), v.double(), query_mask=qm, backend="torch")
     check(f"o ({backend}, autocast bf16)", o, o_ref, ATTN_TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float16], ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+def test_triton_rows_long_rows_and_head_dims(dtype, D, gen):
+    """triton_rows past its key tiles and query steps (T = 1000, several 128-row blocks, chunk and token selections in
+    one batch, an all-unselected sequence): values and gradients ≈ float64, unselected rows exact zeros."""
+    B, T, H = 3, 1000, 2
+    q, k, v = (torch.randn(B, T, H, D, generator=gen) for _ in range(3))
+    qm = torch.cat([query_mask("chunks", 1, T, gen), query_mask("tokens", 1, T, gen), query_mask("none", 1, T, gen)])
+    qm_d = qm.to(DEV)
+    fast, ref = leaves(q, k, v, dtype=dtype)
+    o = ops.causal_attention(*fast, query_mask=qm_d, backend="triton_rows")
+    o_ref = ops.causal_attention(*ref, query_mask=qm_d, backend="torch")
+    do = torch.randn(o.shape, generator=gen).to(DEV)
+    (o.float() * do).sum().backward()
+    (o_ref * do.double()).sum().backward()
+    print(f"\ntriton_rows {dtype} D={D} T={T}")
+    tol = ATTN_TOL[torch.bfloat16 if dtype == torch.float16 else dtype]
+    check("o", o, o_ref, tol)
+    for name, a, b in zip(["dq", "dk", "dv"], fast, ref, strict=True):
+        check(name, a.grad, b.grad, tol)
+    assert torch.equal(o[~qm_d], torch.zeros_like(o[~qm_d]))
+    assert torch.equal(fast[0].grad[~qm_d], torch.zeros_like(fast[0].grad[~qm_d]))
+
+
+def test_triton_rows_compiled_equals_eager_and_passes_opcheck(gen):
+    """The custom ops inside a fullgraph-compiled region (inductor) against eager, and torch.library.opcheck."""
+    from oryx.ops.backends import triton_rows
+
+    B, T, H, D = 2, 384, 2, 128
+    q, k, v = (torch.randn(B, T, H, D, generator=gen).to(DEV, torch.bfloat16).requires_grad_() for _ in range(3))
+    rows = (torch.rand(B, T, generator=gen) < 0.5).to(DEV)
+    do = torch.randn(B, T, H, D, generator=gen).to(DEV, torch.bfloat16)
+
+    def attend(q, k, v):
+        return ops.causal_attention(q, k, v, query_mask=rows, backend="triton_rows")
+
+    results = []
+    for fn in (attend, torch.compile(attend, fullgraph=True)):
+        o = fn(q, k, v)
+        results.append((o, *torch.autograd.grad(o, (q, k, v), do)))
+    for name, a, b in zip(["o", "dq", "dk", "dv"], results[1], results[0], strict=True):
+        check(f"{name} (compiled vs eager triton_rows)", a, b, ATTN_TOL[torch.bfloat16])
+    keys = torch.ones(B, T, dtype=torch.bool, device=DEV)
+    keys[0, :100] = False
+    active = triton_rows.active_blocks(rows, B, T, q.device)
+    torch.library.opcheck(triton_rows.rows_attention, (q, k, v, active, rows, keys, D**-0.5))
 
 
 def test_block_mask_gives_work_only_to_selected_query_blocks():
