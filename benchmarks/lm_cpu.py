@@ -62,9 +62,12 @@ SWITCH_SCHEDULES = (
 SWITCH_WINDOWS = 128
 
 
+SWEEP_EXTENSIONS = 2  # factors of 2 a sweep may grow by past its edge while its best lies there
+
+
 def sweep_lrs(family: str) -> tuple[float, ...]:
-    """Three peak LRs per family centred on its recipe value (x0.5, x1, x2): 3e-3..1.2e-2 for Oryx, 1.5e-3..6e-3 for
-    the baselines; both recipe values lie in both grids' span."""
+    """The first three peak LRs of a family's sweep, centred on its recipe value (x0.5, x1, x2): 3e-3..1.2e-2 for
+    Oryx, 1.5e-3..6e-3 for the baselines; both recipe values lie in both grids' span (`Plan.sweep` extends it)."""
     lr = PAPER_LR[family]
     return (lr / 2, lr, lr * 2)
 
@@ -126,43 +129,65 @@ class Plan:
             return None
         return sum(rec[f"val_ppl_{m}"] for m in run.modes) / len(run.modes)
 
+    def sweep(self, family: str) -> list[float]:
+        """The family's sweep: `sweep_lrs`, grown by a factor of 2 past an edge where the best value measured so far
+        lies (at most SWEEP_EXTENSIONS times), so that a best LR is one with a worse value on each side."""
+        lrs = list(sweep_lrs(family))
+        for _ in range(SWEEP_EXTENSIONS):
+            done = {lr: v for lr in lrs if (v := self.val_ppl(Run(family, lr, 0))) is not None}
+            if not done:
+                break
+            best = min(done, key=lambda lr: done[lr])
+            if best == lrs[-1]:
+                lrs.append(best * 2)
+            elif best == lrs[0]:
+                lrs.insert(0, best / 2)
+            else:
+                break
+        return lrs
+
+    def sweep_pending(self, family: str) -> tuple[list[float], list[float]]:
+        """The sweep values not yet measured: those that can still change the family's best LR (beyond the measured
+        range, on the side of the best measured value), and those that cannot if the validation perplexity is
+        unimodal in log LR."""
+        lrs = self.sweep(family)
+        done = {lr: v for lr in lrs if (v := self.val_ppl(Run(family, lr, 0))) is not None}
+        pending = [lr for lr in lrs if lr not in done]
+        if not done:
+            return pending, []
+        best = min(done, key=lambda lr: done[lr])
+        low, high = min(done), max(done)
+        can_win = [lr for lr in pending if (lr > high and best == high) or (lr < low and best == low)]
+        return can_win, [lr for lr in pending if lr not in can_win]
+
     def best_lr(self, family: str) -> float | None:
-        """The family's LR of lowest validation perplexity at seed 0, once its whole sweep has finished."""
-        scores = {lr: self.val_ppl(Run(family, lr, 0)) for lr in sweep_lrs(family)}
-        if any(v is None for v in scores.values()):
+        """The family's LR of lowest validation perplexity at seed 0, once at least three sweep values are measured
+        and no unmeasured one can beat it (`sweep_pending`)."""
+        scores = {lr: v for lr in self.sweep(family) if (v := self.val_ppl(Run(family, lr, 0))) is not None}
+        if len(scores) < 3 or self.sweep_pending(family)[0]:
             return None
         return min(scores, key=lambda lr: scores[lr])
-
-    def third_lr_decides(self, family: str) -> bool:
-        """Whether the family's third sweep value (1.2e-2 for Oryx, 1.5e-3 for the baselines) can change its best LR:
-        the better of the two values every sweep shares (3e-3, 6e-3) lies on its side, or is not known yet. With a
-        validation perplexity unimodal in log LR, a third value beyond the worse shared one cannot win."""
-        low, high = self.val_ppl(Run(family, 3e-3, 0)), self.val_ppl(Run(family, 6e-3, 0))
-        if low is None or high is None:
-            return True
-        return (high < low) if family in ORYX_FAMILIES else (low < high)
 
     def train_runs(self) -> list[Run]:
         """In order of what they decide (the CPU is shared: what is not reached is reported as not done): the paper
         recipe at seed 0; every family at the other family's LR (Oryx at 3e-3, the baselines at 6e-3: does the LR
-        decide the ranking?); the sequence-level Oryx-TM (the paper's failing case for switching); the third sweep
-        values that can still change a family's best LR; the paper recipe at seed 1; the third sweep values that
-        cannot; the sequence-level Oryx-TG; the best LR at seed 1 (known once the family's sweep is)."""
-        third = {f: Run(f, 1.2e-2 if f in ORYX_FAMILIES else 1.5e-3, 0) for f in FAMILIES}
-        decides = {f: self.third_lr_decides(f) for f in FAMILIES}
+        decide the ranking?); the sequence-level Oryx-TM (the paper's failing case for switching); the sweep values
+        that can still change a family's best LR; the paper recipe at seed 1; the sweep values that cannot; the
+        sequence-level Oryx-TG; the best LR at seed 1 (known once the family's sweep is)."""
+        pending = {f: self.sweep_pending(f) for f in FAMILIES}
         runs = [Run(f, PAPER_LR[f], 0) for f in FAMILIES]
         runs += [Run(f, 3e-3, 0) for f in ORYX_FAMILIES]
         runs += [Run(f, 6e-3, 0) for f in FAMILIES if f not in ORYX_FAMILIES]
         runs += [Run("oryx-tm", PAPER_LR["oryx-tm"], 0, SEQUENCE_LEVEL)]
-        runs += [third[f] for f in FAMILIES if decides[f]]
+        runs += [Run(f, lr, 0) for f in FAMILIES for lr in pending[f][0]]
         runs += [Run(f, PAPER_LR[f], 1) for f in FAMILIES]
-        runs += [third[f] for f in FAMILIES if not decides[f]]
+        runs += [Run(f, lr, 0) for f in FAMILIES for lr in self.sweep(f)]  # the rest of every sweep
         runs += [Run("oryx-tg", PAPER_LR["oryx-tg"], 0, SEQUENCE_LEVEL)]
         for f in FAMILIES:
             best = self.best_lr(f)
             if best is not None and best != PAPER_LR[f]:
                 runs.append(Run(f, best, 1))
-        return runs
+        return list(dict.fromkeys(runs))
 
     def train_job(self, run: Run) -> Job:
         run_dir = self.run_dir(run)
@@ -314,6 +339,7 @@ def collect(plan: Plan) -> dict:
             "modes": list(run.modes),
             "train_tokens": rec["step"] * 8 * 512,
             "train_minutes": _wall_minutes(plan.run_dir(run)),
+            "resumed": "--resume" in (plan.run_dir(run) / "train.log").read_text(),
             "val": {m: {"ppl": rec[f"val_ppl_{m}"], "bpb": rec[f"val_bpb_{m}"]} for m in run.modes},
         }
         for tag in EVAL_DATA:
@@ -388,6 +414,8 @@ def _mean_spread(values: list[float], digits: int = 1) -> str:
 
 def tables(plan: Plan, runs: dict, share: dict[str, dict[str, float]]) -> str:
     best = {f: plan.best_lr(f) for f in FAMILIES}
+    sweeps = {f: plan.sweep(f) for f in FAMILIES}
+    grid = sorted({lr for lrs in sweeps.values() for lr in lrs})
     lines = ["# Table 1 in miniature, CPU scale (benchmarks/lm_cpu.py)", ""]
     lines += [
         "Tiny presets (2 × 128, ~1 M parameters), `bpe:4096`, 500 steps × 8 × 512 = 2.05 M training tokens of "
@@ -397,15 +425,19 @@ def tables(plan: Plan, runs: dict, share: dict[str, dict[str, float]]) -> str:
         "",
         "## LR sweep (seed 0): validation perplexity",
         "",
-        "| family | mode | " + " | ".join(f"lr {lr:g}" for lr in (1.5e-3, 3e-3, 6e-3, 1.2e-2)) + " | best |",
-        "|---|---|---|---|---|---|---|",
+        "0.5×, 1×, 2× each family's recipe LR, grown by a factor of 2 past an edge where the best measured value lies; "
+        "… = not measured yet; best = the lowest once three values are measured and no unmeasured one lies beyond "
+        "the best on its side (validation perplexity taken as unimodal in log LR).",
+        "",
+        "| family | mode | " + " | ".join(f"lr {lr:g}" for lr in grid) + " | best |",
+        "|---|---|" + "---|" * len(grid) + "---|",
     ]
     for f in FAMILIES:
         for mode in Run(f, 0, 0).modes:
             cells = []
-            for lr in (1.5e-3, 3e-3, 6e-3, 1.2e-2):
+            for lr in grid:
                 r = runs.get(Run(f, lr, 0).name)
-                cell = f"{r['val'][mode]['ppl']:.1f}" if r else ("–" if lr not in sweep_lrs(f) else "…")
+                cell = f"{r['val'][mode]['ppl']:.1f}" if r else ("–" if lr not in sweeps[f] else "…")
                 mark = " (paper)" if lr == PAPER_LR[f] and r else ""
                 cells.append(cell + mark)
             chosen = "…" if best[f] is None else f"{best[f]:g}"
@@ -483,6 +515,7 @@ def tables(plan: Plan, runs: dict, share: dict[str, dict[str, float]]) -> str:
     for name, r in runs.items():
         val = ", ".join(f"{m} {v['ppl']:.1f}" for m, v in r["val"].items())
         minutes = "–" if r["train_minutes"] is None else f"{r['train_minutes']:.1f}"
+        minutes += " (resumed after a kill: the killed piece not counted)" if r.get("resumed") else ""
         lines.append(f"| {name} | {val} | {r['train_tokens']:,} | {minutes} |")
     return "\n".join(lines) + "\n"
 
