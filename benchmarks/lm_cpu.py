@@ -461,23 +461,30 @@ def tables(plan: Plan, runs: dict, share: dict[str, dict[str, float]]) -> str:
                     f"{col('test', 'bpb', 3)} | {col('ood', 'ppl')} | {col('ood', 'bpb', 3)} |"
                 )
     lines += ["", "## Oryx against its baselines: perplexity ratio Oryx / baseline (< 1: Oryx better)", ""]
-    lines += ["| comparison | LR rule | val | test | ood |", "|---|---|---|---|---|"]
-    for title, lr_of in (("paper", PAPER_LR), ("best", best)):
-        for o in ORYX_FAMILIES:
-            for b in BASELINES[o]:
-                if lr_of.get(o) is None or lr_of.get(b) is None:
-                    continue
-                bmode = Run(b, 0, 0).modes[0]
-                for mode in ("attn", "linear"):
+    lines += ["| comparison | LR rule | seeds | val | test | ood |", "|---|---|---|---|---|---|"]
+    rules = [("paper", PAPER_LR), ("best", best)]
+    rules += [(f"both {lr:g}", dict.fromkeys(FAMILIES, lr)) for lr in (3e-3, 6e-3)]
+    for o in ORYX_FAMILIES:
+        for b in BASELINES[o]:
+            bmode = Run(b, 0, 0).modes[0]
+            for mode in ("attn", "linear"):
+                for title, lr_of in rules:
+                    if lr_of.get(o) is None or lr_of.get(b) is None:
+                        continue
+                    pairs = [(runs.get(Run(o, lr_of[o], s).name), runs.get(Run(b, lr_of[b], s).name)) for s in SEEDS]
+                    pairs = [(ro, rb) for ro, rb in pairs if ro and rb]
+                    if not pairs:
+                        continue
                     cells = []
                     for split in ("val", "test", "ood"):
-                        ratios = []
-                        for seed in SEEDS:
-                            ro, rb = runs.get(Run(o, lr_of[o], seed).name), runs.get(Run(b, lr_of[b], seed).name)
-                            if ro and rb and split in ro and split in rb:
-                                ratios.append(ro[split][mode]["ppl"] / rb[split][bmode]["ppl"])
+                        ratios = [
+                            ro[split][mode]["ppl"] / rb[split][bmode]["ppl"]
+                            for ro, rb in pairs
+                            if split in ro and split in rb
+                        ]
                         cells.append(_mean_spread(ratios, 3))
-                    lines.append(f"| {o} {mode} / {b} | {title} | " + " | ".join(cells) + " |")
+                    lr_text = f"{title} ({lr_of[o]:g} / {lr_of[b]:g})" if title in ("paper", "best") else title
+                    lines.append(f"| {o} {mode} / {b} | {lr_text} | {len(pairs)} | " + " | ".join(cells) + " |")
     lines += ["", "## Every family at the same peak LR (seed 0)", ""]
     lines += ["| model | mode | lr | val ppl | test ppl | ood ppl | ood bpb |", "|---|---|---|---|---|---|---|"]
     for lr in (3e-3, 6e-3):
