@@ -5,7 +5,7 @@ zero-shot tasks, and the switching curves of chunk- and sequence-trained Oryx mo
 
     python benchmarks/lm_cpu.py                    # everything, resumable: rerun after a kill and it goes on
     python benchmarks/lm_cpu.py --slots 1          # one process at a time
-    python benchmarks/lm_cpu.py --tables-only      # rewrite the tables from what has been measured
+    python benchmarks/lm_cpu.py --tables-only      # rewrite the tables (and docs/results.md's) from what is measured
 
 Runs live in --runs (default runs/lm_cpu, ignored by git), results in --out (default benchmarks/results/lm_cpu):
 results.json (every number), results.md (the tables). A training run whose metrics hold a "final" record is done; one
@@ -518,6 +518,10 @@ def tables(plan: Plan, runs: dict, share: dict[str, dict[str, float]]) -> str:
                 )
     lines += ablation_lines(runs, share)
     lines += switching_lines(runs)
+    pending = [r.name for r in plan.train_runs() if r.name not in runs]
+    if pending:
+        lines += ["", "## Runs not measured yet, in the order the runner takes them", ""]
+        lines += ["| # | run |", "|---|---|", *(f"| {i} | {name} |" for i, name in enumerate(pending, 1))]
     lines += ["", "## Runs", "", "| run | val ppl per mode | train tokens | train minutes |", "|---|---|---|---|"]
     for name, r in runs.items():
         val = ", ".join(f"{m} {v['ppl']:.1f}" for m, v in r["val"].items())
@@ -615,7 +619,34 @@ def plot_ablation(runs: dict, share: dict[str, dict[str, float]], path: Path) ->
     plt.close(fig)
 
 
-def write_results(plan: Plan) -> None:
+def fill_doc(doc: Path, generated: str) -> None:
+    """Rewrite every block `<!-- lm_cpu: HEADING -->` … `<!-- /lm_cpu -->` of `doc` with the table of the generated
+    section whose `## ` heading is (or else starts with) HEADING (`HEADING#2`: its second table), so that the tables of
+    docs/results.md are the measured ones."""
+    sections = {}
+    for chunk in generated.split("\n## ")[1:]:
+        heading, _, body = chunk.partition("\n")
+        tables, current = [], []
+        for line in [*body.splitlines(), ""]:
+            if line.startswith("|"):
+                current.append(line)
+            elif current:
+                tables.append("\n".join(current))
+                current = []
+        sections[heading.strip()] = tables
+
+    def table(match: re.Match) -> str:
+        key, _, index = match.group(1).strip().partition("#")
+        found = [tables for heading, tables in sections.items() if heading == key]
+        found = found or [tables for heading, tables in sections.items() if heading.startswith(key)]
+        rows = found[0][int(index or 1) - 1] if found and len(found[0]) >= int(index or 1) else "(not measured yet)"
+        return f"<!-- lm_cpu: {match.group(1).strip()} -->\n{rows}\n<!-- /lm_cpu -->"
+
+    text = re.sub(r"<!-- lm_cpu: (.+?) -->.*?<!-- /lm_cpu -->", table, doc.read_text(), flags=re.S)
+    doc.write_text(text)
+
+
+def write_results(plan: Plan, doc: Path | None = None) -> None:
     runs = collect(plan)
     plan.out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -629,7 +660,10 @@ def write_results(plan: Plan) -> None:
     share = attention_share(ABLATION)
     payload = {"meta": meta, "best_lr": best, "attention_share": share, "runs": runs}
     (plan.out / "results.json").write_text(json.dumps(payload, indent=1))
-    (plan.out / "results.md").write_text(tables(plan, runs, share))
+    generated = tables(plan, runs, share)
+    (plan.out / "results.md").write_text(generated)
+    if doc is not None and doc.exists():
+        fill_doc(doc, generated)
     plot_ablation(runs, share, plan.out / "ablation.png")
     print(f"wrote {plan.out / 'results.md'} and results.json ({len(runs)} runs)", flush=True)
 
@@ -640,11 +674,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/lm_cpu"))
     parser.add_argument("--slots", type=int, default=2, help="processes at once (default: 2)")
     parser.add_argument("--tables-only", action="store_true", help="only rewrite the tables from what exists")
+    parser.add_argument(
+        "--doc", type=Path, default=Path("docs/results.md"), help="rewrite its `<!-- lm_cpu: … -->` tables too"
+    )
     args = parser.parse_args()
     plan = Plan(args.runs, args.out)
     if not args.tables_only:
         run_pool(plan, args.slots)
-    write_results(plan)
+    write_results(plan, args.doc)
 
 
 if __name__ == "__main__":
