@@ -524,7 +524,7 @@ def run_sweep(config: MQARSweepConfig, out_dir: str | Path, jobs: int = 1) -> li
     # spawn: CUDA cannot be used in forked children.
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
         # The probes run at once, as the runs will (they share the device), one per family (its lrs step alike).
-        families = list(dict.fromkeys(family for family, _ in pairs))
+        families = config.families if config.train_minutes is not None else ()
         probes = {family: pool.submit(_probe_job, family, config, threads) for family in families}
         steps = _budget_steps(config, lambda family: probes[family].result())
         futures = [pool.submit(_job, family, lr, config, str(out), threads, steps) for family, lr in pairs]
