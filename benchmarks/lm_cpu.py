@@ -499,6 +499,23 @@ def tables(plan: Plan, runs: dict, share: dict[str, dict[str, float]]) -> str:
                     f"| {f} | {mode} | {lr:g} | {r['val'][mode]['ppl']:.1f} | {test:.1f} | "
                     f"{ood.get('ppl', float('nan')):.1f} | {ood.get('bpb', float('nan')):.3f} |"
                 )
+    seq = [(n, r) for n, r in runs.items() if r["schedule"] != "default"]
+    if seq:
+        lines += ["", "## Sequence-level against chunked training: perplexity (seq-level / chunked)", ""]
+        lines += ["| run | mode | val | test | ood |", "|---|---|---|---|---|"]
+        for name, r in seq:
+            chunked = runs.get(Run(r["family"], r["lr"], r["seed"]).name)
+            if not chunked:
+                continue
+            for mode in r["modes"]:
+                cells = [
+                    f"{r[k][mode]['ppl']:.1f} / {chunked[k][mode]['ppl']:.1f} = "
+                    f"{r[k][mode]['ppl'] / chunked[k][mode]['ppl']:.3f}"
+                    if k in r and k in chunked
+                    else "–"
+                    for k in ("val", "test", "ood")
+                ]
+                lines.append(f"| {name} | {mode} | " + " | ".join(cells) + " |")
     lines += ["", "## Zero-shot tasks (`oryx eval zeroshot`, 500 samples each, text from `prose:test`)", ""]
     lines += ["| model | mode | LR rule | seeds | LAMBADA acc % | LAMBADA ppl | next-sentence acc % | acc_norm % |"]
     lines += ["|---|---|---|---|---|---|---|---|"]
