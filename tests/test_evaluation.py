@@ -132,6 +132,42 @@ def test_switching_curves_match_full_forwards_with_switches(saved):
     assert smoothed["attn"][3] == pytest.approx(math.exp(curves.nll["attn"][:4].mean()))
 
 
+def test_schedule_curves_match_full_forwards_and_their_excess_the_single_mode_runs(saved):
+    ckpt, val = saved
+    model = OryxForCausalLM.from_pretrained(ckpt).eval()
+    tokens = load_tokens(val, byte_tokenizer())
+    length, windows = 36, 4
+    several = "spans:linear@0,attn@7,linear@19,attn@30"  # several switches, none at a multiple of anything
+    chunks = "chunks:size=5,p_attn=0.5"
+    curves = switching_curves(model, tokens, length, [11], windows=windows, batch_size=3, schedules=[several, chunks])
+    assert set(curves.schedules) == set(curves.excess) == {several, chunks}
+    assert not set(curves.schedules) & set(curves.nll)
+    # Reference: plain full forwards of every window, with the spans' modes and with each single mode.
+    modes = torch.ones(1, length, dtype=torch.long)
+    modes[:, 7:19] = ATTN
+    modes[:, 30:] = ATTN
+    want, want_excess = np.zeros(length), np.zeros(length)
+    with torch.no_grad():
+        for window in spread(tokens, length, windows):
+            ids = torch.from_numpy(window)[None]
+
+            def nll(m, ids=ids):
+                return F.cross_entropy(model(ids[:, :-1], modes=m).logits[0], ids[0, 1:], reduction="none").numpy()
+
+            mixed, attn, linear = nll(modes), nll(torch.zeros_like(modes)), nll(torch.ones_like(modes))
+            want += mixed / windows
+            want_excess += (mixed - np.where(modes[0].numpy() == ATTN, attn, linear)) / windows
+    np.testing.assert_allclose(curves.schedules[several], want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(curves.excess[several], want_excess, atol=2e-5)
+    assert np.abs(curves.excess[several][:7]).max() < 1e-5, "before the first switch it is the linear run itself"
+    summary = curves.schedule_summary(4)
+    assert set(summary[several]["after_switch"]) == {"7", "19", "30"}
+    after = summary[several]["after_switch"]["19"]
+    assert after["switch"] == pytest.approx(math.exp(want[19:23].mean()), rel=1e-4)
+    assert after["no_switch"] == pytest.approx(math.exp((want - want_excess)[19:23].mean()), rel=1e-4)
+    assert "after_switch" not in summary[chunks] and np.isfinite(curves.excess[chunks]).all()
+
+
 def test_eval_switching_cli_writes_png_and_json(saved, tmp_path, capsys):
     ckpt, val = saved
     out = tmp_path / "sw"
@@ -143,6 +179,14 @@ def test_eval_switching_cli_writes_png_and_json(saved, tmp_path, capsys):
     assert set(data["after_switch"]) == {"attn->linear@8", "linear->attn@8", "attn->linear@20", "linear->attn@20"}
     assert (out / "switching.png").read_bytes()[:4] == b"\x89PNG"
     assert "linear->attn@20" in capsys.readouterr().out
+    spec = "spans:attn@0,linear@9,attn@21"
+    assert main([*argv, "--windows", "3", "--smooth", "4", "--out", str(out), "--schedule", spec]) == 0
+    data = json.loads((out / "switching.json").read_text())
+    assert set(data["schedules"]) == {spec} and set(data["schedules"][spec]["after_switch"]) == {"9", "21"}
+    assert len(data["schedules"][spec]["excess"]) == 32 and (out / "schedules.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"{spec}: perplexity" in capsys.readouterr().out
+    assert main([*argv, "--schedule", "spans:attn@3"]) == 2
+    assert "oryx eval switching: error:" in capsys.readouterr().err
 
 
 def test_eval_refuses_a_single_mode_model_for_switching(tmp_path, capsys):

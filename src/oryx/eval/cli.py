@@ -113,7 +113,12 @@ def add_mqar_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--oryx-schedule", default=default.oryx_schedule, help="training schedule of Oryx models")
     parser.add_argument("--protocols", nargs="+", default=list(default.protocols), choices=MQAR_PROTOCOLS)
-    parser.add_argument("--train-minutes", type=positive_float, default=None, help="cap on each training run's minutes")
+    parser.add_argument(
+        "--train-minutes",
+        type=positive_float,
+        default=None,
+        help="cap on the training runs' minutes: every run trains the steps the slowest family fits",
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda (default: auto)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto = bf16 on GPU")
     parser.add_argument("--jobs", type=positive_int, default=1, help="training runs at once, in separate processes")

@@ -67,6 +67,15 @@ def add_switching_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--smooth", type=positive_int, default=32, help="trailing moving average, in positions (default: 32)"
     )
+    parser.add_argument(
+        "--schedule",
+        nargs="+",
+        default=[],
+        metavar="SPEC",
+        help="further curves, any schedule: e.g. several switches in one sequence 'spans:attn@0,linear@100,attn@300', "
+        "each also measured against the no-switch runs of the modes its tokens are in (schedules.png)",
+    )
+    parser.add_argument("--seed", type=seed, default=0, help="seed of random schedules (chunks) (default: 0)")
     parser.add_argument("--out", default=None, help="output folder (default: <checkpoint>/switching)")
 
 
@@ -166,6 +175,8 @@ def run_switching(args: argparse.Namespace) -> int:
             windows=args.windows,
             batch_size=args.batch_size,
             precision=args.precision,
+            schedules=args.schedule,
+            seed=args.seed,
         )
     except ValueError as err:
         raise UsageError(str(err)) from None
@@ -178,5 +189,10 @@ def run_switching(args: argparse.Namespace) -> int:
     for name, values in curves.summary(args.smooth).items():
         others = ", ".join(f"{k} {v:.2f}" for k, v in values.items() if k != "switch")
         print(f"  {name:<24} {values['switch']:.2f}   (no switch: {others})")
+    for spec, values in curves.schedule_summary(args.smooth).items():
+        print(
+            f"  {spec}: perplexity {values['perplexity']:.2f}, no-switch runs in the same modes "
+            f"{values['no_switch']:.2f} ({values['excess_percent']:+.2f} %)"
+        )
     print(f"wrote {png_path} and {json_path}")
     return 0

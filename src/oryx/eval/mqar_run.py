@@ -27,9 +27,11 @@ queries     only the K query tokens (the minimum MQAR needs)       K / L
 
 A baseline runs only its own mode (transformer: attn; mamba2, gdn: linear). With several learning rates (``--lrs``)
 each family keeps the one with the best mean accuracy over all its rows (Zoology reports the best of its sweep).
-``--train-minutes`` caps each training run: a short timed probe of every setting's step fixes the number of steps
-before training starts, so the cosine schedule still ends at its last step; should the probe have been optimistic,
-training stops at 1.25× the budget (the notes under the table give each run's steps).
+``--train-minutes`` caps the training runs, all of them at one number of steps: before any run trains, a short timed
+probe of every run (in the processes that will train, at the same time, after warm-up steps) gives its time per
+step, and the slowest run's sets the step count of every run, so the families are compared at equal steps and every
+cosine schedule still ends at its last step. Should a probe have been optimistic, a run stops at 1.25× the budget;
+a run that trained fewer steps than another is printed, and listed under the table, as a FAILED comparison.
 
 Output (``--out``): ``runs/<family>-lr<lr>.json`` per training run, ``mqar.json`` (the best run of each family, a
 result file of ``oryx.eval.report``), ``mqar.md`` and ``mqar.png``.
@@ -42,7 +44,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
@@ -75,9 +77,20 @@ from oryx.variants import FAMILIES as FAMILY_TABLE
 
 FAMILIES = tuple(family_names())  # every family of the variant table, the baselines first
 MQAR_PROTOCOLS = ("attn", "linear", "cross", "queries")
-PROBE_WARMUP, PROBE_STEPS = 2, 3  # untimed and timed steps per setting of the --train-minutes probe
+PROBE_WARMUP, PROBE_STEPS = 4, 3  # untimed and timed steps per setting of the --train-minutes probe
 
-__all__ = ["FAMILIES", "MQAR_PROTOCOLS", "MQARSweepConfig", "evaluate_mqar", "query_modes", "run_sweep", "train_mqar"]
+__all__ = [
+    "FAMILIES",
+    "MQAR_PROTOCOLS",
+    "MQARSweepConfig",
+    "evaluate_mqar",
+    "probe_step_seconds",
+    "query_modes",
+    "run_sweep",
+    "shared_steps",
+    "train_mqar",
+    "unequal_steps",
+]
 
 
 @dataclass(frozen=True)
@@ -218,6 +231,63 @@ def _probe_seconds(
     return seconds
 
 
+def _train_data(config: MQARSweepConfig) -> list[MQARBatch]:
+    return [
+        make_mqar(c.n, c.seq_len, c.num_kv, vocab=config.vocab, seed=[MQAR_TRAIN_SEED, c.seq_len, c.num_kv])
+        for c in scaled_settings(config.train_mix, config.scale, config.batch_size)
+    ]
+
+
+def _steps_per_setting(train: Sequence[MQARBatch], batch_size: int) -> list[int]:
+    return [math.ceil(len(b.input_ids) / batch_size) for b in train]
+
+
+def _mode_drawer(model: OryxForCausalLM, config: MQARSweepConfig, device: torch.device) -> ModeDrawer:
+    """Training modes of a batch: the Oryx schedule's draws (seeded), None (the one mode) for a baseline."""
+    schedule = parse(config.oryx_schedule) if model.config.is_oryx else None
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def draw_modes(rows: int, batch: MQARBatch) -> torch.Tensor | None:
+        return None if schedule is None else schedule.modes(rows, batch.seq_len, generator=generator).to(device)
+
+    return draw_modes
+
+
+def probe_step_seconds(family: str, config: MQARSweepConfig) -> float:
+    """Seconds per training step of a ``family`` run of ``config``: ``_probe_seconds`` of a fresh model, weighted by
+    the steps each setting takes in an epoch. The run itself starts from its own fresh model (the probe draws no
+    modes or rows from the run's generators)."""
+    torch.manual_seed(config.seed)
+    device = torch.device(config.device)
+    model = build_model(family, config).to(device)
+    train = _train_data(config)
+    per_setting = _steps_per_setting(train, config.batch_size)
+    seconds = _probe_seconds(model, train, config, _mode_drawer(model, config, device))
+    return float(np.dot(seconds, per_setting)) / sum(per_setting)
+
+
+def shared_steps(per_step: Mapping[str, float], planned: int, minutes: float) -> tuple[int, str]:
+    """One step count for every run (equal steps, not equal minutes): the most that the slowest run (by its probed
+    seconds per step, ``per_step``) fits into ``minutes``, never more than ``planned``. Returns it and that run."""
+    slowest = max(per_step, key=lambda name: per_step[name])
+    return max(1, min(planned, int(60 * minutes / per_step[slowest]))), slowest
+
+
+def unequal_steps(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A FAILED line for every run that trained fewer steps than another run of the sweep (cut by the time budget):
+    its numbers are not an equal-steps comparison."""
+    if not runs:
+        return []
+    most = max(runs, key=lambda run: run["steps"])
+    return [
+        f"FAILED: {_run_name(run['family'], run['lr'])} trained {run['steps']} steps, fewer than "
+        f"{_run_name(most['family'], most['lr'])}'s {most['steps']} (stopped at 1.25x --train-minutes): not an "
+        "equal-steps comparison"
+        for run in runs
+        if run["steps"] < most["steps"]
+    ]
+
+
 @torch.no_grad()
 def evaluate_mqar(
     model: OryxForCausalLM, test: Sequence[MQARBatch], protocols: Sequence[str], batch_size: int, precision: str
@@ -263,40 +333,33 @@ def train_mqar(
     config: MQARSweepConfig,
     log: Callable[[str], None] = print,
     save_to: str | Path | None = None,
+    steps: int | None = None,
 ) -> dict[str, Any]:
     """Train one ``family`` model at learning rate ``lr`` on the (scaled) MQAR mix and test it on the grid; with
     ``save_to``, save the model there with the sweep's settings (``mqar.json``), for ``oryx train-router`` and
     ``oryx eval budget``.
 
+    ``steps``: the schedule's length (a sweep's shared step count, ``shared_steps``); by default the planned epochs,
+    or, with ``config.train_minutes``, what this run's own probe fits into them.
     Returns a JSON-able dict: the run's settings, its training summary and ``results`` from ``evaluate_mqar``.
     """
+    train = _train_data(config)
+    steps_per_epoch = sum(_steps_per_setting(train, config.batch_size))
+    planned = max(1, round(config.epochs * steps_per_epoch))
+    if steps is None and config.train_minutes is not None:
+        per_step = probe_step_seconds(family, config)
+        steps, _ = shared_steps({family: per_step}, planned, config.train_minutes)
+        log(f"{family}: probe {per_step * 1e3:.0f} ms/step; {steps} of {planned} planned steps fit the budget")
+    total = planned if steps is None else steps
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
     model = build_model(family, config).to(device)
-    train = [
-        make_mqar(c.n, c.seq_len, c.num_kv, vocab=config.vocab, seed=[MQAR_TRAIN_SEED, c.seq_len, c.num_kv])
-        for c in scaled_settings(config.train_mix, config.scale, config.batch_size)
-    ]
     test = [
         make_mqar(c.n, c.seq_len, c.num_kv, vocab=config.vocab, seed=[MQAR_TEST_SEED, c.seq_len, c.num_kv])
         for c in scaled_settings(config.test_grid, config.test_scale, 1)
     ]
     schedule = parse(config.oryx_schedule) if model.config.is_oryx else None
-    generator = torch.Generator().manual_seed(config.seed)
-
-    def draw_modes(rows: int, batch: MQARBatch) -> torch.Tensor | None:
-        return None if schedule is None else schedule.modes(rows, batch.seq_len, generator=generator).to(device)
-
-    steps_per_setting = [math.ceil(len(b.input_ids) / config.batch_size) for b in train]
-    steps_per_epoch = sum(steps_per_setting)
-    planned = max(1, round(config.epochs * steps_per_epoch))
-    total = planned
-    if config.train_minutes is not None:
-        seconds = _probe_seconds(model, train, config, draw_modes)
-        per_step = float(np.dot(seconds, steps_per_setting)) / steps_per_epoch
-        total = max(1, min(planned, int(60 * config.train_minutes / per_step)))
-        log(f"{family}: probe {per_step * 1e3:.0f} ms/step; {total} of {planned} planned steps fit the budget")
-
+    draw_modes = _mode_drawer(model, config, device)
     optimizer = adamw(model, lr, config.weight_decay)
     rng = np.random.default_rng(config.seed)
     model.train()
@@ -339,7 +402,7 @@ def train_mqar(
                 )
                 correct = supervised = 0
     if step < total:
-        log(f"{family} lr {lr:g}: stopped at step {step} of {total}: past 1.25× the time budget")
+        log(f"FAILED: {family} lr {lr:g} stopped at step {step} of {total}: past 1.25× the time budget")
     train_seconds = time.perf_counter() - started
     started = time.perf_counter()
     results = evaluate_mqar(model, test, config.protocols, config.eval_batch_size, config.precision)
@@ -420,13 +483,20 @@ def _run_name(family: str, lr: float) -> str:
     return f"{family}-lr{lr:g}"
 
 
-def _job(family: str, lr: float, config: MQARSweepConfig, out_dir: str, threads: int) -> str:
+def _probe_job(family: str, config: MQARSweepConfig, threads: int) -> float:
+    """``probe_step_seconds`` in a worker process."""
+    if config.device == "cpu":
+        torch.set_num_threads(threads)
+    return probe_step_seconds(family, config)
+
+
+def _job(family: str, lr: float, config: MQARSweepConfig, out_dir: str, threads: int, steps: int | None) -> str:
     """One training run in a worker process; writes its JSON and returns the path."""
     if config.device == "cpu":
         torch.set_num_threads(threads)
     path = Path(out_dir) / "runs" / f"{_run_name(family, lr)}.json"
     models = Path(out_dir) / "models" / _run_name(family, lr) if config.save_models else None
-    result = train_mqar(family, lr, config, log=lambda line: print(line, flush=True), save_to=models)
+    result = train_mqar(family, lr, config, log=lambda line: print(line, flush=True), save_to=models, steps=steps)
     path.write_text(json.dumps({"config": config.to_json(), **result}, indent=1))
     return str(path)
 
@@ -469,6 +539,9 @@ def _training_notes(config: MQARSweepConfig, runs: list[dict[str, Any]], best: d
             f"{run['planned_steps']}) | "
             f"{run['epochs']:.2f} | {run['train_seconds'] / 60:.1f} | {run['final_loss']:.3f} |"
         )
+    failed = unequal_steps(runs)
+    if failed:
+        lines += ["", *(f"**{line}**" for line in failed)]
     return "\n".join(lines) + "\n"
 
 
@@ -504,16 +577,45 @@ def run_sweep(config: MQARSweepConfig, out_dir: str | Path, jobs: int = 1) -> li
     pairs = [(family, lr) for family in config.families for lr in config.lrs]
     paths: list[str] = []
     if jobs <= 1:
+        steps = _budget_steps(config, lambda family: probe_step_seconds(family, config))
         for family, lr in pairs:
-            paths.append(_job(family, lr, config, str(out), torch.get_num_threads()))
+            paths.append(_job(family, lr, config, str(out), torch.get_num_threads(), steps))
             written = _write_summary(config, out, paths)
+        _report_unequal(paths)
         return written
     # GPU runs need one host thread each for launching (more only spin, and starve whatever shares the machine).
     threads = 1 if config.device.startswith("cuda") else max(1, (os.cpu_count() or 1) // jobs)
     # spawn: CUDA cannot be used in forked children.
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(_job, family, lr, config, str(out), threads) for family, lr in pairs]
+        # The probes run at once, as the runs will (they share the device), one per family (its lrs step alike).
+        families = config.families if config.train_minutes is not None else ()
+        probes = {family: pool.submit(_probe_job, family, config, threads) for family in families}
+        steps = _budget_steps(config, lambda family: probes[family].result())
+        futures = [pool.submit(_job, family, lr, config, str(out), threads, steps) for family, lr in pairs]
         for future in as_completed(futures):
             paths.append(future.result())
             written = _write_summary(config, out, paths)
+    _report_unequal(paths)
     return written
+
+
+def _budget_steps(config: MQARSweepConfig, probe: Callable[[str], float]) -> int | None:
+    """The sweep's shared step count under ``config.train_minutes`` (None without a budget), printed with every
+    family's probed time per step: ``probe(family)`` gives it."""
+    if config.train_minutes is None:
+        return None
+    per_step = {family: probe(family) for family in config.families}
+    planned = max(1, round(config.epochs * sum(_steps_per_setting(_train_data(config), config.batch_size))))
+    steps, slowest = shared_steps(per_step, planned, config.train_minutes)
+    probed = ", ".join(f"{family} {seconds * 1e3:.0f}" for family, seconds in per_step.items())
+    print(
+        f"probe (ms/step): {probed}; every run trains {steps} of {planned} planned steps "
+        f"(what {slowest}, the slowest, fits into {config.train_minutes:g} min)",
+        flush=True,
+    )
+    return steps
+
+
+def _report_unequal(paths: Sequence[str]) -> None:
+    for line in unequal_steps([json.loads(Path(p).read_text()) for p in paths]):
+        print(line, flush=True)

@@ -27,7 +27,7 @@ import yaml
 
 from oryx.cli_common import SEED_LIMIT, UsageError, resolve_device
 from oryx.configuration import OryxConfig, preset_names
-from oryx.data.corpus import CORPORA, SPLITS
+from oryx.data.corpus import CORPORA
 from oryx.schedule import Adaptive, Fixed, parse
 from oryx.variants import FAMILIES, MODE_NAMES, Variant
 
@@ -326,8 +326,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
 def _check_data(key: str, source: str) -> None:
     corpus, colon, split = source.partition(":")
     if colon and corpus in CORPORA and not os.path.exists(source):
-        if split not in SPLITS:
-            raise ConfigError(f"{key}: corpus {corpus!r} has splits {', '.join(SPLITS)}, not {split!r}")
+        if split not in CORPORA[corpus]:
+            raise ConfigError(f"{key}: corpus {corpus!r} has splits {', '.join(CORPORA[corpus])}, not {split!r}")
         return
     if not os.path.exists(source):
         raise ConfigError(
