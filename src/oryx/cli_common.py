@@ -130,6 +130,22 @@ def output_file(text: str) -> str:
     return text
 
 
+# --- flags that several commands share ------------------------------------------------------------------------------
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """--device, resolved later by ``resolve_device``."""
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda (default: auto)")
+
+
+def add_no_verify_argument(parser: argparse.ArgumentParser, what: str = "a model folder") -> None:
+    """--no-verify (``args.verify`` False): load ``what`` without checking its checksum manifest."""
+    parser.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help=f"load {what} without checking its checksums.json (it is then not verified)",
+    )
+
+
 # --- devices ------------------------------------------------------------------------------------------------------
 def resolve_device(name: str, flag: str = "--device") -> str:
     """ "auto" → "cuda" when a GPU is visible, else "cpu"; "cpu", "cuda" and "cuda:N" are checked against the

@@ -19,6 +19,8 @@ from typing import Any
 
 from oryx.cli_common import (
     UsageError,
+    add_device_argument,
+    add_no_verify_argument,
     nonnegative_int,
     output_file,
     positive_float,
@@ -55,19 +57,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--top-p", type=probability, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1.0 = off)"
     )
     parser.add_argument("--seed", type=seed, default=0, help="sampling seed (default: 0)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda (default: auto)")
+    add_device_argument(parser)
     parser.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
     parser.add_argument(
         "--cuda-graphs",
         action="store_true",
         help="preallocate the cache after the prompt and replay decoding steps from CUDA graphs (no beam search)",
     )
-    parser.add_argument(
-        "--no-verify",
-        dest="verify",
-        action="store_false",
-        help="load a model folder without checking its checksums.json (it is then not verified)",
-    )
+    add_no_verify_argument(parser)
     parser.add_argument(
         "--json", type=output_file, default=None, metavar="FILE", help="also write text and statistics to this file"
     )

@@ -25,6 +25,8 @@ from typing import Any
 
 from oryx.cli_common import (
     UsageError,
+    add_device_argument,
+    add_no_verify_argument,
     nonnegative_int,
     positive_float,
     positive_int,
@@ -44,15 +46,10 @@ def _common_checkpoint_arguments(parser: argparse.ArgumentParser, default_modes:
     parser.add_argument("--out", default=None, help="output folder (default: <checkpoint>/eval)")
     parser.add_argument("--label", nargs="+", default=None, help="row label per checkpoint (default: folder name)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="samples per forward (default: 8)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda (default: auto)")
+    add_device_argument(parser)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto = bf16 on GPU")
     parser.add_argument("--seed", type=seed, default=0, help="seed of the samples (default: 0)")
-    parser.add_argument(
-        "--no-verify",
-        dest="verify",
-        action="store_false",
-        help="load model folders without checking their checksums.json (they are then not verified)",
-    )
+    add_no_verify_argument(parser)
 
 
 def add_retrieval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,7 +116,7 @@ def add_mqar_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="cap on the training runs' minutes: every run trains the steps the slowest family fits",
     )
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda (default: auto)")
+    add_device_argument(parser)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto = bf16 on GPU")
     parser.add_argument("--jobs", type=positive_int, default=1, help="training runs at once, in separate processes")
     parser.add_argument("--seed", type=seed, default=default.seed)
@@ -312,13 +309,8 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output folder (default: <checkpoint>/eval)")
     parser.add_argument("--label", default=None, help="the model's name in tables and plots (default: folder name)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="windows or samples per forward")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda (default: auto)")
-    parser.add_argument(
-        "--no-verify",
-        dest="verify",
-        action="store_false",
-        help="load model folders without checking their checksums.json (they are then not verified)",
-    )
+    add_device_argument(parser)
+    add_no_verify_argument(parser)
 
 
 def run_budget(args: argparse.Namespace) -> int:

@@ -15,7 +15,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from oryx.cli_common import UsageError, output_file, positive_int, resolve_device, seed
+from oryx.cli_common import (
+    UsageError,
+    add_device_argument,
+    add_no_verify_argument,
+    output_file,
+    positive_int,
+    resolve_device,
+    seed,
+)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -27,16 +35,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "--seq-len", type=positive_int, default=None, help="tokens per window (default: the training length)"
     )
     parser.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward (default: 8)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda (default: auto)")
+    add_device_argument(parser)
     parser.add_argument(
         "--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto = bf16 on GPU, fp32 on CPU"
     )
-    parser.add_argument(
-        "--no-verify",
-        dest="verify",
-        action="store_false",
-        help="load a model folder without checking its checksums.json (it is then not verified)",
-    )
+    add_no_verify_argument(parser)
 
 
 def add_ppl_arguments(parser: argparse.ArgumentParser) -> None:

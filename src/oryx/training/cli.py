@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from oryx import checkpoint as ckpt
+from oryx.cli_common import add_no_verify_argument
 from oryx.training import runfolder
 from oryx.training.config import (
     BEFORE_THEY_EXISTED,
@@ -67,12 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --resume: continue although the data's content fingerprint differs from the checkpoint's",
     )
-    parser.add_argument(
-        "--no-verify",
-        dest="verify",
-        action="store_false",
-        help="with --resume: load a checkpoint without checking its checksums.json (it is not verified)",
-    )
+    add_no_verify_argument(parser, "the checkpoint given to --resume")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     add_config_arguments(parser)
 

@@ -24,7 +24,15 @@ from pathlib import Path
 import torch
 
 from oryx import checkpoint as ckpt
-from oryx.cli_common import UsageError, positive_float, positive_int, resolve_device, seed
+from oryx.cli_common import (
+    UsageError,
+    add_device_argument,
+    add_no_verify_argument,
+    positive_float,
+    positive_int,
+    resolve_device,
+    seed,
+)
 from oryx.eval.mqar_run import MQAR_SETTINGS, load_mqar_model, router_batches
 from oryx.eval.perplexity import window_batches
 from oryx.routing.budget import OWN, calibration_rows, realised_fraction
@@ -60,13 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", default=None, help="with --joint: the folder to save the model and router to")
     parser.add_argument("--seed", type=seed, default=0, help="seed of the router's init and minibatches")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda (default: auto)")
-    parser.add_argument(
-        "--no-verify",
-        dest="verify",
-        action="store_false",
-        help="load the checkpoint without checking its checksums.json (it is then not verified)",
-    )
+    add_device_argument(parser)
+    add_no_verify_argument(parser, "the checkpoint")
 
 
 def _run_dir(folder: Path) -> Path | None:
