@@ -13,6 +13,8 @@ it. Not a test: it prints, for one configuration per call,
     python benchmarks/compiled_grads.py --variant tg --seed 2 --reference recurrence   # the recurrence on torch
     python benchmarks/compiled_grads.py --variant tk --reference attention --modes linear --layers 3
 
+    python benchmarks/compiled_grads.py --argsort    # the root cause: inductor's argsort against eager
+
 `--reference` puts one half of the mixer on the torch reference op (recurrence: every linear op; attention: causal
 attention), `--contiguous` hands fla fresh contiguous copies of its inputs, `--bf16` runs under autocast.
 """
@@ -176,6 +178,25 @@ def first_departures(run: list[Record], tuned: list[Record], limit: float, shown
     return lines[:shown]
 
 
+def argsort_check(device: str) -> None:
+    """Print, per shape, in how many of 20 random block tables [..., N] bool a compiled stable argsort of ~blocks (as
+    the block lists were once built) lists other blocks than eager does (only the listed prefix counts)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def order(blocks: torch.Tensor) -> torch.Tensor:
+        return torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True)
+
+    compiled = torch.compile(order, fullgraph=True, dynamic=False)
+    for shape in [(2, 3, 3), (2, 8, 8), (2, 16, 16), (2, 24, 24), (2, 64, 64)]:
+        wrong = 0
+        for _ in range(20):
+            blocks = (torch.rand(*shape, generator=gen) < torch.rand(*shape[:-1], 1, generator=gen)).to(device)
+            listed = torch.arange(shape[-1], device=device) < blocks.sum(-1, keepdim=True)
+            eager, traced = (torch.where(listed, fn(blocks), -1) for fn in (order, compiled))
+            wrong += int(not torch.equal(eager, traced))
+        print(f"argsort {shape}: {wrong}/20 tables listed differently compiled than eager", flush=True)
+
+
 def compile_model(model: OryxForCausalLM, backend: str) -> None:
     """`compile_blocks()` with the given dynamo backend, under the taps (each tap wraps a compiled block)."""
     torch._dynamo.reset()
@@ -196,8 +217,12 @@ def main() -> None:
     parser.add_argument("--contiguous", action="store_true", help="give fla contiguous copies of its inputs")
     parser.add_argument("--trace", action="store_true", help="print where each compiled run departs from eager")
     parser.add_argument("--bf16", action="store_true", help="under bf16 autocast")
+    parser.add_argument("--argsort", action="store_true", help="only check inductor's argsort against eager")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.argsort:
+        argsort_check(device)
+        return
     os.environ.setdefault(fla.HOPPER_BACKWARD_ENV, "1")  # every dtype on fla, as the GPU test runs it
     on_reference(args.reference)
     model, ids, modes = build(args, device)

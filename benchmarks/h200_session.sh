@@ -59,12 +59,13 @@ grads)
   # One configuration per process, four at a time, each into its own log: losses, per-group gradient errors against
   # the float64 reference and (--trace) where the compiled run first departs from the eager one.
   echo "=== grads (limit 420s) $(date +%T)"
-  printf '%s\n' \
+  # GRADS (one configuration per line) replaces the default list.
+  if [ -n "${GRADS:-}" ]; then printf '%s\n' "$GRADS"; else printf '%s\n' \
     "--variant tg --seed 2 --trace --backends eager aot_eager inductor" \
     "--variant tg --seed 2 --reference recurrence" "--variant tg --seed 2 --reference attention --trace" \
     "--variant tg --seed 2 --contiguous --trace" "--variant tk --seed 2 --trace" "--variant tm --seed 2 --trace" \
-    "--variant tg --seed 0 --trace" "--variant tg --seed 2 --bf16 --trace" ${GRADS:+"$GRADS"} |
-    OUT=$OUT timeout 420 xargs -P 4 -I{} sh -c \
+    "--variant tg --seed 0 --trace" "--variant tg --seed 2 --bf16 --trace"; fi |
+    OUT=$OUT timeout 420 xargs -P "${GRADS_JOBS:-4}" -I{} sh -c \
       'python3 benchmarks/compiled_grads.py {} > "$OUT/grads$(echo " {}" | tr -cs "a-z0-9" -).log" 2>&1'
   echo "exit $?"
   for log in "$OUT"/grads-*.log; do echo "== $log"; grep -v -i warn "$log" | tail -n 30; done

@@ -8,7 +8,7 @@ import torch
 from conftest import rel_err
 
 from oryx.ops.backends import fla, flex
-from oryx.ops.backends._common import common_dtype
+from oryx.ops.backends._common import common_dtype, listed_first
 
 
 def _dense(mask) -> torch.Tensor:
@@ -181,6 +181,18 @@ def test_fla_backend_values_and_gradients_match_the_reference_through_its_custom
     names = [name for name, x in zip(["q", "k", "v", "g", "beta", "h0"], inputs, strict=True) if x is not None]
     for name, a, b in zip(names, got, expected, strict=True):
         assert rel_err(a, b) < 1e-5, name
+
+
+@pytest.mark.parametrize("n", [1, 3, 5, 16, 33])
+def test_listed_first_orders_like_a_stable_argsort_eager_and_compiled(n, gen):
+    """The block lists of both attention backends: listed positions first, then the rest, each in order; equal to
+    the stable argsort it replaced, eager and under inductor, for random rows including all-listed and none-listed."""
+    flags = torch.rand(4, 6, n, generator=gen) < torch.rand(4, 6, 1, generator=gen)
+    flags[0, 0], flags[0, 1] = True, False
+    expected = torch.argsort((~flags).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    assert torch.equal(listed_first(flags), expected)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(listed_first, fullgraph=True)(flags), expected)
 
 
 def test_flex_backend_traces_into_one_graph(gen):

@@ -349,6 +349,39 @@ def test_triton_rows_compiled_equals_eager_and_passes_opcheck(gen):
     torch.library.opcheck(triton_rows.rows_attention, (q, k, v, active, rows, keys, D**-0.5))
 
 
+def _chunk_rows(B: int, T: int, gen: torch.Generator) -> torch.Tensor:
+    """[B, T] attention rows as the training mix draws them: random 128-token chunks, a few token-level switches."""
+    from oryx.schedule import parse
+
+    modes = parse("chunks:size=128,p_attn=0.5").modes(B, T, generator=gen)
+    flips = torch.randint(0, T - 3, (B,), generator=gen)
+    for b in range(B):
+        modes[b, flips[b] : flips[b] + 3] = 1 - modes[b, flips[b] : flips[b] + 3]
+    return (modes == 0).to(DEV)
+
+
+@pytest.mark.parametrize("T", [384, 1000, 2048])
+def test_block_mask_built_in_a_compiled_graph_equals_eager(T, gen):
+    """The block mask as a compiled model builds it (inside the graph, by inductor) against eager, for chunk-pattern
+    selections with and without key padding: every block count and the listed part of every index list. Regression:
+    inductor's Triton sort (the index lists were an argsort) listed wrong key blocks on an H200."""
+    from oryx.ops.backends.flex import block_mask
+
+    def tensors(rows, keys):
+        mask = block_mask(rows, keys, rows.shape[0], T, T, rows.device)
+        return mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices
+
+    compiled = torch.compile(tensors, fullgraph=True)
+    for trial in range(6):
+        rows = _chunk_rows(3, T, gen)
+        keys = None if trial % 2 else (torch.rand(3, T, generator=gen) > 0.1).to(DEV)
+        got, expected = compiled(rows, keys), tensors(rows, keys)
+        for (ca, ia), (cb, ib) in zip((got[:2], got[2:]), (expected[:2], expected[2:]), strict=True):
+            assert torch.equal(ca, cb)
+            listed = torch.arange(ia.shape[-1], device=DEV) < cb[..., None]
+            assert torch.equal(torch.where(listed, ia, -1), torch.where(listed, ib, -1))
+
+
 def test_block_mask_gives_work_only_to_selected_query_blocks():
     """Attention work follows the attention rows: a query block without a selected row gets no key block."""
     from oryx.ops.backends.flex import BLOCK, block_mask
@@ -581,14 +614,16 @@ def test_compiled_model_equals_eager_on_the_fast_backends(variant, precision, ge
         check("gradients (compiled vs float32 eager)", flat_compiled, reference, 1.25 * eager_error + 1e-3)
 
 
-def test_flex_backend_compiled_equals_eager_forward_and_backward(gen):
+@pytest.mark.parametrize("selection", ["tokens", "chunks"])
+def test_flex_backend_compiled_equals_eager_forward_and_backward(selection, gen):
     """The attention branch alone inside a compiled region (block mask built in the graph, flex's backward by
-    inductor) against the eager flex backend: localises a compiled-model gradient error to attention or not."""
+    inductor) against the eager flex backend, for random token rows (every query block active) and for the training
+    mix's chunks (some blocks inactive: where the compiled block lists once went wrong)."""
     from oryx.ops.backends import flex
 
     B, T, H, D = 2, 384, 2, 128
     q, k, v = (torch.randn(B, T, H, D, generator=gen).to(DEV, torch.bfloat16).requires_grad_() for _ in range(3))
-    rows = (torch.rand(B, T, generator=gen) < 0.5).to(DEV)
+    rows = (torch.rand(B, T, generator=gen) < 0.5).to(DEV) if selection == "tokens" else _chunk_rows(B, T, gen)
     do = torch.randn(B, T, H, D, generator=gen).to(DEV, torch.bfloat16)
 
     def attend(q, k, v):

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from oryx.ops import dispatch
-from oryx.ops.backends._common import FAST_DTYPES, importable
+from oryx.ops.backends._common import FAST_DTYPES, importable, listed_first
 from oryx.ops.common import DerivedFromMasks
 
 Tensor = torch.Tensor
@@ -85,8 +85,7 @@ def _pad_rows(mask: Tensor, length: int, value: bool) -> Tensor:
 def _blocks_to_indices(blocks: Tensor) -> tuple[Tensor, Tensor]:
     """[B, Nq, Nk] bool -> (count [B, 1, Nq], indices [B, 1, Nq, Nk]) int32, listed blocks first (in key order)."""
     count = blocks.sum(-1, dtype=torch.int32)
-    indices = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    return count[:, None], indices[:, None]
+    return count[:, None], listed_first(blocks)[:, None]
 
 
 def block_mask(query_mask: Tensor | None, key_mask: Tensor | None, B: int, Tq: int, Tk: int, device: torch.device):
