@@ -13,8 +13,7 @@ it. Not a test: it prints, for one configuration per call,
     python benchmarks/compiled_grads.py --variant tg --seed 2 --reference recurrence   # the recurrence on torch
     python benchmarks/compiled_grads.py --variant tk --reference attention --modes linear --layers 3
 
-    python benchmarks/compiled_grads.py --flex       # the attention branch alone, per batch row and block list
-    python benchmarks/compiled_grads.py --variant tg --seed 2 --block-lists heads   # with the lists given per head
+    python benchmarks/compiled_grads.py --flex --seed 2   # the attention branch alone, per batch row
 
 `--reference` puts one half of the mixer on the torch reference op (recurrence: every linear op; attention: causal
 attention), `--contiguous` hands fla fresh contiguous copies of its inputs, `--bf16` runs under autocast.
@@ -179,43 +178,10 @@ def first_departures(run: list[Record], tuned: list[Record], limit: float, shown
     return lines[:shown]
 
 
-def argsort_check(device: str) -> None:
-    """Print, per shape, in how many of 20 random block tables [..., N] bool a compiled stable argsort of ~blocks (as
-    the block lists were once built) lists other blocks than eager does (only the listed prefix counts)."""
-    gen = torch.Generator().manual_seed(0)
-
-    def order(blocks: torch.Tensor) -> torch.Tensor:
-        return torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True)
-
-    compiled = torch.compile(order, fullgraph=True, dynamic=False)
-    for shape in [(2, 3, 3), (2, 8, 8), (2, 16, 16), (2, 24, 24), (2, 64, 64)]:
-        wrong = 0
-        for _ in range(20):
-            blocks = (torch.rand(*shape, generator=gen) < torch.rand(*shape[:-1], 1, generator=gen)).to(device)
-            listed = torch.arange(shape[-1], device=device) < blocks.sum(-1, keepdim=True)
-            eager, traced = (torch.where(listed, fn(blocks), -1) for fn in (order, compiled))
-            wrong += int(not torch.equal(eager, traced))
-        print(f"argsort {shape}: {wrong}/20 tables listed differently compiled than eager", flush=True)
-
-
-def use_block_lists(kind: str, heads: int) -> None:
-    """How flex's block lists [B, 1, Nq(, Nk)] reach the kernel: "graph" as built, "clone" as fresh copies, "heads"
-    repeated for every head ([B, H, ...], no broadcast head dimension)."""
-    original = flex._blocks_to_indices
-
-    def lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        count, order = original(blocks)
-        if kind == "clone":
-            return count.clone(), order.clone()
-        return count.repeat(1, heads, 1), order.repeat(1, heads, 1, 1)
-
-    if kind != "graph":
-        flex._blocks_to_indices = lists
-
-
 def flex_check(args: argparse.Namespace, device: str) -> None:
     """The flex backend alone on the model's attention rows (bf16, H = 2 × 128), compiled against eager: relative
-    error of o per batch row, for each way of handing over the block lists and with the mask built outside."""
+    error of o per batch row, with the block mask built in the compiled graph (as a compiled model builds it) and
+    outside it."""
     _, _, modes = build(args, device)
     rows = modes == 0
     gen = torch.Generator().manual_seed(args.seed)
@@ -223,7 +189,6 @@ def flex_check(args: argparse.Namespace, device: str) -> None:
     B, T, H, D = *rows.shape, 2, 128 if cuda else 32  # a CPU: float32 and small heads (inductor fails even so)
     dtype = torch.bfloat16 if cuda else torch.float32
     q, k, v = (torch.randn(B, T, H, D, generator=gen).to(device, dtype) for _ in range(3))
-    original = flex._blocks_to_indices
 
     def attend(q, k, v, rows):
         return flex._flex_backend(q, k, v, rows, None, D**-0.5)
@@ -232,24 +197,20 @@ def flex_check(args: argparse.Namespace, device: str) -> None:
         padded = (x.transpose(1, 2) for x in (q, k, v))
         return flex._flex(*padded, mask, D**-0.5).transpose(1, 2)
 
-    for kind in ("graph", "clone", "heads"):
-        flex._blocks_to_indices = original
-        use_block_lists(kind, H)
-        for name, inputs in (("rows", rows), ("rows, batch swapped", rows.flip(0)), ("row 1 alone", rows[1:])):
-            torch._dynamo.reset()
-            n = inputs.shape[0]
-            eager = attend(q[:n], k[:n], v[:n], inputs)
-            compiled = torch.compile(attend, fullgraph=True)(q[:n], k[:n], v[:n], inputs)
-            errors = " ".join(f"{rel(compiled[b].double(), eager[b].double()):.1e}" for b in range(n))
-            print(f"flex {kind:5s} {name:20s}: o per batch row {errors}", flush=True)
-    flex._blocks_to_indices = original
+    for name, inputs in (("rows", rows), ("rows, batch swapped", rows.flip(0)), ("row 1 alone", rows[1:])):
+        torch._dynamo.reset()
+        n = inputs.shape[0]
+        eager = attend(q[:n], k[:n], v[:n], inputs)
+        compiled = torch.compile(attend, fullgraph=True)(q[:n], k[:n], v[:n], inputs)
+        errors = " ".join(f"{rel(compiled[b].double(), eager[b].double()):.1e}" for b in range(n))
+        print(f"flex, mask in the graph, {name:20s}: o per batch row {errors}", flush=True)
     torch._dynamo.reset()
-    mask = flex.block_mask(rows, None, B, T, T, rows.device)
+    mask = flex.block_mask(rows, None, B, H, T, T, rows.device)
     eager = attend(q, k, v, rows)
     outside = torch.compile(attend_with, fullgraph=True)(mask, q, k, v)
     outside = torch.where(rows[:, :, None, None], outside, 0)
     errors = " ".join(f"{rel(outside[b].double(), eager[b].double()):.1e}" for b in range(B))
-    print(f"flex mask built outside the graph: o per batch row {errors}", flush=True)
+    print(f"flex, mask built outside the graph: o per batch row {errors}", flush=True)
 
 
 def compile_model(model: OryxForCausalLM, backend: str) -> None:
@@ -272,23 +233,12 @@ def main() -> None:
     parser.add_argument("--contiguous", action="store_true", help="give fla contiguous copies of its inputs")
     parser.add_argument("--trace", action="store_true", help="print where each compiled run departs from eager")
     parser.add_argument("--bf16", action="store_true", help="under bf16 autocast")
-    parser.add_argument("--argsort", action="store_true", help="only check inductor's argsort against eager")
     parser.add_argument("--flex", action="store_true", help="only check the flex backend, compiled against eager")
-    parser.add_argument(
-        "--block-lists",
-        default="graph",
-        choices=["graph", "clone", "heads"],
-        help="how flex's block lists reach its kernel (see use_block_lists)",
-    )
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.argsort:
-        argsort_check(device)
-        return
     if args.flex:
         flex_check(args, device)
         return
-    use_block_lists(args.block_lists, heads=2)  # build(): hidden 256 in heads of 128
     os.environ.setdefault(fla.HOPPER_BACKWARD_ENV, "1")  # every dtype on fla, as the GPU test runs it
     on_reference(args.reference)
     model, ids, modes = build(args, device)

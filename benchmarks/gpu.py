@@ -175,9 +175,10 @@ def mixer_point(T: int, rows: list[float], variants: list[str], gen: torch.Gener
         # Built once per forward and shared by every layer (oryx.ops.backends.flex._shared_block_mask), so the
         # repeated calls above reuse it; its cost is timed here on its own.
         record(
-            f"mask{p:g}_build", lambda attn_rows=attn_rows: flex.block_mask(attn_rows, None, B, T, T, torch.device(DEV))
+            f"mask{p:g}_build",
+            lambda attn_rows=attn_rows: flex.block_mask(attn_rows, None, B, H, T, T, torch.device(DEV)),
         )
-        mask = flex.block_mask(attn_rows, None, B, T, T, torch.device(DEV))
+        mask = flex.block_mask(attn_rows, None, B, H, T, T, torch.device(DEV))
 
         def flex_only(mask=mask):
             return flex._flex(*heads, mask, heads[0].shape[-1] ** -0.5)

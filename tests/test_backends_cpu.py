@@ -8,7 +8,7 @@ import torch
 from conftest import rel_err
 
 from oryx.ops.backends import fla, flex
-from oryx.ops.backends._common import common_dtype, listed_first
+from oryx.ops.backends._common import common_dtype
 
 
 def _dense(mask) -> torch.Tensor:
@@ -19,20 +19,20 @@ def test_block_mask_is_built_once_per_mask_tensor_and_rebuilt_when_it_changes(ge
     B, T, cpu = 2, 5 * flex.BLOCK, torch.device("cpu")
     rows = torch.zeros(B, T, dtype=torch.bool)
     rows[:, flex.BLOCK :][torch.rand(B, T - flex.BLOCK, generator=gen) < 0.3] = True  # block 0: no attention row
-    first = flex._shared_block_mask(rows, None, B, T, T, cpu)
-    assert flex._shared_block_mask(rows, None, B, T, T, cpu) is first  # every layer of a forward: one build
+    first = flex._shared_block_mask(rows, None, B, 2, T, T, cpu)
+    assert flex._shared_block_mask(rows, None, B, 2, T, T, cpu) is first  # every layer of a forward: one build
 
     equal_copy = rows.clone()  # equal values, another tensor: built afresh, never matched by identity
-    assert flex._shared_block_mask(equal_copy, None, B, T, T, cpu) is not first
+    assert flex._shared_block_mask(equal_copy, None, B, 2, T, T, cpu) is not first
 
     rows[:, 7] = True  # an in-place change (block 0 becomes active) must not serve the stale mask
-    changed = flex._shared_block_mask(rows, None, B, T, T, cpu)
-    assert torch.equal(_dense(changed), _dense(flex.block_mask(rows, None, B, T, T, cpu)))
+    changed = flex._shared_block_mask(rows, None, B, 2, T, T, cpu)
+    assert torch.equal(_dense(changed), _dense(flex.block_mask(rows, None, B, 2, T, T, cpu)))
     assert not torch.equal(_dense(changed), _dense(first))
 
     keys = torch.rand(B, T, generator=gen) < 0.9
-    with_keys = flex._shared_block_mask(rows, keys, B, T, T, cpu)
-    assert torch.equal(_dense(with_keys), _dense(flex.block_mask(rows, keys, B, T, T, cpu)))
+    with_keys = flex._shared_block_mask(rows, keys, B, 2, T, T, cpu)
+    assert torch.equal(_dense(with_keys), _dense(flex.block_mask(rows, keys, B, 2, T, T, cpu)))
 
 
 def test_flex_stays_compiled_when_the_process_has_spent_dynamo_recompile_budget(gen):
@@ -181,18 +181,6 @@ def test_fla_backend_values_and_gradients_match_the_reference_through_its_custom
     names = [name for name, x in zip(["q", "k", "v", "g", "beta", "h0"], inputs, strict=True) if x is not None]
     for name, a, b in zip(names, got, expected, strict=True):
         assert rel_err(a, b) < 1e-5, name
-
-
-@pytest.mark.parametrize("n", [1, 3, 5, 16, 33])
-def test_listed_first_orders_like_a_stable_argsort_eager_and_compiled(n, gen):
-    """The block lists of both attention backends: listed positions first, then the rest, each in order; equal to
-    the stable argsort it replaced, eager and under inductor, for random rows including all-listed and none-listed."""
-    flags = torch.rand(4, 6, n, generator=gen) < torch.rand(4, 6, 1, generator=gen)
-    flags[0, 0], flags[0, 1] = True, False
-    expected = torch.argsort((~flags).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    assert torch.equal(listed_first(flags), expected)
-    torch._dynamo.reset()
-    assert torch.equal(torch.compile(listed_first, fullgraph=True)(flags), expected)
 
 
 def test_flex_backend_traces_into_one_graph(gen):

@@ -132,12 +132,14 @@ def test_resume_in_process_repeats_the_losses_and_data_position(corpus, tmp_path
     assert [(r["step"], r["compiled"]) for r in firsts] == [(5, False)] and firsts[0]["seconds"] > 0
 
 
-def test_no_compile_flag_reaches_the_config(tmp_path):
+def test_compile_flags_reach_the_config_and_unset_compiles_on_cuda_only(tmp_path):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    for flags, expected in (([], False), (["--compile"], True), (["--no-compile"], False)):
+    cases = (([], None, True, False), (["--compile"], True, True, True), (["--no-compile"], False, False, False))
+    for flags, given, on_cuda, on_cpu in cases:
         config, _ = resolve_config(parser.parse_args([*flags, "--out-dir", str(tmp_path)]))
-        assert config.compile is expected
+        assert config.compile is given
+        assert (config.compiles("cuda"), config.compiles("cpu")) == (on_cuda, on_cpu)
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_losses(corpus, tmp_path):

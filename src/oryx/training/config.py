@@ -72,7 +72,9 @@ class TrainConfig:
         None, "override the MLP width (default ≈ 8D/3, matched for baselines)", "model"
     )
     gradient_checkpointing: bool = _opt(False, "recompute each block in the backward pass to save memory", "model")
-    compile: bool = _opt(False, "torch.compile every block and the loss (regional compilation, fullgraph)", "model")
+    compile: bool | None = _opt(
+        None, "torch.compile every block and the loss (regional compilation, fullgraph); unset: on CUDA only", "model"
+    )
     loss_chunk_tokens: int = _opt(
         4096, "compute the loss this many tokens at a time, never all [tokens, vocab] logits (0 = all at once)", "model"
     )
@@ -207,6 +209,11 @@ class TrainConfig:
     def eval_modes(self) -> dict[str, str]:
         """Validation modes, name -> schedule: both for Oryx, the one mode for a baseline."""
         return {MODE_NAMES[mode]: MODE_NAMES[mode] for mode in self.family.modes}
+
+    def compiles(self, device_type: str) -> bool:
+        """Whether the run compiles its blocks: `compile` when set, else on CUDA, where it pays (1.3-1.8x the eager
+        step, benchmarks/RESULTS.md), and not on a CPU, where the compile costs more than a short run gains."""
+        return self.compile if self.compile is not None else device_type == "cuda"
 
     @property
     def peak_lr(self) -> float:

@@ -482,7 +482,8 @@ def _setup(
         use_every_parameter(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if config.compile:  # regional: one graph for all the blocks, compiled before the ranks' wrapping (as torchtitan)
+    # Regional: one graph for all the blocks, compiled before the ranks' wrapping (as torchtitan).
+    if config.compiles(info.device.type):
         model.compile_blocks()
     wrapped = distributed.wrap(model, info, config.parallel)
     optimizer = adamw(
@@ -600,9 +601,10 @@ def _loop(
                        "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_step / seconds,
                        "threads": cpu_threads})  # fmt: skip
             if step == first_step + 1:
-                log.write({"kind": "first_step", "step": step, "seconds": seconds, "compiled": config.compile})
+                compiled = config.compiles(info.device.type)
+                log.write({"kind": "first_step", "step": step, "seconds": seconds, "compiled": compiled})
                 if info.is_main:
-                    tqdm.write(f"first step: {seconds:.1f} s" + " (compiling, tuning kernels)" * config.compile)
+                    tqdm.write(f"first step: {seconds:.1f} s" + " (compiling, tuning kernels)" * compiled)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / seconds:,.0f}")
             done = step == config.steps

@@ -1,5 +1,4 @@
-"""Helpers shared by the fast backends: call-time availability checks (never at import), and the one index helper
-both attention backends build their block lists with."""
+"""Helpers shared by the fast backends: call-time availability checks (never at import)."""
 
 from __future__ import annotations
 
@@ -37,16 +36,3 @@ def common_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     if torch.is_autocast_enabled(present[0].device.type):
         return torch.get_autocast_dtype(present[0].device.type)
     return functools.reduce(torch.promote_types, (t.dtype for t in present))
-
-
-def listed_first(flags: torch.Tensor) -> torch.Tensor:
-    """[..., N] bool -> [..., N] int32: the positions j where ``flags[..., j]`` first, then the others, each group in
-    increasing j; what ``torch.argsort((~flags).to(torch.int8), dim=-1, stable=True)`` returns.
-
-    Without a sort, from running counts and one scatter: inside a compiled model inductor lowers ``argsort`` to its
-    own Triton sort, which on an H200 put blocks in the wrong order for some rows (benchmarks/RESULTS.md); a block
-    list in the wrong order is attention over the wrong keys."""
-    listed, unlisted = flags.to(torch.int32).cumsum(-1), (~flags).to(torch.int32).cumsum(-1)
-    slot = torch.where(flags, listed - 1, listed[..., -1:] + unlisted - 1).long()  # where each position goes
-    position = torch.arange(flags.shape[-1], dtype=torch.int32, device=flags.device).expand(flags.shape)
-    return torch.empty_like(position).scatter_(-1, slot, position)

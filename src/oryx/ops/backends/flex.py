@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from oryx.ops import dispatch
-from oryx.ops.backends._common import FAST_DTYPES, importable, listed_first
+from oryx.ops.backends._common import FAST_DTYPES, importable
 from oryx.ops.common import DerivedFromMasks
 
 Tensor = torch.Tensor
@@ -82,14 +82,23 @@ def _pad_rows(mask: Tensor, length: int, value: bool) -> Tensor:
     return F.pad(mask, (0, length - mask.shape[1]), value=value)
 
 
-def _blocks_to_indices(blocks: Tensor) -> tuple[Tensor, Tensor]:
-    """[B, Nq, Nk] bool -> (count [B, 1, Nq], indices [B, 1, Nq, Nk]) int32, listed blocks first (in key order)."""
+def _blocks_to_indices(blocks: Tensor, heads: int) -> tuple[Tensor, Tensor]:
+    """[B, Nq, Nk] bool -> (count [B, H, Nq], indices [B, H, Nq, Nk]) int32, listed blocks first (in key order),
+    repeated for each of the H heads.
+
+    Per head, not a broadcast head dimension of 1: flex's kernel finds a sequence's lists at (b·H_mask + h) times the
+    head stride, and for a size-1 head dimension of a tensor built inside a compiled graph inductor may choose any
+    stride, 0 included; then every sequence read the first one's lists (benchmarks/RESULTS.md, 2026-12-02). Real
+    strides cost H copies of lists of Nq·Nk ints."""
     count = blocks.sum(-1, dtype=torch.int32)
-    return count[:, None], listed_first(blocks)[:, None]
+    indices = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return count[:, None].repeat(1, heads, 1), indices[:, None].repeat(1, heads, 1, 1)
 
 
-def block_mask(query_mask: Tensor | None, key_mask: Tensor | None, B: int, Tq: int, Tk: int, device: torch.device):
-    """The ``BlockMask`` of causal attention restricted to the query blocks that hold a selected row.
+def block_mask(
+    query_mask: Tensor | None, key_mask: Tensor | None, B: int, H: int, Tq: int, Tk: int, device: torch.device
+):
+    """The ``BlockMask`` of causal attention restricted to the query blocks that hold a selected row, for H heads.
 
     query_mask [B, Tq] and key_mask [B, Tk] bool or None; row i sits at key position Tk − Tq + i. The mask is for
     queries and keys padded to ``compiled_length`` (its ``seq_lengths``), where padded rows are unselected.
@@ -131,8 +140,8 @@ def block_mask(query_mask: Tensor | None, key_mask: Tensor | None, B: int, Tq: i
             return (kv_idx <= q_idx + shift) & key_mask[b, kv_idx]
 
     return BlockMask.from_kv_blocks(
-        *_blocks_to_indices(partial),
-        *_blocks_to_indices(full),
+        *_blocks_to_indices(partial, H),
+        *_blocks_to_indices(full, H),
         BLOCK_SIZE=BLOCK,
         mask_mod=mask_mod,
         seq_lengths=(Pq, Pk),
@@ -140,12 +149,12 @@ def block_mask(query_mask: Tensor | None, key_mask: Tensor | None, B: int, Tq: i
 
 
 def _shared_block_mask(
-    query_mask: Tensor | None, key_mask: Tensor | None, B: int, Tq: int, Tk: int, device: torch.device
+    query_mask: Tensor | None, key_mask: Tensor | None, B: int, H: int, Tq: int, Tk: int, device: torch.device
 ):
     """``block_mask``, built once per forward: building it costs about a hundred small launches (milliseconds of
     host time per call, more than the attention itself at 2.5 % of the rows)."""
     return _block_masks.get(
-        (query_mask, key_mask), (B, Tq, Tk, device), lambda: block_mask(query_mask, key_mask, B, Tq, Tk, device)
+        (query_mask, key_mask), (B, H, Tq, Tk, device), lambda: block_mask(query_mask, key_mask, B, H, Tq, Tk, device)
     )
 
 
@@ -173,12 +182,12 @@ def _sdpa_rows(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, scale: 
 def _flex_backend(
     q: Tensor, k: Tensor, v: Tensor, query_mask: Tensor | None, key_mask: Tensor | None, scale: float
 ) -> Tensor:
-    B, Tq = q.shape[:2]
+    B, Tq, H = q.shape[:3]
     Tk = k.shape[1]
     if Tq <= FEW_ROWS:
         o = _sdpa_rows(*(x.transpose(1, 2) for x in (q, k, v)), key_mask, scale)  # [B, H, T, D]
     else:
-        mask = _shared_block_mask(query_mask, key_mask, B, Tq, Tk, q.device)
+        mask = _shared_block_mask(query_mask, key_mask, B, H, Tq, Tk, q.device)
         Pq, Pk = mask.seq_lengths
         padded = (_pad_length(x, P).transpose(1, 2) for x, P in ((q, Pq), (k, Pk), (v, Pk)))
         o = _flex(*padded, mask, scale)[:, :, :Tq]

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from oryx.ops import dispatch
 from oryx.ops.backends import flex
-from oryx.ops.backends._common import FAST_DTYPES, common_dtype, importable, listed_first
+from oryx.ops.backends._common import FAST_DTYPES, common_dtype, importable
 
 Tensor = torch.Tensor
 
@@ -139,7 +139,7 @@ def rows_attention_backward(
     km = _mask_arg(key_mask, active)
     # The dK/dV loop walks a list of the active blocks (no per-step branch): each sequence's active blocks first, in
     # order, and how many come before each block.
-    order = listed_first(active != 0)
+    order = torch.argsort((active == 0).to(torch.int8), dim=1, stable=True).to(torch.int32)
     prefix = F.pad(active.cumsum(1, dtype=torch.int32), (1, 0))
     sizes = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_o), H, Tq, Tk, NQ, scale, scale * LOG2E)
     flags = {"D": D, "DV": Dv, "HAS_KMASK": key_mask is not None, "DOT_PREC": _precision(q.dtype), "ROWS_": ROWS}
