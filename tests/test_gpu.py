@@ -369,11 +369,13 @@ def test_block_mask_gives_work_only_to_selected_query_blocks():
     chunks[0, [3, 9]] = True
     chunks[1, 15] = True
     mask = block_mask(chunks.repeat_interleave(BLOCK, dim=1), None, B, 2, T, T, torch.device(DEV))
-    blocks = (mask.kv_num_blocks + mask.full_kv_num_blocks)[:, 1]  # [B, Nq], the second head's (as the first's)
+    counts = mask.kv_num_blocks + mask.full_kv_num_blocks  # [B, H, Nq]: the same lists for each head
+    assert torch.equal(counts[:, 0], counts[:, 1])
+    blocks = counts[:, 1]
     expected = torch.zeros(B, T // BLOCK, dtype=blocks.dtype, device=DEV)
     expected[0, 3], expected[0, 9], expected[1, 15] = 4, 10, 16  # causal: block i sees key blocks 0..i
     assert torch.equal(blocks, expected)
-    assert int(mask.kv_num_blocks.sum()) == 3  # only the diagonal blocks evaluate the mask function
+    assert int(mask.kv_num_blocks[:, 0].sum()) == 3  # only the diagonal blocks evaluate the mask function
 
 
 # ------------------------------------------------------------------------------------------------------------
