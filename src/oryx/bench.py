@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compile",
         action="store_true",
         help="torch.compile every model: the Transformer whole, as a user would; Oryx and the recurrent baselines by "
-        "block (compile_blocks, what oryx train --compile runs). The first step, compile included, is printed apart",
+        "block (compile_blocks, what oryx train runs on CUDA). The first step, compile included, is printed apart",
     )
     parser.add_argument(
         "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)"
