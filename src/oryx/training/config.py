@@ -211,8 +211,9 @@ class TrainConfig:
         return {MODE_NAMES[mode]: MODE_NAMES[mode] for mode in self.family.modes}
 
     def compiles(self, device_type: str) -> bool:
-        """Whether the run compiles its blocks: `compile` when set, else on CUDA, where it pays (1.3-1.8x the eager
-        step, benchmarks/RESULTS.md), and not on a CPU, where the compile costs more than a short run gains."""
+        """Whether the run compiles its blocks: `compile` when set, else on CUDA, where the compiled step is faster
+        than the eager one (benchmarks/RESULTS.md), and not on a CPU, where the compile costs more than a short run
+        gains."""
         return self.compile if self.compile is not None else device_type == "cuda"
 
     @property
