@@ -553,9 +553,31 @@ def train_point(point: dict) -> dict:
                 step()
             torch.cuda.reset_peak_memory_stats()
             ms = median_ms(step, warmup=0, repeats=point.get("repeats", 6))
+            peak_gb = torch.cuda.max_memory_allocated() / 2**30
+            profile = {}
+            if point.get("profile"):
+                profile = _profile_steps(step, Path(point["profile"]) / f"{name}-{B}x{T}.txt")
     params = sum(p.numel() for p in model.parameters())
     return {**point, "first_step_s": first, "ms": ms, "tok_s": B * T / ms * 1e3, "params": params,
-            "peak_gb": torch.cuda.max_memory_allocated() / 2**30}  # fmt: skip
+            "peak_gb": peak_gb, **profile}  # fmt: skip
+
+
+def _profile_steps(step: Callable[[], None], table: Path, steps: int = 3) -> dict:
+    """Where a step's time goes: ``steps`` steps under torch.profiler, the kernels' table (by device time) written to
+    ``table``; returned, per step: the device's busy time (the sum of kernel times; far below the step's wall time
+    means the host, not the card, sets the pace) and the number of kernel launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90))
+    return {"device_busy_ms": sum(e.self_device_time_total for e in kernels) / 1e3 / steps,
+            "kernels_per_step": len(kernels) / steps}  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -590,11 +612,12 @@ def bench_train(
     record: list[dict],
     save: Callable[[], None],
     concurrent: int = 1,
+    profile: str | None = None,
 ) -> None:
     """Every model at every shape and loss chunk (`loss_chunk_tokens` of `oryx train`, 0 = the plain loss; fla's
     models compute their own loss), each in a fresh process; the compiled Transformer with the same loss is the
     anchor of each shape. ``concurrent`` > 1: that many processes warm up at once (a wave), then time one after
-    another."""
+    another. ``profile``: a folder for each point's kernel table (after its timed steps, not in them)."""
     for shape in shapes:
         B, T = (int(x) for x in shape.split("x"))
         points = []
@@ -603,7 +626,7 @@ def bench_train(
                 "model" if name.startswith("transformer") else ("off" if name.startswith("fla-") else "blocks")
             )
             points.append({"model": name, "batch": B, "seq": T, "compile": compile_mode, "checkpointing": T >= 32768,
-                           "loss_chunk_tokens": chunk})  # fmt: skip
+                           "loss_chunk_tokens": chunk, "profile": profile})  # fmt: skip
         for first in range(0, len(points), concurrent):
             wave = [dict(point) for point in points[first : first + concurrent]]
             sync = Path(tempfile.mkdtemp(prefix="oryx-train-wave-")) if concurrent > 1 else None
@@ -656,8 +679,9 @@ def _collect_point(point: dict, proc: subprocess.Popen, logs: Path, record: list
     row = json.loads(lines[-1])
     record.append(row)
     print(f"  train {row['model']:<18} {shape:<8} compile={row['compile']:<6} first step {row['first_step_s']:6.1f} s  "
-          f"{row['ms']:7.1f} ms/step {row['tok_s'] / 1e3:7.1f}k tok/s  peak {row['peak_gb']:5.1f} GB",
-          flush=True)  # fmt: skip
+          f"{row['ms']:7.1f} ms/step {row['tok_s'] / 1e3:7.1f}k tok/s  peak {row['peak_gb']:5.1f} GB"
+          + (f"  device busy {row['device_busy_ms']:.1f} ms, {row['kernels_per_step']:.0f} kernels per step"
+             if "device_busy_ms" in row else ""), flush=True)  # fmt: skip
     save()
 
 
@@ -701,6 +725,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the raw numbers here")
     parser.add_argument("--concurrent-warmup", type=int, default=1, metavar="N",
                         help="train: N models warm up (compile) at once, then time one at a time")  # fmt: skip
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="train: after the timed steps, profile 3 more; kernel tables to DIR")  # fmt: skip
     if len(sys.argv) > 2 and sys.argv[1] == "train-point":  # a child of `train`
         print(json.dumps(train_point(json.loads(sys.argv[2]))))
         return
@@ -732,7 +758,9 @@ def main() -> None:
         save()
     if args.what in ("train", "all"):
         out["train"] = []
-        bench_train(args.models, args.shapes, args.loss_chunk_tokens, out["train"], save, args.concurrent_warmup)
+        bench_train(
+            args.models, args.shapes, args.loss_chunk_tokens, out["train"], save, args.concurrent_warmup, args.profile
+        )
 
 
 if __name__ == "__main__":
