@@ -517,10 +517,13 @@ def train_point(point: dict) -> dict:
     if point.get("checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     forward = model
-    if compile_mode == "blocks":
-        model.compile_blocks()
-    elif compile_mode == "model":
-        forward = torch.compile(model)
+    # "-cudagraphs": inductor replays each compiled graph from a CUDA graph (mode="reduce-overhead"), which removes
+    # the host's launch cost of every kernel inside it, fla's Python launchers included.
+    options = {"mode": "reduce-overhead"} if compile_mode.endswith("-cudagraphs") else {}
+    if compile_mode.startswith("blocks"):
+        model.compile_blocks(**options)
+    elif compile_mode.startswith("model"):
+        forward = torch.compile(model, **options)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -529,6 +532,8 @@ def train_point(point: dict) -> dict:
     loss_kwargs = {} if name.startswith("fla-") else {"loss_chunk_tokens": point["loss_chunk_tokens"]}
 
     def step() -> None:
+        if options:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are dead: their memory is reused
         ids = torch.randint(0, vocab, (B, T), generator=gen).to(DEV, non_blocking=True)
         kwargs = {"modes": schedule.modes(B, T, generator=gen).to(DEV, non_blocking=True)} if is_oryx else {}
         kwargs.update(loss_kwargs)
@@ -613,20 +618,22 @@ def bench_train(
     save: Callable[[], None],
     concurrent: int = 1,
     profile: str | None = None,
+    compile_modes: tuple[str, ...] = ("blocks",),
 ) -> None:
     """Every model at every shape and loss chunk (`loss_chunk_tokens` of `oryx train`, 0 = the plain loss; fla's
     models compute their own loss), each in a fresh process; the compiled Transformer with the same loss is the
     anchor of each shape. ``concurrent`` > 1: that many processes warm up at once (a wave), then time one after
-    another. ``profile``: a folder for each point's kernel table (after its timed steps, not in them)."""
+    another. ``profile``: a folder for each point's kernel table (after its timed steps, not in them).
+    ``compile_modes``: how our models compile (each a point): "blocks" (`compile_blocks`), "model" (`torch.compile`
+    of the whole model), either with "-cudagraphs"; the Transformer compiles whole (so "blocks" is "model" for it) and
+    the fastest of its points is the anchor; fla's models run eagerly."""
     for shape in shapes:
         B, T = (int(x) for x in shape.split("x"))
         points = []
         for chunk, name in itertools.product(loss_chunks, models):
-            compile_mode = (
-                "model" if name.startswith("transformer") else ("off" if name.startswith("fla-") else "blocks")
-            )
-            points.append({"model": name, "batch": B, "seq": T, "compile": compile_mode, "checkpointing": T >= 32768,
-                           "loss_chunk_tokens": chunk, "profile": profile})  # fmt: skip
+            modes = dict.fromkeys(_compile_mode(name, mode) for mode in compile_modes)
+            points += [{"model": name, "batch": B, "seq": T, "compile": mode, "checkpointing": T >= 32768,
+                        "loss_chunk_tokens": chunk, "profile": profile} for mode in modes]  # fmt: skip
         for first in range(0, len(points), concurrent):
             wave = [dict(point) for point in points[first : first + concurrent]]
             sync = Path(tempfile.mkdtemp(prefix="oryx-train-wave-")) if concurrent > 1 else None
@@ -637,13 +644,22 @@ def bench_train(
             _drain([_start_point(i, point) for i, point in enumerate(wave)], record, save, sync)
         for chunk in loss_chunks:
             rows = [r for r in record if (r["seq"], r["batch"], r["loss_chunk_tokens"]) == (T, B, chunk)]
-            anchor = next((r for r in rows if r["model"].startswith("transformer")), None)
-            if anchor is None:
+            anchors = [r for r in rows if r["model"].startswith("transformer")]
+            if not anchors:
                 continue
+            anchor = max(anchors, key=lambda r: r["tok_s"])
             for row in rows:
-                print(f"  {shape} loss chunk {chunk:<5} {row['model']:<18} {row['tok_s'] / anchor['tok_s']:.2f}x the "
+                print(f"  {shape} loss chunk {chunk:<5} {row['model']:<18} {row['compile']:<18} "
+                      f"{row['tok_s'] / anchor['tok_s']:.2f}x the "
                       f"compiled Transformer's tokens/s, {row['peak_gb'] / anchor['peak_gb']:.2f}x its peak memory",
                       flush=True)  # fmt: skip
+
+
+def _compile_mode(model: str, mode: str) -> str:
+    """How ``model`` runs under the asked ``mode``: fla's models eagerly, the Transformer compiled whole."""
+    if model.startswith("fla-"):
+        return "off"
+    return mode.replace("blocks", "model") if model.startswith("transformer") else mode
 
 
 def _start_point(index: int, point: dict) -> tuple[dict, subprocess.Popen, Path]:
@@ -725,6 +741,9 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the raw numbers here")
     parser.add_argument("--concurrent-warmup", type=int, default=1, metavar="N",
                         help="train: N models warm up (compile) at once, then time one at a time")  # fmt: skip
+    parser.add_argument("--compile-modes", nargs="+", default=["blocks"],
+                        choices=["blocks", "model", "blocks-cudagraphs", "model-cudagraphs"],
+                        help="train: how our models compile, each mode a point")  # fmt: skip
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="train: after the timed steps, profile 3 more; kernel tables to DIR")  # fmt: skip
     if len(sys.argv) > 2 and sys.argv[1] == "train-point":  # a child of `train`
@@ -759,7 +778,14 @@ def main() -> None:
     if args.what in ("train", "all"):
         out["train"] = []
         bench_train(
-            args.models, args.shapes, args.loss_chunk_tokens, out["train"], save, args.concurrent_warmup, args.profile
+            args.models,
+            args.shapes,
+            args.loss_chunk_tokens,
+            out["train"],
+            save,
+            args.concurrent_warmup,
+            args.profile,
+            tuple(args.compile_modes),
         )
 
 
