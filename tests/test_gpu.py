@@ -23,12 +23,14 @@ Tolerances, per path and dtype (H100, torch 2.11, Triton 3.6, fla-core 0.6.0; be
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import rel_err
+from helpers import tiny
 
 import oryx
 from oryx import ops
@@ -506,6 +508,14 @@ def test_fla_custom_ops_fake_implementations_match_the_kernels(op, gen):
     torch.library.opcheck(fla.fla_recurrent, detached)
 
 
+def _small_model_inputs(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens [2, 384] and training-mix modes of _small_model's shape, drawn anew."""
+    from oryx.schedule import parse
+
+    ids = torch.randint(0, 512, (2, 384), generator=gen).to(DEV)
+    return ids, parse("chunks:size=128,p_attn=0.5").modes(2, 384, generator=gen).to(DEV)
+
+
 def _small_model(variant: str, gen: torch.Generator):
     from oryx import OryxConfig, OryxForCausalLM
     from oryx.schedule import parse
@@ -592,6 +602,68 @@ def test_compiled_model_equals_eager_on_the_fast_backends(variant, precision, ge
     if bf16:
         eager_error = rel_err(flat_eager, reference)
         check("gradients (compiled vs float32 eager)", flat_compiled, reference, 1.25 * eager_error + 1e-3)
+
+
+@pytest.mark.parametrize("variant", ORYX_VARIANTS)
+def test_cuda_graph_training_steps_equal_the_compiled_steps(variant, gen, monkeypatch):
+    """compile_blocks(mode="reduce-overhead") (what `oryx train` runs on one GPU) against compile_blocks(): the same
+    kernels launched from CUDA graphs, so four AdamW steps under bf16 autocast, each on new tokens and new modes, give
+    the same losses and weights. The first step warms up, the second records, the later ones replay: a replay that
+    read stale inputs (the modes, the block lists) or handed out overwritten outputs would part from the graph-free
+    run there."""
+    needs_fla()
+    monkeypatch.setenv(HOPPER_BACKWARD_ENV, "1")
+    compiled, _, _ = _small_model(variant, gen)
+    replayed = copy.deepcopy(compiled)
+    batches = [_small_model_inputs(gen) for _ in range(4)]
+    torch._dynamo.reset()
+    compiled.compile_blocks()
+    replayed.compile_blocks(mode="reduce-overhead")
+
+    def train(model, graphs: bool) -> torch.Tensor:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        losses = []
+        for ids, modes in batches:
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(ids, modes=modes, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        return torch.tensor(losses)
+
+    losses, losses_replayed = train(compiled, False), train(replayed, True)
+    print(f"\n{variant} losses {losses.tolist()} / replayed {losses_replayed.tolist()}")
+    check("losses (CUDA graphs vs compiled)", losses_replayed, losses, 1e-5)
+    weights = torch.cat([p.detach().flatten() for p in compiled.parameters()])
+    check("weights after 4 steps (CUDA graphs vs compiled)",
+          torch.cat([p.detach().flatten() for p in replayed.parameters()]), weights, 1e-5)  # fmt: skip
+
+
+def test_oryx_train_on_one_gpu_replays_cuda_graphs_with_the_same_losses(corpus, tmp_path, monkeypatch):
+    """`oryx train` on CUDA (compiled, CUDA graphs unset = on) against `--no-cuda-graphs`: the same losses step by
+    step and the same validation perplexities, through evaluations and checkpoints between the steps."""
+    needs_fla()
+    monkeypatch.setenv(HOPPER_BACKWARD_ENV, "1")
+    from oryx.training import train
+    from oryx.training.metrics import read_metrics
+
+    runs = {}
+    for graphs in (None, False):
+        torch._dynamo.reset()
+        out = tmp_path / f"graphs-{graphs}"
+        train(tiny(corpus, out, device="cuda", hidden_size=256, head_dim=128, grad_accum=1, steps=8, eval_every=4,
+                   save_every=4, cuda_graphs=graphs))  # fmt: skip
+        runs[graphs] = read_metrics(out)
+    firsts = {graphs: next(r for r in records if r["kind"] == "first_step") for graphs, records in runs.items()}
+    assert (firsts[None]["cuda_graphs"], firsts[False]["cuda_graphs"]) == (True, False)
+    losses = {g: torch.tensor([r["loss"] for r in records if r["kind"] == "train"]) for g, records in runs.items()}
+    assert len(losses[None]) == 8
+    check("training losses (CUDA graphs vs not)", losses[None], losses[False], 1e-5)
+    ppl = {g: torch.tensor([r["val_ppl_attn"] for r in records if "val_ppl_attn" in r]) for g, records in runs.items()}
+    check("validation perplexity (CUDA graphs vs not)", ppl[None], ppl[False], 1e-5)
 
 
 @pytest.mark.parametrize("selection", ["tokens", "chunks"])

@@ -142,6 +142,43 @@ def test_compile_flags_reach_the_config_and_unset_compiles_on_cuda_only(tmp_path
         assert (config.compiles("cuda"), config.compiles("cpu")) == (on_cuda, on_cpu)
 
 
+def test_cuda_graphs_unset_only_where_they_replay_safely_and_refused_where_they_cannot(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def config_of(*flags: str) -> TrainConfig:
+        return resolve_config(parser.parse_args([*flags, "--out-dir", str(tmp_path)]))[0]
+
+    unset = config_of()
+    assert unset.cuda_graphs is None
+    assert unset.uses_cuda_graphs("cuda", 1)
+    assert not unset.uses_cuda_graphs("cpu", 1)  # not compiled there
+    assert not unset.uses_cuda_graphs("cuda", 2)  # the ranks' gradient hooks
+    assert not config_of("--grad-accum", "2").uses_cuda_graphs("cuda", 1)  # accumulation into graph memory
+    assert not config_of("--no-compile").uses_cuda_graphs("cuda", 1)
+    assert not config_of("--no-cuda-graphs").uses_cuda_graphs("cuda", 1)
+    assert config_of("--cuda-graphs").uses_cuda_graphs("cuda", 1)
+    with pytest.raises(ConfigError, match="cuda_graphs needs compile and grad_accum 1"):
+        config_of("--cuda-graphs", "--grad-accum", "2").check()
+    with pytest.raises(ConfigError, match="cuda_graphs needs compile and grad_accum 1"):
+        config_of("--cuda-graphs", "--no-compile").check()
+    for device, ranks in (("cpu", 1), ("cuda", 2)):
+        with pytest.raises(ConfigError, match="drop --cuda-graphs"):
+            config_of("--cuda-graphs").uses_cuda_graphs(device, ranks)
+
+
+def test_cuda_graphs_asked_for_on_a_cpu_is_a_usage_error_before_the_run_folder(corpus, tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "oryx.cli", "train", "--cuda-graphs", "--device", "cpu", "--steps", "1",
+         "--out-dir", str(out), "--train-data", str(corpus), "--val-data", str(corpus)],
+        capture_output=True, text=True, env=subprocess_env(corpus),
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "drop --cuda-graphs" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
 def test_sigkill_then_resume_gives_the_uninterrupted_losses(corpus, tmp_path):
     """A run killed with SIGKILL after its first checkpoint and resumed logs the same losses, step by step."""
     config = tiny(corpus, tmp_path / "x", steps=40, save_every=5, eval_every=10)

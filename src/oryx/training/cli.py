@@ -34,8 +34,8 @@ from oryx.training.config import (
 # Keys a resumed run may change: they do not touch the training trajectory.
 RESUMABLE_CHANGES = {
     "eval_every", "eval_tokens", "report", "switch_at", "switch_windows", "save_every",
-    "keep_checkpoints", "progress", "tensorboard", "threads", "device", "compile", "gradient_checkpointing", "out_dir",
-    "loss_chunk_tokens",
+    "keep_checkpoints", "progress", "tensorboard", "threads", "device", "compile", "cuda_graphs",
+    "gradient_checkpointing", "out_dir", "loss_chunk_tokens",
 }  # fmt: skip
 
 

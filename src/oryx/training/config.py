@@ -75,6 +75,12 @@ class TrainConfig:
     compile: bool | None = _opt(
         None, "torch.compile every block and the loss (regional compilation, fullgraph); unset: on CUDA only", "model"
     )
+    cuda_graphs: bool | None = _opt(
+        None,
+        "replay each compiled block from a CUDA graph (no host cost per kernel launch); unset: on when the run "
+        "compiles on CUDA in one process without gradient accumulation",
+        "model",
+    )
     loss_chunk_tokens: int = _opt(
         4096, "compute the loss this many tokens at a time, never all [tokens, vocab] logits (0 = all at once)", "model"
     )
@@ -216,6 +222,21 @@ class TrainConfig:
         gains."""
         return self.compile if self.compile is not None else device_type == "cuda"
 
+    def uses_cuda_graphs(self, device_type: str, world_size: int) -> bool:
+        """Whether the compiled blocks replay from CUDA graphs (`mode="reduce-overhead"`): `cuda_graphs` when set,
+        else whenever the run compiles on CUDA in one process without gradient accumulation. A step of the 130m
+        models is bound by the host's kernel launches without them (fla's kernels launch from Python). Gradient
+        accumulation is out: CUDA-graph trees hand a micro-step's gradients out in graph memory that the next
+        micro-step's replay overwrites (PyTorch #169545), and so are several ranks (their gradient hooks)."""
+        possible = self.compiles(device_type) and device_type == "cuda" and world_size == 1 and self.grad_accum == 1
+        if self.cuda_graphs and not possible:
+            raise ConfigError(
+                "cuda_graphs needs a compiled run on CUDA in one process with grad_accum 1 "
+                f"(here: compile {self.compiles(device_type)}, device {device_type}, {world_size} rank(s), "
+                f"grad_accum {self.grad_accum}); drop --cuda-graphs"
+            )
+        return possible if self.cuda_graphs is None else self.cuda_graphs
+
     @property
     def peak_lr(self) -> float:
         """`lr`, or the recipe's: 10x GPT-3's LR for Oryx, 5x for the baselines (docs/paper.md §4.1)."""
@@ -247,6 +268,12 @@ class TrainConfig:
         for key in ("hidden_size", "num_hidden_layers", "head_dim", "intermediate_size", "threads"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.cuda_graphs and (self.grad_accum > 1 or self.compile is False):
+            raise ConfigError(
+                f"cuda_graphs needs compile and grad_accum 1 (got compile {self.compile}, grad_accum "
+                f"{self.grad_accum}): CUDA graphs replay compiled blocks and would overwrite the gradients of one "
+                "micro-step with the next; drop --cuda-graphs or --grad-accum"
+            )
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
         for key in ("lr", "min_lr_ratio", "warmup_ratio", "weight_decay", "beta1", "beta2", "eps", "grad_clip"):

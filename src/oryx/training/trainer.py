@@ -260,6 +260,7 @@ def _train(
             f"batch_size ({config.batch_size}) must be a multiple of grad_accum × ranks "
             f"({config.grad_accum} × {info.world_size})"
         )
+    config.uses_cuda_graphs(info.device.type, info.world_size)  # its ConfigError before the run folder changes
     run_dir = Path(config.out_dir)
     with contextlib.ExitStack() as stack:
         # The main rank locks the run folder for the whole run; an Oryx run's folder (it has the marker) is locked
@@ -483,8 +484,10 @@ def _setup(
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # Regional: one graph for all the blocks, compiled before the ranks' wrapping (as torchtitan).
+    # CUDA graphs take the host's launch cost out of a compiled step (config.uses_cuda_graphs says when they can).
     if config.compiles(info.device.type):
-        model.compile_blocks()
+        graphs = config.uses_cuda_graphs(info.device.type, info.world_size)
+        model.compile_blocks(**({"mode": "reduce-overhead"} if graphs else {}))
     wrapped = distributed.wrap(model, info, config.parallel)
     optimizer = adamw(
         model, config.peak_lr, config.weight_decay, (config.beta1, config.beta2), config.eps, config.decay_embeddings
@@ -602,7 +605,9 @@ def _loop(
                        "threads": cpu_threads})  # fmt: skip
             if step == first_step + 1:
                 compiled = config.compiles(info.device.type)
-                log.write({"kind": "first_step", "step": step, "seconds": seconds, "compiled": compiled})
+                graphs = compiled and config.uses_cuda_graphs(info.device.type, info.world_size)
+                log.write({"kind": "first_step", "step": step, "seconds": seconds, "compiled": compiled,
+                           "cuda_graphs": graphs})  # fmt: skip
                 if info.is_main:
                     tqdm.write(f"first step: {seconds:.1f} s" + " (compiling, tuning kernels)" * compiled)
             bar.update(1)
@@ -681,6 +686,8 @@ def _step(
     wrapped.train()
     total = torch.zeros((), device=info.device)
     global_rows = rows * info.world_size
+    if config.uses_cuda_graphs(info.device.type, info.world_size):
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are dead: replay over them
     for micro in range(config.grad_accum):
         batch = next(data).to(info.device)  # [rows, T+1]
         modes = draw_modes(schedule, global_rows, config.seq_len, config.seed, step * config.grad_accum + micro)
