@@ -213,17 +213,13 @@ def flex_check(args: argparse.Namespace, device: str) -> None:
     print(f"flex, mask built outside the graph: o per batch row {errors}", flush=True)
 
 
-CUDA_GRAPHS = "inductor-cudagraphs"  # inductor, each graph replayed from a CUDA graph (mode="reduce-overhead")
-
-
 def compile_model(model: OryxForCausalLM, backend: str) -> None:
     """`compile_blocks()` with the given dynamo backend, under the taps (each tap wraps a compiled block)."""
     torch._dynamo.reset()
     model.__dict__.pop("lm_loss", None)  # a compiled lm_loss of an earlier round
-    options = {"mode": "reduce-overhead"} if backend == CUDA_GRAPHS else {"backend": backend}
     for tap in model.model.layers:
-        tap.tapped.compile(fullgraph=True, **options)
-    model.lm_loss = torch.compile(model.lm_loss, fullgraph=True, **options)
+        tap.tapped.compile(fullgraph=True, backend=backend)
+    model.lm_loss = torch.compile(model.lm_loss, fullgraph=True, backend=backend)
 
 
 def main() -> None:
@@ -233,8 +229,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--modes", default="mix", choices=["mix", "attn", "linear"])
     parser.add_argument("--reference", choices=["recurrence", "attention"], default=None)
-    parser.add_argument("--backends", nargs="+", default=["inductor"],
-                        help=f"dynamo backends to compile with ({CUDA_GRAPHS}: replayed from CUDA graphs)")  # fmt: skip
+    parser.add_argument("--backends", nargs="+", default=["inductor"], help="dynamo backends to compile with")
     parser.add_argument("--contiguous", action="store_true", help="give fla contiguous copies of its inputs")
     parser.add_argument("--trace", action="store_true", help="print where each compiled run departs from eager")
     parser.add_argument("--bf16", action="store_true", help="under bf16 autocast")
@@ -258,7 +253,6 @@ def main() -> None:
     runs: dict[str, tuple[float, dict[str, torch.Tensor], list[Record]]] = {}
 
     def run(name: str) -> None:
-        torch.compiler.cudagraph_mark_step_begin()  # the last run's graph outputs are dead (with CUDA graphs)
         log.clear()
         kernels.calls.clear()
         loss, grads = loss_and_grads(model, ids, modes, args.bf16)
@@ -268,9 +262,7 @@ def main() -> None:
     run("eager 2")
     for backend in args.backends:
         compile_model(model, backend)
-        # CUDA graphs: the first call warms up, the second records, the third replays (the one that counts).
-        for _ in range(3 if backend == CUDA_GRAPHS else 1):
-            run(f"compiled {backend}")
+        run(f"compiled {backend}")
     print(f"{vars(args)} on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}", flush=True)
     print(f"float64 reference loss {loss64:.8f}")
     for name, (loss, grads, _) in runs.items():

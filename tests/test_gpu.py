@@ -608,9 +608,10 @@ def test_compiled_model_equals_eager_on_the_fast_backends(variant, precision, ge
 def test_cuda_graph_training_steps_equal_the_compiled_steps(variant, gen, monkeypatch):
     """compile_blocks(mode="reduce-overhead") (what `oryx train` runs on one GPU) against compile_blocks(): the same
     kernels launched from CUDA graphs, so four AdamW steps under bf16 autocast, each on new tokens and new modes, give
-    the same losses and weights. The first step warms up, the second records, the later ones replay: a replay that
-    read stale inputs (the modes, the block lists) or handed out overwritten outputs would part from the graph-free
-    run there."""
+    the same losses and weights up to run-to-run rounding (the kernels are not bitwise reproducible, so the compiled
+    models' float32 tolerance, 1e-4). The first step warms up, the second records, the later ones replay: a replay
+    that read stale inputs (the modes, the block lists) or handed out overwritten outputs would part from the
+    graph-free run there by far more."""
     needs_fla()
     monkeypatch.setenv(HOPPER_BACKWARD_ENV, "1")
     compiled, _, _ = _small_model(variant, gen)
@@ -636,10 +637,10 @@ def test_cuda_graph_training_steps_equal_the_compiled_steps(variant, gen, monkey
 
     losses, losses_replayed = train(compiled, False), train(replayed, True)
     print(f"\n{variant} losses {losses.tolist()} / replayed {losses_replayed.tolist()}")
-    check("losses (CUDA graphs vs compiled)", losses_replayed, losses, 1e-5)
+    check("losses (CUDA graphs vs compiled)", losses_replayed, losses, 1e-4)
     weights = torch.cat([p.detach().flatten() for p in compiled.parameters()])
     check("weights after 4 steps (CUDA graphs vs compiled)",
-          torch.cat([p.detach().flatten() for p in replayed.parameters()]), weights, 1e-5)  # fmt: skip
+          torch.cat([p.detach().flatten() for p in replayed.parameters()]), weights, 1e-4)  # fmt: skip
 
 
 def test_oryx_train_on_one_gpu_replays_cuda_graphs_with_the_same_losses(corpus, tmp_path, monkeypatch):
@@ -661,9 +662,9 @@ def test_oryx_train_on_one_gpu_replays_cuda_graphs_with_the_same_losses(corpus, 
     assert (firsts[None]["cuda_graphs"], firsts[False]["cuda_graphs"]) == (True, False)
     losses = {g: torch.tensor([r["loss"] for r in records if r["kind"] == "train"]) for g, records in runs.items()}
     assert len(losses[None]) == 8
-    check("training losses (CUDA graphs vs not)", losses[None], losses[False], 1e-5)
+    check("training losses (CUDA graphs vs not)", losses[None], losses[False], 1e-4)
     ppl = {g: torch.tensor([r["val_ppl_attn"] for r in records if "val_ppl_attn" in r]) for g, records in runs.items()}
-    check("validation perplexity (CUDA graphs vs not)", ppl[None], ppl[False], 1e-5)
+    check("validation perplexity (CUDA graphs vs not)", ppl[None], ppl[False], 1e-4)
 
 
 @pytest.mark.parametrize("selection", ["tokens", "chunks"])
