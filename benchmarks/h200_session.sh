@@ -13,6 +13,9 @@
 # $OUT/autotune.tar.gz at the end of every stage; carried back as .cache/autotune.tar.gz they are restored first.
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
+# How the training benchmarks compile our models (gpu.py train --compile-modes): what oryx train runs on one GPU by
+# default; COMPILE_MODES="blocks-cudagraphs blocks" times both.
+COMPILE_MODES=${COMPILE_MODES:-blocks-cudagraphs}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD/src ORYX_FLA_HOPPER_BACKWARD=1 ORYX_COMMIT=${ORYX_COMMIT:-unknown} PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=$PWD/.cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
@@ -39,11 +42,12 @@ check)
   ;;
 train)
   stage 570 train-2k python3 benchmarks/gpu.py train --concurrent-warmup 4 --shapes 8x2048 ${MODELS:+--models $MODELS} \
-    --json "$OUT/train-2k.json"
+    --compile-modes $COMPILE_MODES --json "$OUT/train-2k.json"
   ;;
 long)
   stage 420 train-long python3 benchmarks/gpu.py train --concurrent-warmup 4 --shapes 2x8192 1x32768 \
-    --models ${MODELS:-transformer-130m oryx-tg-130m oryx-tm-130m} --json "$OUT/train-long.json"
+    --models ${MODELS:-transformer-130m oryx-tg-130m oryx-tm-130m} --compile-modes $COMPILE_MODES \
+    --json "$OUT/train-long.json"
   stage 150 mixer python3 benchmarks/gpu.py mixer --lengths 2048 --json "$OUT/mixer.json"
   ;;
 final)
@@ -53,7 +57,7 @@ final)
   stage 240 gpu-tests python3 -m pytest -p no:cacheprovider -m gpu -n 8 -v tests/test_gpu.py \
     -k "${TESTS:-graph_break or compiled or opcheck}"
   stage 320 train-2k python3 benchmarks/gpu.py train --concurrent-warmup 4 --shapes 8x2048 ${MODELS:+--models $MODELS} \
-    --json "$OUT/train-2k.json"
+    --compile-modes $COMPILE_MODES --json "$OUT/train-2k.json"
   ;;
 grads)
   # One configuration per process, four at a time, each into its own log: losses, per-group gradient errors against
