@@ -17,7 +17,7 @@ import oryx
 from oryx import ATTN, LINEAR
 from oryx.checkpoint import CheckpointError, load_pretrained, read
 from oryx.data import load_tokenizer
-from oryx.eval.budget import POLICIES, placement
+from oryx.eval.budget import POLICIES, SCHEDULE_POLICIES, placement
 from oryx.eval.inference import ModeRule, greedy_generate
 from oryx.eval.mqar_run import MQARSweepConfig, build_model, load_mqar_model, save_mqar_model
 from oryx.eval.perplexity import evaluate
@@ -438,6 +438,30 @@ def test_the_budget_command_compares_every_policy_at_equal_budgets(run, capsys, 
     table = (out / "budget-ppl.md").read_text()
     assert "| router |" in table and "budget-ppl: attention (%)" in table
     assert (out / "budget-ppl.png").stat().st_size > 0
+
+
+def test_the_budget_command_on_niah_and_records_runs_every_schedule_policy(run, capsys, tmp_path):
+    """NIAH and record recall under the default policies: every schedule policy at every budget, the endpoints the
+    two modes; the oracle (ppl only) left out, and asked for alone an error. Regression: the default policies held
+    the oracle, and the retrieval tasks stopped on it with "unknown budget policy 'oracle'"."""
+    checkpoint = run / "checkpoints" / "step-00000002"
+    if not (checkpoint / ROUTER_FILE).is_file():
+        assert run_cli(["train-router", str(run), "--steps", "2", "--windows", "4", "--batch-size", "2"]) == 0
+    out = tmp_path / "recall"
+    argv = ["eval", "budget", str(run), "--tasks", "niah_1", "records_kv", "--budgets", "0", "0.25", "1", "--n", "2",
+            "--niah-length", "512", "--chunk", "8", "--calibration-windows", "2", "--batch-size", "2",
+            "--out", str(out), "--device", "cpu"]  # fmt: skip
+    assert run_cli(argv) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    rows = json.loads((out / "budget-retrieval.json").read_text())["rows"]
+    for task in ("niah_1", "records_kv"):
+        cells = {(r["protocol"], r["setting"]): r for r in rows if r["task"] == task}
+        assert {p for p, _ in cells} == set(SCHEDULE_POLICIES)
+        for policy in SCHEDULE_POLICIES:
+            assert cells[policy, "0%"]["attention_fraction"] == 0
+            assert cells[policy, "0%"]["metrics"]["recall"] == cells["tail", "0%"]["metrics"]["recall"]
+            assert cells[policy, "25%"]["attention_fraction"] > 0
+    error_line(capsys, [*argv, "--policies", "oracle"], "ppl only", command="eval budget")
 
 
 def test_the_budget_command_refuses_what_it_cannot_compare(corpus, capsys, tmp_path):

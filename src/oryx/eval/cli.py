@@ -397,6 +397,14 @@ def _budget_text(args: argparse.Namespace, device: str, budget: Any) -> int:
         check_token_ids(tokens, model.config.vocab_size, f"{flag} {source}")
         return tokens
 
+    # The oracle reads the measured gain of the tokens it scores: perplexity has it, NIAH and records do not.
+    retrieval = [t for t in args.tasks if t != "ppl"]
+    retrieval_policies = [p for p in policies if p in budget.SCHEDULE_POLICIES]
+    if retrieval and not retrieval_policies:
+        raise UsageError(f"--policies oracle applies to ppl only, not to {' '.join(retrieval)}; add a schedule policy "
+                         f"({' '.join(budget.SCHEDULE_POLICIES)})")  # fmt: skip
+    if retrieval and len(retrieval_policies) < len(policies) and args.policies:
+        print(f"note: the oracle applies to ppl only; {' '.join(retrieval)} run without it")
     calibration = window_batches(
         tokens_of(calibration_data, "--calibration-data"), seq_len, args.calibration_windows, args.batch_size
     )
@@ -415,11 +423,10 @@ def _budget_text(args: argparse.Namespace, device: str, budget: Any) -> int:
         )
         for path in paths:
             print(f"wrote {path}")
-    retrieval = [t for t in args.tasks if t != "ppl"]
     if retrieval:
         rows = budget.budget_retrieval(
             model, tokenizer, calibration, tasks=retrieval, length=args.niah_length, n=args.n, budgets=args.budgets,
-            policies=policies, chunk=args.chunk, batch_size=args.batch_size, label=label,
+            policies=retrieval_policies, chunk=args.chunk, batch_size=args.batch_size, label=label,
         )  # fmt: skip
         for path in budget.write_budget_report(rows, out, "budget-retrieval", "recall", {**meta, "n": args.n}):
             print(f"wrote {path}")
