@@ -2,6 +2,7 @@
 names the file or flag (never a traceback), and bad values are refused rather than reinterpreted."""
 
 import errno
+import json
 import shutil
 
 import pytest
@@ -176,3 +177,13 @@ def test_bad_values_are_refused(run, capsys, argv, flag):
     argv = [str(run) if a == "RUN" else a for a in argv]
     command = " ".join(argv[:2]) if argv[0] == "eval" else argv[0]
     error_line(capsys, argv, flag, argv[argv.index(flag) + 1], command=command)
+
+
+def test_bench_compile_replays_cuda_graphs_only_on_cuda(capsys, tmp_path):
+    """`oryx bench --compile` says whether it replays CUDA graphs (as oryx train does on one GPU): never on a CPU."""
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--presets", "oryx-tg-tiny", "--lengths", "64", "--repeats", "1", "--device", "cpu", "--compile",
+            "--json", str(out)]  # fmt: skip
+    assert run_cli(argv) == 0
+    assert "compile=True cuda_graphs=False" in capsys.readouterr().out
+    assert json.loads(out.read_text())["cuda_graphs"] is False

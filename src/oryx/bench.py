@@ -71,7 +71,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compile",
         action="store_true",
         help="torch.compile every model: the Transformer whole, as a user would; Oryx and the recurrent baselines by "
-        "block (compile_blocks, what oryx train runs on CUDA). The first step, compile included, is printed apart",
+        "block (compile_blocks, what oryx train runs on CUDA), on CUDA replayed from CUDA graphs as oryx train does "
+        "(see --no-cuda-graphs). The first step, compile included, is printed apart",
+    )
+    parser.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="with --compile on CUDA: launch the compiled kernels from the host instead of replaying CUDA graphs",
     )
     parser.add_argument(
         "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)"
@@ -86,10 +93,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def time_step(
-    model: nn.Module, ids: torch.Tensor, modes: torch.Tensor | None, repeats: int, dtype, clock=time.perf_counter
+    model: nn.Module,
+    ids: torch.Tensor,
+    modes: torch.Tensor | None,
+    repeats: int,
+    dtype,
+    clock=time.perf_counter,
+    cuda_graphs: bool = False,
 ) -> tuple[float, float]:
     """(seconds of the first forward+backward, compiling included; median seconds of `repeats` later ones), by
-    `clock`."""
+    `clock`. `cuda_graphs`: the model replays CUDA graphs, so each step marks its start (the last step's graph
+    outputs are dead)."""
     autocast = torch.autocast(ids.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
     def step() -> float:
@@ -97,6 +111,8 @@ def time_step(
             torch.cuda.synchronize()
         start = clock()
         model.zero_grad(set_to_none=True)
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast:
             loss = model(ids, modes=modes, labels=ids).loss
         loss.backward()
@@ -130,10 +146,11 @@ def run(args: argparse.Namespace) -> int:
     generator = torch.Generator().manual_seed(0)
     peak = peak_tflops(args.device)
     results: list[dict] = []
+    graphs = args.compile and args.cuda_graphs and args.device.startswith("cuda")
     print(
         f"device={args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}) "
         f"dtype={args.dtype} threads={torch.get_num_threads()} clock={args.clock} "
-        f"tokens/step={args.tokens or 'one sequence'}"
+        f"tokens/step={args.tokens or 'one sequence'} compile={args.compile} cuda_graphs={graphs}"
     )
     print(f"{'preset':<18}{'mode':<8}{'T':>6}{'batch':>6}{'ms/step':>11}{'tok/s':>10}{'MFU':>7}{'first step s':>14}")
     for preset in args.presets:
@@ -146,10 +163,11 @@ def run(args: argparse.Namespace) -> int:
             model.gradient_checkpointing_enable()
         active = param_report(model, verbose=False)["active_attention_with_embedding"]
         timed: nn.Module = model
+        options = {"mode": "reduce-overhead"} if graphs else {}
         if args.compile and config.variant == "transformer":
-            timed = torch.compile(model)
+            timed = torch.compile(model, **options)
         elif args.compile:
-            model.compile_blocks()
+            model.compile_blocks(**options)
         modes_to_run = (
             {m: MODES[m] for m in args.modes}
             if config.is_oryx
@@ -162,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
                 modes = None if spec is None else parse(spec).modes(batch, T, generator=generator).to(args.device)
                 only_attn = 1.0 if config.variant == "transformer" else 0.0
                 f_attn = only_attn if modes is None else attention_fraction(modes)
-                first, seconds = time_step(timed, ids, modes, args.repeats, dtype, clock)
+                first, seconds = time_step(timed, ids, modes, args.repeats, dtype, clock, graphs)
                 tokens_per_s = batch * T / seconds
                 flops_per_token = 6 * active + 6 * config.num_hidden_layers * config.hidden_size * T * f_attn
                 mfu = None if peak is None else flops_per_token * tokens_per_s / (peak * 1e12)
@@ -188,7 +206,9 @@ def run(args: argparse.Namespace) -> int:
     print_ratios(results)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "results": results, "compiled": args.compile}, fh, indent=1)
+            json.dump(
+                {"args": vars(args), "results": results, "compiled": args.compile, "cuda_graphs": graphs}, fh, indent=1
+            )
     return 0
 
 
