@@ -449,6 +449,7 @@ class _Session:
     wrapped: nn.Module  # the model as trained: DDP/FSDP-wrapped and compiled when asked
     optimizer: torch.optim.Optimizer
     scheduler: Any
+    cuda_graphs: bool = False  # the compiled blocks replay from CUDA graphs (TrainConfig.uses_cuda_graphs)
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # resumes and their changes, kept in checkpoints
     start_record: dict[str, Any] = field(default_factory=dict)  # what the run's "start" metrics record adds
@@ -485,8 +486,8 @@ def _setup(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # Regional: one graph for all the blocks, compiled before the ranks' wrapping (as torchtitan).
     # CUDA graphs take the host's launch cost out of a compiled step (config.uses_cuda_graphs says when they can).
+    graphs = config.uses_cuda_graphs(info.device.type, info.world_size)
     if config.compiles(info.device.type):
-        graphs = config.uses_cuda_graphs(info.device.type, info.world_size)
         model.compile_blocks(**({"mode": "reduce-overhead"} if graphs else {}))
     wrapped = distributed.wrap(model, info, config.parallel)
     optimizer = adamw(
@@ -499,7 +500,7 @@ def _setup(
         ),
     )
     return _Session(config, info, run_dir, tokenizer, val_tokens, data, rows_per_rank, model, wrapped, optimizer,
-                    scheduler)  # fmt: skip
+                    scheduler, graphs)  # fmt: skip
 
 
 def _resume(
@@ -591,7 +592,7 @@ def _loop(
             cpu_threads = threads.update(step) if threads else None
             tick = time.perf_counter()
             loss, grad_norm = _step(session.wrapped, model, session.data, schedule, optimizer, config, info,
-                                    session.rows_per_rank, step)  # fmt: skip
+                                    session.rows_per_rank, step, session.cuda_graphs)  # fmt: skip
             lr = optimizer.param_groups[0]["lr"]
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 # The loss of step k is computed with the weights after step k−1: a checkpoint of step k−1 holds
@@ -605,9 +606,8 @@ def _loop(
                        "threads": cpu_threads})  # fmt: skip
             if step == first_step + 1:
                 compiled = config.compiles(info.device.type)
-                graphs = compiled and config.uses_cuda_graphs(info.device.type, info.world_size)
                 log.write({"kind": "first_step", "step": step, "seconds": seconds, "compiled": compiled,
-                           "cuda_graphs": graphs})  # fmt: skip
+                           "cuda_graphs": session.cuda_graphs})  # fmt: skip
                 if info.is_main:
                     tqdm.write(f"first step: {seconds:.1f} s" + " (compiling, tuning kernels)" * compiled)
             bar.update(1)
@@ -681,12 +681,13 @@ def _step(
     info: distributed.Dist,
     rows: int,
     step: int,
+    cuda_graphs: bool,
 ) -> tuple[float, float]:
     """One optimizer step over `grad_accum` micro-batches; returns (mean loss over ranks, gradient norm)."""
     wrapped.train()
     total = torch.zeros((), device=info.device)
     global_rows = rows * info.world_size
-    if config.uses_cuda_graphs(info.device.type, info.world_size):
+    if cuda_graphs:
         torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are dead: replay over them
     for micro in range(config.grad_accum):
         batch = next(data).to(info.device)  # [rows, T+1]
