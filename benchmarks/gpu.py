@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -70,29 +71,57 @@ def chunk_rows(B: int, T: int, p: float, gen: torch.Generator) -> torch.Tensor:
     return chosen.view(B, T // CHUNK).repeat_interleave(CHUNK, dim=1).to(DEV)
 
 
+@dataclass(frozen=True)
+class MixerOp:
+    """How the mixer benchmark drives one Oryx variant's recurrence: our op, fla's chunked kernel called directly
+    (the anchor), the log-decay's shape (per head or per key channel) and whether it takes a write strength β."""
+
+    name: str  # the recurrence, as printed
+    ours: Callable
+    fla: Callable[[], Callable]  # imported when timed, so a card without fla still runs the other benchmarks
+    channel_decay: bool
+    beta: bool
+
+
+def _fla_gdn() -> Callable:
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    return lambda q, k, v, g, beta: chunk_gated_delta_rule(q, k, v, g, beta)
+
+
+def _fla_ssd() -> Callable:
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    return lambda q, k, v, g: chunk_simple_gla(q, k, v, g=g)
+
+
+def _fla_kda() -> Callable:
+    from fla.ops.kda import chunk_kda
+
+    return lambda q, k, v, g, beta: chunk_kda(q, k, v, g, beta, use_gate_in_kernel=False)
+
+
+# One row per Oryx variant of the variant table (a test checks that none is missing).
+MIXER_OPS: dict[str, MixerOp] = {
+    "tg": MixerOp("GDN", ops.gated_delta_rule, _fla_gdn, channel_decay=False, beta=True),
+    "tm": MixerOp("SSD/simple_gla", ops.scalar_decay_rule, _fla_ssd, channel_decay=False, beta=False),
+    "tk": MixerOp("KDA", ops.kimi_delta_rule, _fla_kda, channel_decay=True, beta=True),
+}
+
+
 def linear_inputs(variant: str, B: int, T: int, gen: torch.Generator, grad: bool) -> list[torch.Tensor]:
+    """q, k (L2-normed), v, log-decays g < 0 and, where the op takes one, β ∈ (0, 1), bf16 on the card."""
+
     def rnd(*shape):
         return torch.randn(*shape, generator=gen).to(DEV)
 
+    spec = MIXER_OPS[variant]
     q, k = (F.normalize(rnd(B, T, H, D), dim=-1).to(DT) for _ in range(2))
-    g = (-F.softplus(rnd(B, T, H)) * 0.3).to(DT)
+    g = (-F.softplus(rnd(B, T, H, *([D] if spec.channel_decay else []))) * 0.3).to(DT)
     tensors = [q, k, rnd(B, T, H, D).to(DT), g]
-    if variant == "tg":
+    if spec.beta:
         tensors.append(torch.rand(B, T, H, generator=gen).to(DEV, DT))
     return [t.requires_grad_(grad) for t in tensors]
-
-
-def linear_op(variant: str) -> Callable:
-    return ops.gated_delta_rule if variant == "tg" else ops.scalar_decay_rule
-
-
-def fla_direct(variant: str) -> Callable:
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-    from fla.ops.simple_gla import chunk_simple_gla
-
-    if variant == "tg":
-        return lambda q, k, v, g, beta: chunk_gated_delta_rule(q, k, v, g, beta)
-    return lambda q, k, v, g: chunk_simple_gla(q, k, v, g=g)
 
 
 def fwd_bwd(forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) -> Callable[[], None]:
@@ -108,7 +137,7 @@ def fwd_bwd(forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) -> 
 def mixer_keys(rows: list[float]) -> list[str]:
     """Every key a mixer row can hold (a run cut short prints nan for the missing ones)."""
     keys = ["sdpa_fwd", "sdpa_fwdbwd"]
-    for v in ("tg", "tm"):
+    for v in MIXER_OPS:
         keys += [f"{v}_lin_fwdbwd", f"{v}_fla_fwd", f"{v}_lin_fwd"]
         keys += [f"{v}_core{p:g}_{s}" for p in rows for s in ("fwd", "fwdbwd")]
     keys += [f"{a}{p:g}_{s}" for p in rows for a in ("attn", "flex") for s in ("fwd", "fwdbwd")]
@@ -127,7 +156,7 @@ def bench_mixer(
     """Appends one row per length to ``results`` and calls ``save`` after each (a run cut short keeps what it has)."""
     for T in lengths:
         results.append(mixer_point(T, rows, variants, gen))
-        print_mixer_row(results[-1], rows)
+        print_mixer_row(results[-1], rows, variants)
         save()
         torch.cuda.empty_cache()
 
@@ -157,7 +186,7 @@ def mixer_point(T: int, rows: list[float], variants: list[str], gen: torch.Gener
 
         for variant in variants:
             lin = linear_inputs(variant, B, T, gen, grad=True)
-            op = linear_op(variant)
+            op = MIXER_OPS[variant].ours
             if f"{variant}_lin_fwdbwd" not in row:
                 record(f"{variant}_lin_fwdbwd", fwd_bwd(lambda op=op, lin=lin: op(*lin)[0], lin))
 
@@ -167,7 +196,7 @@ def mixer_point(T: int, rows: list[float], variants: list[str], gen: torch.Gener
             record(f"{variant}_core{p:g}_fwdbwd", fwd_bwd(core, [qa, ka, va, *lin]))
             with torch.no_grad():
                 if f"{variant}_fla_fwd" not in row:
-                    fla = fla_direct(variant)
+                    fla = MIXER_OPS[variant].fla()
                     record(f"{variant}_fla_fwd", lambda fla=fla, lin=lin: fla(*lin))
                     record(f"{variant}_lin_fwd", lambda op=op, lin=lin: op(*lin))
                 record(f"{variant}_core{p:g}_fwd", core)
@@ -190,7 +219,7 @@ def mixer_point(T: int, rows: list[float], variants: list[str], gen: torch.Gener
     return row
 
 
-def print_mixer_row(r: dict, rows: list[float]) -> None:
+def print_mixer_row(r: dict, rows: list[float], variants: list[str]) -> None:
     r = {**dict.fromkeys(mixer_keys(rows), float("nan")), **r}
     T = r["T"]
     print(f"\n== mixer core, T={T}, B={r['B']}, H={H}, D={D}, bf16 (ms) ==")
@@ -201,7 +230,8 @@ def print_mixer_row(r: dict, rows: list[float]) -> None:
             f"   | oryx causal_attention fwd+bwd {r[f'attn{p:g}_fwdbwd']:7.3f}"
             f"   | block mask build (once per forward) {r[f'mask{p:g}_build']:6.3f}"
         )
-    for v, name in (("tg", "GDN"), ("tm", "SSD/simple_gla")):
+    for v in variants:
+        name = MIXER_OPS[v].name
         print(
             f"  [{v}] fla chunk {name} fwd {r[f'{v}_fla_fwd']:7.3f} | oryx linear fwd {r[f'{v}_lin_fwd']:7.3f}"
             f"  fwd+bwd {r[f'{v}_lin_fwdbwd']:7.3f}"
@@ -519,11 +549,11 @@ def train_point(point: dict) -> dict:
     forward = model
     # "-cudagraphs": inductor replays each compiled graph from a CUDA graph (mode="reduce-overhead"), which removes
     # the host's launch cost of every kernel inside it, fla's Python launchers included.
-    options = {"mode": "reduce-overhead"} if compile_mode.endswith("-cudagraphs") else {}
+    graphs = compile_mode.endswith("-cudagraphs")
     if compile_mode.startswith("blocks"):
-        model.compile_blocks(**options)
+        model.compile_blocks(cuda_graphs=graphs)
     elif compile_mode.startswith("model"):
-        forward = torch.compile(model, **options)
+        forward = torch.compile(model, mode="reduce-overhead" if graphs else "default")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -532,7 +562,7 @@ def train_point(point: dict) -> dict:
     loss_kwargs = {} if name.startswith("fla-") else {"loss_chunk_tokens": point["loss_chunk_tokens"]}
 
     def step() -> None:
-        if options:
+        if graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are dead: their memory is reused
         ids = torch.randint(0, vocab, (B, T), generator=gen).to(DEV, non_blocking=True)
         kwargs = {"modes": schedule.modes(B, T, generator=gen).to(DEV, non_blocking=True)} if is_oryx else {}
@@ -734,7 +764,9 @@ def main() -> None:
     parser.add_argument("what", choices=["mixer", "decode", "generate", "train", "flex-options", "rows", "all"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--rows", type=float, nargs="+", default=[0.25, 0.025], help="shares of chunks in attention")
-    parser.add_argument("--variants", nargs="+", default=["tg", "tm"], choices=["tg", "tm"], help="mixer variants")
+    parser.add_argument(
+        "--variants", nargs="+", default=["tg", "tm"], choices=list(MIXER_OPS), help="mixer variants (default tg tm)"
+    )
     parser.add_argument("--backends", nargs="+", default=ROWS_BACKENDS, help="rows: causal_attention backends")
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192, 32768, 131072])
     parser.add_argument("--models", nargs="+", default=TRAIN_MODELS, help="train: presets, fla-gdn, fla-mamba2")

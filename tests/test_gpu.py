@@ -606,7 +606,7 @@ def test_compiled_model_equals_eager_on_the_fast_backends(variant, precision, ge
 
 @pytest.mark.parametrize("variant", ORYX_VARIANTS)
 def test_cuda_graph_training_steps_equal_the_compiled_steps(variant, gen, monkeypatch):
-    """compile_blocks(mode="reduce-overhead") (what `oryx train` runs on one GPU) against compile_blocks(): the same
+    """compile_blocks(cuda_graphs=True) (what `oryx train` runs on one GPU) against compile_blocks(): the same
     kernels launched from CUDA graphs, so four AdamW steps under bf16 autocast, each on new tokens and new modes, give
     the same losses and weights up to run-to-run rounding (the kernels are not bitwise reproducible, so the compiled
     models' float32 tolerance, 1e-4). The first step warms up, the second records, the later ones replay: a replay
@@ -619,7 +619,7 @@ def test_cuda_graph_training_steps_equal_the_compiled_steps(variant, gen, monkey
     batches = [_small_model_inputs(gen) for _ in range(4)]
     torch._dynamo.reset()
     compiled.compile_blocks()
-    replayed.compile_blocks(mode="reduce-overhead")
+    replayed.compile_blocks(cuda_graphs=True)
 
     def train(model, graphs: bool) -> torch.Tensor:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)

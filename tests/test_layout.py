@@ -2,6 +2,7 @@
 module and package by package (every import statement counts: top-level, inside functions, under TYPE_CHECKING)."""
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,20 @@ def test_no_import_cycles(depth):
 def test_the_graph_sees_a_cycle():
     """The checker itself: a cycle through a function-level import is found."""
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_gpu_mixer_benchmark_covers_every_oryx_variant(monkeypatch):
+    """benchmarks/gpu.py's mixer table names its own rows (fla's anchor kernel differs per recurrence); a recurrence
+    added to the variant table without one would be missing from the benchmark silently."""
+    import importlib.util
+
+    from oryx.variants import oryx_variants
+
+    path = ROOT.parent.parent / "benchmarks" / "gpu.py"
+    if not path.exists():
+        pytest.skip("benchmarks/ is not beside this installed package")
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", path)
+    gpu = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, gpu)  # its dataclasses look their module up
+    spec.loader.exec_module(gpu)
+    assert list(gpu.MIXER_OPS) == oryx_variants()

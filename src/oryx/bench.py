@@ -163,11 +163,10 @@ def run(args: argparse.Namespace) -> int:
             model.gradient_checkpointing_enable()
         active = param_report(model, verbose=False)["active_attention_with_embedding"]
         timed: nn.Module = model
-        options = {"mode": "reduce-overhead"} if graphs else {}
         if args.compile and config.variant == "transformer":
-            timed = torch.compile(model, **options)
+            timed = torch.compile(model, mode="reduce-overhead" if graphs else "default")
         elif args.compile:
-            model.compile_blocks(**options)
+            model.compile_blocks(cuda_graphs=graphs)
         modes_to_run = (
             {m: MODES[m] for m in args.modes}
             if config.is_oryx

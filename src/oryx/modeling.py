@@ -91,12 +91,14 @@ class OryxPreTrainedModel(PreTrainedModel):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # generation uses OryxCache, created in prepare_inputs_for_generation
 
-    def compile_blocks(self, **options: Any) -> None:
+    def compile_blocks(self, cuda_graphs: bool = False, **options: Any) -> None:
         """Regional compilation, as torchtitan does it: `torch.compile` every block in place, and the LM head with
         its loss. The blocks are identical and their parameters are graph inputs, so one compiled graph serves all of
-        them and compiling costs one block's worth. `options` go to `torch.compile` (default `fullgraph=True`: a
+        them and compiling costs one block's worth. `cuda_graphs`: each compiled graph replays from a CUDA graph
+        (inductor's `mode="reduce-overhead"`; the caller marks each step's start with
+        `torch.compiler.cudagraph_mark_step_begin`). `options` go to `torch.compile` (default `fullgraph=True`: a
         block that breaks its graph is an error, not a slow path)."""
-        options = {"fullgraph": True, **options}
+        options = {"fullgraph": True, **({"mode": "reduce-overhead"} if cuda_graphs else {}), **options}
         for block in getattr(self, self.base_model_prefix, self).layers:
             block.compile(**options)
         if hasattr(self, "lm_loss"):

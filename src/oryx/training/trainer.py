@@ -488,7 +488,7 @@ def _setup(
     # CUDA graphs take the host's launch cost out of a compiled step (config.uses_cuda_graphs says when they can).
     graphs = config.uses_cuda_graphs(info.device.type, info.world_size)
     if config.compiles(info.device.type):
-        model.compile_blocks(**({"mode": "reduce-overhead"} if graphs else {}))
+        model.compile_blocks(cuda_graphs=graphs)
     wrapped = distributed.wrap(model, info, config.parallel)
     optimizer = adamw(
         model, config.peak_lr, config.weight_decay, (config.beta1, config.beta2), config.eps, config.decay_embeddings
