@@ -29,6 +29,18 @@ restore_autotune() { if [ -f .cache/autotune.tar.gz ]; then mkdir -p "$1" && tar
 [ "${1:-}" = check ] || restore_autotune "$TRITON_CACHE_DIR"
 save_autotune() { (cd "$TRITON_CACHE_DIR" 2>/dev/null && find . -name '*.autotune.json' | tar -czf "$OUT/autotune.tar.gz" -T -) || true; }
 stage() { local limit=$1 name=$2; shift 2; echo "=== $name (limit ${limit}s) $(date +%T)"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "exit $?"; tail -n 40 "$OUT/$name.log"; }
+# The older tree of the compare stages: OLD_TREE (default .old, carried), from `git archive <commit> src benchmarks/gpu.py`.
+old_tree() {
+  local old=${OLD_TREE:-.old}
+  [ -d "$old/src" ] || { echo "no $old/src: git archive <commit> src benchmarks/gpu.py | tar -x -C $old, carry $old" >&2; return 2; }
+  echo "$old"
+}
+# TESTS (a -k expression) of the GPU test module, when given: selected_gpu_tests LIMIT_S WORKERS.
+selected_gpu_tests() {
+  [ -n "${TESTS:-}" ] || return 0
+  ORYX_TEST_LOG=$OUT/gpu-errors.log stage "$1" gpu-tests \
+    python3 -m pytest -p no:cacheprovider -m gpu -n "$2" -v tests/test_gpu.py -k "$TESTS"
+}
 
 case "${1:-}" in
 check)
@@ -81,31 +93,23 @@ compare)
   # in one call. OLD_TREE (default .old, carried) holds `git archive <commit> src benchmarks/gpu.py` of the older
   # commit, timed with its own benchmark (compiled blocks); this tree runs with and without CUDA graphs. Then the
   # mixer core at 2k for every Oryx variant, and TESTS (a -k expression) of the GPU test module when given.
-  old=${OLD_TREE:-.old}
-  [ -d "$old/src" ] || { echo "no $old/src: git archive <commit> src benchmarks/gpu.py | tar -x -C $old, carry $old" >&2; exit 2; }
+  old=$(old_tree) || exit 2
   stage 200 train-old sh -c "cd $old && PYTHONPATH=/tmp/site:\$PWD/src python3 benchmarks/gpu.py train \
     --models ${MODELS:-oryx-tg-130m} --shapes 8x2048 --json $OUT/train-old.json"
   stage 200 train-new python3 benchmarks/gpu.py train --models ${MODELS:-oryx-tg-130m} --shapes 8x2048 \
     --concurrent-warmup 4 --compile-modes blocks blocks-cudagraphs --json "$OUT/train-new.json"
   stage 120 mixer python3 benchmarks/gpu.py mixer --lengths 2048 --variants tg tm tk --json "$OUT/mixer.json"
-  if [ -n "${TESTS:-}" ]; then
-    export ORYX_TEST_LOG=$OUT/gpu-errors.log
-    stage 90 gpu-tests python3 -m pytest -p no:cacheprovider -m gpu -n 4 -v tests/test_gpu.py -k "$TESTS"
-  fi
+  selected_gpu_tests 90 4
   ;;
 compare-mixer)
   # The mixer core at 2k of the older tree (OLD_TREE, as in compare) and of this one in the same call, the same
   # variants and rows (ROWS, default 0.25: the row of the core target), then TESTS of the GPU test module when given.
-  old=${OLD_TREE:-.old}
-  [ -d "$old/src" ] || { echo "no $old/src: git archive <commit> src benchmarks/gpu.py | tar -x -C $old, carry $old" >&2; exit 2; }
+  old=$(old_tree) || exit 2
   stage 160 mixer-old sh -c "cd $old && PYTHONPATH=/tmp/site:\$PWD/src python3 benchmarks/gpu.py mixer --lengths 2048 \
     --rows ${ROWS:-0.25} --variants tg tm --json $OUT/mixer-old.json"
   stage 160 mixer-new python3 benchmarks/gpu.py mixer --lengths 2048 --rows ${ROWS:-0.25} --variants tg tm \
     --json "$OUT/mixer-new.json"
-  if [ -n "${TESTS:-}" ]; then
-    export ORYX_TEST_LOG=$OUT/gpu-errors.log
-    stage 170 gpu-tests python3 -m pytest -p no:cacheprovider -m gpu -n 6 -v tests/test_gpu.py -k "$TESTS"
-  fi
+  selected_gpu_tests 170 6
   ;;
 *) echo "usage: $0 check|train|long|final|grads|compare|compare-mixer" >&2; exit 2 ;;
 esac
