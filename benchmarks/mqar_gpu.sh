@@ -21,6 +21,11 @@
 # that fraction is K/L = 25% except at 64:4 (6.25%) and 64:8 (12.5%).
 # $OUT gets mqar.md (tables + training notes), mqar.json (every row, the runs' summaries), mqar.png and mqar.log; the
 # full run folder (per-run JSON) stays in $RUN_DIR. Redo the plot anywhere with `oryx eval report $OUT`.
+# ROUTER_FAMILIES (default: oryx-tg; empty for none): after the sweep, each of these families' saved model gets a
+# router (`oryx train-router`, regression on measured gains) and its attention-budget table (`oryx eval budget --tasks
+# mqar`: router, entropy, random, head, tail, even and the `queries` oracle at 0-100 % attention), written with the
+# model and router into $OUT/budget.tar.gz (one file: the device returns at most eight). SWEEP_SECONDS (default 570,
+# 420 with routers) bounds the sweep.
 set -euo pipefail
 OUT=${OUT:-out}
 RUN_DIR=${RUN_DIR:-/tmp/mqar-run}
@@ -30,9 +35,18 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.cache/triton}
 if [ -f .cache/autotune.tar.gz ]; then mkdir -p "$TRITON_CACHE_DIR" && tar -xzf .cache/autotune.tar.gz -C "$TRITON_CACHE_DIR"; fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
 start=$(date +%s)
-timeout 570 python3 -m oryx.cli eval mqar --out "$RUN_DIR" --device cuda --jobs 5 --epochs "${EPOCHS:-2}" --lrs 3e-3 \
+ROUTER_FAMILIES=${ROUTER_FAMILIES-oryx-tg}
+timeout "${SWEEP_SECONDS:-$([ -n "$ROUTER_FAMILIES" ] && echo 420 || echo 570)}" python3 -m oryx.cli eval mqar --out "$RUN_DIR" --device cuda --jobs 5 --epochs "${EPOCHS:-2}" --lrs 3e-3 \
   --test-grid 64:4 64:8 64:16 128:32 256:64 512:128 1024:256 256:16 512:32 1024:64 \
-  --eval-batch-size 256 --train-minutes "${TRAIN_MINUTES:-8}" "$@" 2>&1 | tee "$OUT/mqar.log"
+  --eval-batch-size 256 --train-minutes "${TRAIN_MINUTES:-8}" ${ROUTER_FAMILIES:+--save-models} "$@" 2>&1 | tee "$OUT/mqar.log"
 echo "wall: $(( $(date +%s) - start )) s" | tee -a "$OUT/mqar.log"
 cp "$RUN_DIR"/mqar.md "$RUN_DIR"/mqar.json "$OUT"/
 cp "$RUN_DIR"/mqar.png "$OUT"/ 2>/dev/null || true  # absent when the image has no matplotlib
+for family in $ROUTER_FAMILIES; do
+  model=$(ls -d "$RUN_DIR"/models/"$family"-lr* | head -n 1)
+  echo "=== router of $model $(date +%T)"
+  timeout 60 python3 -m oryx.cli train-router "$model" --device cuda
+  timeout 120 python3 -m oryx.cli eval budget "$model" --tasks mqar --device cuda --label "$family" \
+    --out "$model/budget"
+done 2>&1 | tee "$OUT/router.log"
+if [ -n "$ROUTER_FAMILIES" ]; then tar -czf "$OUT/budget.tar.gz" -C "$RUN_DIR" models; fi
