@@ -45,8 +45,9 @@ cp "$RUN_DIR"/mqar.png "$OUT"/ 2>/dev/null || true  # absent when the image has 
 for family in $ROUTER_FAMILIES; do
   model=$(ls -d "$RUN_DIR"/models/"$family"-lr* | head -n 1)
   echo "=== router of $model $(date +%T)"
-  timeout 60 python3 -m oryx.cli train-router "$model" --device cuda
-  timeout 120 python3 -m oryx.cli eval budget "$model" --tasks mqar --device cuda --label "$family" \
-    --out "$model/budget"
+  timeout "${ROUTER_SECONDS:-90}" python3 -m oryx.cli train-router "$model" --device cuda \
+    --windows "${ROUTER_WINDOWS:-64}" || echo "FAILED: train-router $model"
+  timeout "${BUDGET_SECONDS:-150}" python3 -m oryx.cli eval budget "$model" --tasks mqar --device cuda \
+    --label "$family" --out "$model/budget" ${BUDGETS:+--budgets $BUDGETS} || echo "FAILED: eval budget $model"
 done 2>&1 | tee "$OUT/router.log"
 if [ -n "$ROUTER_FAMILIES" ]; then tar -czf "$OUT/budget.tar.gz" -C "$RUN_DIR" models; fi
