@@ -509,3 +509,20 @@ def test_the_budget_command_on_mqar_puts_the_router_beside_the_oracle(tmp_path, 
     assert {"router 25%", "entropy 25%", "random 25%", "head 25%", "tail 25%", "even 25%", "router K/L"} <= set(rows)
     assert rows["queries capped"]["attention_fraction"] <= 8 / 64 + 1 / 64
     assert rows["router 0%"]["metrics"]["accuracy"] == rows["even 0%"]["metrics"]["accuracy"]
+
+
+def test_the_mqar_budget_evaluates_the_settings_asked_for(tmp_path, capsys):
+    """`--settings L:K ...` evaluates those settings of the model's test grid and no others; one outside the grid is a
+    usage error that lists the grid, and so is `--settings` on a text task."""
+    config = MQARSweepConfig(families=("oryx-tg",), hidden_size=64, head_dim=32, vocab=128,
+                             train_mix=(MQARConfig(64, 4, 64),),
+                             test_grid=(MQARConfig(64, 4, 8), MQARConfig(64, 8, 8), MQARConfig(32, 4, 8)))  # fmt: skip
+    folder = save_mqar_model(build_model("oryx-tg", config), config, tmp_path / "m")
+    argv = ["eval", "budget", str(folder), "--tasks", "mqar", "--budgets", "0.25", "--policies", "random", "tail",
+            "--device", "cpu"]  # fmt: skip
+    assert run_cli([*argv, "--settings", "64:8", "32:4"]) == 0
+    rows = json.loads((folder / "eval" / "budget-mqar.json").read_text())["rows"]
+    assert {r["setting"] for r in rows} == {"64x8", "32x4"}
+    error_line(capsys, [*argv, "--settings", "64:16"], "--settings 64:16", "64:4 64:8 32:4", command="eval budget")
+    error_line(capsys, ["eval", "budget", str(folder), "--settings", "64:8", "--device", "cpu"], "--tasks mqar",
+               command="eval budget")  # fmt: skip

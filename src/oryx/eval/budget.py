@@ -281,19 +281,28 @@ def budget_mqar(
     policies: Sequence[str] = MQAR_POLICIES,
     calibration_rows: int = 128,
     batch_size: int = 64,
+    settings: Sequence[tuple[int, int]] | None = None,
     label: str = "model",
     log: Log = print,
 ) -> list[ResultRow]:
-    """MQAR accuracy on the sweep's test grid (`config`: its `MQARSweepConfig`) of every policy at every budget, the
-    `queries` oracle (alone and under the budget rule), and the router and random at the oracle's fraction K/L (rows
-    "router K/L", "random K/L")."""
+    """MQAR accuracy on the sweep's test grid (`config`: its `MQARSweepConfig`; `settings`, (L, K) pairs of it, picks
+    some) of every policy at every budget, the `queries` oracle (alone and under the budget rule), and the router and
+    random at the oracle's fraction K/L (rows "router K/L", "random K/L")."""
     from oryx.eval.mqar_run import scaled_settings
     from oryx.eval.tasks.mqar import MQAR_TEST_SEED, MQAR_TRAIN_SEED, make_mqar
 
+    grid = scaled_settings(config.test_grid, config.test_scale, 1)
+    if settings is not None:
+        known = {(c.seq_len, c.num_kv) for c in grid}
+        missing = [f"{L}:{K}" for L, K in settings if (L, K) not in known]
+        if missing:
+            sweep = " ".join(f"{c.seq_len}:{c.num_kv}" for c in grid)
+            raise ValueError(f"--settings {' '.join(missing)}: not in the model's test grid ({sweep})")
+        grid = tuple(c for c in grid if (c.seq_len, c.num_kv) in set(settings))
     router = model.router
     policies = [p for p in policies if p != "router" or router is not None]
     rows = []
-    for setting in scaled_settings(config.test_grid, config.test_scale, 1):
+    for setting in grid:
         L, K = setting.seq_len, setting.num_kv
         test = make_mqar(setting.n, L, K, vocab=config.vocab, seed=[MQAR_TEST_SEED, L, K])
         calibration = make_mqar(calibration_rows, L, K, vocab=config.vocab, seed=[MQAR_TRAIN_SEED, L, K])

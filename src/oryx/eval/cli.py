@@ -303,6 +303,8 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-windows", type=positive_int, default=32, help="windows of the thresholds")
     parser.add_argument("--seq-len", type=positive_int, default=None, help="tokens per window (default: the run's)")
     parser.add_argument("--max-tokens", type=positive_int, default=65536, help="ppl targets per cell (default: 65536)")
+    parser.add_argument("--settings", nargs="+", type=_mqar_setting, default=None,
+                        help="mqar: L:K settings of the model's test grid (default: all of it)")  # fmt: skip
     parser.add_argument("--niah-length", type=positive_int, default=512, help="NIAH prompt length (default: 512)")
     parser.add_argument("--n", type=positive_int, default=20, help="retrieval samples per task (default: 20)")
     parser.add_argument("--cost", action="store_true", help="also measure what routing adds to a forward (ppl)")
@@ -326,6 +328,8 @@ def run_budget(args: argparse.Namespace) -> int:
         raise UsageError(f"--tasks: unknown {unknown}; choose from ppl, mqar, {', '.join(RETRIEVAL_TASKS)}")
     if "mqar" in args.tasks and len(args.tasks) > 1:
         raise UsageError("--tasks mqar runs on an MQAR model folder: evaluate it on its own")
+    if args.settings and "mqar" not in args.tasks:
+        raise UsageError("--settings picks MQAR settings: it needs --tasks mqar")
     device = _device(args.device)
     try:
         if "mqar" in args.tasks:
@@ -368,7 +372,8 @@ def _budget_mqar(args: argparse.Namespace, device: str, budget: Any) -> int:
     folder = Path(args.checkpoint)
     label = args.label or folder.name
     policies = _budget_policies(args, model, folder, budget.MQAR_POLICIES)
-    rows = budget.budget_mqar(model, config, budgets=args.budgets, policies=policies, label=label)
+    settings = [tuple(s[:2]) for s in args.settings] if args.settings else None
+    rows = budget.budget_mqar(model, config, budgets=args.budgets, policies=policies, settings=settings, label=label)
     meta = {"checkpoint": str(folder), "label": label, "budgets": args.budgets, "policies": policies}
     for path in budget.write_budget_report(rows, args.out or folder / "eval", "budget-mqar", "accuracy", meta):
         print(f"wrote {path}")
