@@ -142,6 +142,19 @@ def test_linear_chunked_values_and_gradients(op, dtype, B, T, state, gen, monkey
             check(name, a.grad, b.grad, tol)
 
 
+@pytest.mark.parametrize("form", ["chunked", "recurrent"])
+def test_the_first_fla_kernel_restores_the_shipped_autotune_choices(form, gen, monkeypatch):
+    """Each fla custom op asks for the shipped choices of its card (autotune_choices) before its kernel runs."""
+    needs_fla()
+    asked = []
+    monkeypatch.setattr(fla, "restore_shipped_choices", lambda device: asked.append(device))
+    tensors, h0 = linear_inputs("gated_delta_rule", 1, 100 if form == "chunked" else 1, 2, 128, gen, True)
+    (fast,) = leaves(*tensors, h0, dtype=torch.bfloat16)[:1]
+    with torch.no_grad():
+        run_linear("gated_delta_rule", fast[:-1], fast[-1], "fla")
+    assert asked and all(d.type == "cuda" for d in asked)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op", LINEAR_OPS)
 @pytest.mark.parametrize("T", [1, 37])

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from oryx import bench, generation, info
+from oryx import autotune, bench, generation, info
 from oryx.cli_common import ArgumentParser, run_command
 from oryx.eval import cli as runners
 from oryx.eval import command as evaluations
@@ -90,6 +90,11 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         "CPU/GPU throughput benchmark with the Transformer baseline side by side", bench.add_arguments, bench.run
     ),
     "info": Command("list presets and print a preset's parameter report", info.add_arguments, info.run),
+    "autotune": Command(
+        "fla's Triton autotune choices: status, export and import of this machine's cache",
+        autotune.add_arguments,
+        autotune.run,
+    ),
 }
 _COMMAND, _PROG = "_oryx_command", "_oryx_prog"
 GROUP_HELP = {"eval": "evaluate a checkpoint: perplexity, switching curve, retrieval benchmarks"}

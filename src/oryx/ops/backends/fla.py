@@ -38,6 +38,7 @@ import torch
 
 from oryx.ops import dispatch
 from oryx.ops.backends._common import FAST_DTYPES, common_dtype, importable, needs_grad
+from oryx.ops.backends.autotune_choices import restore_shipped_choices
 from oryx.ops.gated_delta import gated_delta_rule_chunked
 from oryx.ops.scalar_decay import scalar_decay_rule_chunked
 
@@ -98,6 +99,14 @@ KERNELS: dict[str, tuple[Kernel, Kernel]] = {
 }
 
 
+def _kernel(op: str, form: int, x: Tensor) -> Kernel:
+    """``KERNELS[op][form]`` (0 chunked, 1 fused recurrent), once the shipped autotune choices for x's card are in
+    Triton's cache (``autotune_choices``: the first call of a process copies those it lacks)."""
+    if x.is_cuda:
+        restore_shipped_choices(x.device)
+    return KERNELS[op][form]
+
+
 # --- the custom ops ---------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _autograd_inside_op() -> Iterator[None]:
@@ -121,7 +130,7 @@ def fla_chunk(
 ) -> tuple[Tensor, Tensor]:
     """fla's chunked form of ``op``: (o, final state)."""
     with torch.no_grad():
-        o, final = KERNELS[op][0](q, k, v, g, beta, scale, initial_state)
+        o, final = _kernel(op, 0, q)(q, k, v, g, beta, scale, initial_state)
     return o.to(q.dtype).contiguous(), final.contiguous()
 
 
@@ -193,7 +202,7 @@ def fla_recurrent(
 ) -> tuple[Tensor, Tensor]:
     """fla's fused recurrent form of ``op`` (inference only): (o, final state)."""
     with torch.no_grad():
-        o, final = KERNELS[op][1](q, k, v, g, beta, scale, initial_state)
+        o, final = _kernel(op, 1, q)(q, k, v, g, beta, scale, initial_state)
     return o.to(q.dtype).contiguous(), final.contiguous()
 
 
