@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Table 1 at the GPU scale (issue 15 item 1) in one device call: the five families of one size (oryx-tg, oryx-tm and
+# their parameter-matched transformer, gdn, mamba2 baselines) trained at once in separate processes on one card, with
+# the same data (prose:train, bpe:4096), batch, steps, tokens and seed, then evaluated on the card.
+#
+#   bash benchmarks/lm_gpu.sh                     # from the repository root; results in $OUT (default ./out)
+#   SEED=1 bash benchmarks/lm_gpu.sh              # the second seed
+#   LRS="oryx-tg=0.012 oryx-tm=0.012 transformer=0.006 gdn=0.006 mamba2=0.006" bash benchmarks/lm_gpu.sh  # an LR point
+#
+# 1. probe: the five train PROBE_STEPS steps at once (compile and warm-up included, as the real runs will share the
+#    card); each one's steady tokens/s (median of its last half of steps) gives one shared step count, what the slowest
+#    family fits into TRAIN_MINUTES. Printed with the tokens per parameter it reaches; every family trains it.
+# 2. train: `oryx train --preset <family>-$SIZE` at those steps, the paper's recipe (Oryx on random 128-token chunks, a
+#    quarter in attention; LR 10x GPT-3's for Oryx, 5x for the baselines unless LRS names one), compiled with CUDA
+#    graphs (oryx train's default on one GPU).
+# 3. evaluate on the card: perplexity and bits per byte on prose:test (held-out documents) and brown:test (another
+#    domain) in each single mode, the zero-shot tasks, NIAH-1/2/3 and record recall (attention, linear and cross-mode),
+#    and the switching curves of the Oryx models: the commands of benchmarks/lm_cpu.py, on cuda.
+# Resumable: rerun with the same RUNS (default /tmp/lm-gpu) and it keeps the probe's step count (RUNS/steps.json),
+# skips finished runs and resumes the others from their last checkpoint.
+# $OUT gets lm_gpu.log, steps.json (the probe and the shared steps) and results.tar.gz (every run's metrics.jsonl,
+# train_config.yaml and evaluation outputs). SIZE (default small), BATCH (32), SEQ_LEN (512), TRAIN_MINUTES (4.5),
+# PROBE_STEPS (40), SEED (0), EVAL_TOKENS (131072 per split and mode), ZEROSHOT_N (500), RETRIEVAL_N (50) and DEVICE
+# (cuda; `DEVICE=cpu SIZE=tiny` with small counts is this script's dry run) shape it.
+set -uo pipefail
+OUT=${OUT:-out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
+RUNS=${RUNS:-/tmp/lm-gpu}
+SIZE=${SIZE:-small} BATCH=${BATCH:-32} SEQ_LEN=${SEQ_LEN:-512} SEED=${SEED:-0} DEVICE=${DEVICE:-cuda}
+TRAIN_MINUTES=${TRAIN_MINUTES:-4.5} PROBE_STEPS=${PROBE_STEPS:-40}
+EVAL_TOKENS=${EVAL_TOKENS:-131072} ZEROSHOT_N=${ZEROSHOT_N:-500} RETRIEVAL_N=${RETRIEVAL_N:-50}
+FAMILIES=${FAMILIES:-oryx-tg oryx-tm transformer gdn mamba2}
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export ORYX_CACHE_DIR=${ORYX_CACHE_DIR:-$RUNS/cache} TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$RUNS/inductor}
+ORYX=(python3 -m oryx.cli)
+exec > >(tee -a "$OUT/lm_gpu.log") 2>&1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo "device: $DEVICE"
+start=$(date +%s)
+lr_of() { for pair in ${LRS:-}; do [ "${pair%%=*}" = "$1" ] && echo "--lr ${pair#*=}"; done; }
+train_all() {  # train_all STEPS TAG: every family at once, STEPS steps each, into $RUNS/<family>-<TAG>; fails if one does
+  local steps=$1 tag=$2 family pids=() failed=0 again
+  for family in $FAMILIES; do
+    # A probe starts afresh; a real run that stopped goes on from its last checkpoint, and a finished one is kept.
+    again=(); [ "$tag" = probe ] && again=(--overwrite)
+    if [ "$tag" != probe ] && [ -d "$RUNS/$family-$tag/checkpoints" ]; then again=(--resume); fi
+    if [ "$tag" != probe ] && grep -qs '"kind": "final"' "$RUNS/$family-$tag/metrics.jsonl"; then continue; fi
+    "${ORYX[@]}" train --preset "$family-$SIZE" --steps "$steps" --batch-size "$BATCH" --seq-len "$SEQ_LEN" \
+      --seed "$SEED" $(lr_of "$family") --device "$DEVICE" --eval-every "$(( steps > 4 ? steps / 4 : steps ))" \
+      --save-every "$(( steps > 4 ? steps / 4 : steps ))" --keep-checkpoints 1 --no-report --no-progress \
+      --out-dir "$RUNS/$family-$tag" "${again[@]}" > "$RUNS/$family-$tag.log" 2>&1 &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done  # by pid: a plain `wait` would wait for the log's tee too
+  for family in $FAMILIES; do echo "== $family-$tag: $(tail -n 2 "$RUNS/$family-$tag.log" | tr '\n' ' ')"; done
+  return $failed
+}
+
+mkdir -p "$RUNS"
+if [ -f "$RUNS/steps.json" ]; then  # a rerun resumes at the step count its probe set
+  STEPS=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['steps'])" "$RUNS/steps.json")
+  cp "$RUNS/steps.json" "$OUT/steps.json"; echo "=== the earlier probe's $STEPS steps ($RUNS/steps.json)"
+else
+echo "=== probe: $PROBE_STEPS steps of every family at once $(date +%T)"
+train_all "$PROBE_STEPS" probe || { echo "FAILED: a probe run (its log above)"; exit 1; }
+STEPS=$(python3 - "$RUNS" "$SIZE" "$BATCH" "$SEQ_LEN" "$TRAIN_MINUTES" "$RUNS/steps.json" $FAMILIES <<'EOF'
+import json, statistics, sys
+from pathlib import Path
+
+import torch
+
+from oryx import OryxConfig, OryxForCausalLM
+
+runs, size, batch, seq_len, minutes, out, *families = sys.argv[1:]
+tokens_per_step = int(batch) * int(seq_len)
+probe, params = {}, {}
+for family in families:
+    records = [json.loads(line) for line in (Path(runs) / f"{family}-probe" / "metrics.jsonl").open()]
+    rates = [r["tokens_per_s"] for r in records if r["kind"] == "train"]
+    probe[family] = statistics.median(rates[len(rates) // 2 :])
+    with torch.device("meta"):
+        model = OryxForCausalLM(OryxConfig.from_preset(f"{family}-{size}", vocab_size=4096))
+    params[family] = sum(p.numel() for p in model.parameters())
+slowest = min(probe, key=probe.get)
+steps = max(1, int(float(minutes) * 60 * probe[slowest] / tokens_per_step))
+for family in families:
+    tokens = steps * tokens_per_step
+    print(f"{family}: probe {probe[family]:,.0f} tokens/s, {params[family]:,} parameters, "
+          f"{tokens:,} tokens = {tokens / params[family]:.1f} per parameter", file=sys.stderr)
+print(f"every family trains {steps} steps of {tokens_per_step:,} tokens (what {slowest}, the slowest, fits into "
+      f"{minutes} min)", file=sys.stderr)
+Path(out).write_text(json.dumps({"steps": steps, "tokens_per_step": tokens_per_step, "probe_tokens_per_s": probe,
+                                 "parameters": params, "slowest": slowest, "train_minutes": float(minutes)}, indent=1))
+print(steps)
+EOF
+) || { echo "FAILED: reading the probes' metrics"; exit 1; }
+cp "$RUNS/steps.json" "$OUT/steps.json"
+fi
+echo "=== train: $STEPS steps, seed $SEED $(date +%T)"
+train_all "$STEPS" "s$SEED" || { echo "FAILED: a training run (its log above); rerun the script to resume it"; exit 1; }
+
+echo "=== evaluate $(date +%T)"
+pids=()
+for family in $FAMILIES; do
+  run=$RUNS/$family-s$SEED; ev=$run/eval; mkdir -p "$ev"
+  case $family in oryx-*) modes="attn linear";; transformer) modes=attn;; *) modes=linear;; esac
+  (for split in test:prose:test ood:brown:test; do
+     "${ORYX[@]}" eval ppl "$run" --data "${split#*:}" --schedule $modes --max-tokens "$EVAL_TOKENS" --device "$DEVICE" \
+       --json "$ev/ppl-${split%%:*}.json"
+   done
+   "${ORYX[@]}" eval zeroshot "$run" --modes $modes --n "$ZEROSHOT_N" --device "$DEVICE" --out "$ev/zeroshot"
+   "${ORYX[@]}" eval retrieval "$run" --n "$RETRIEVAL_N" --device "$DEVICE" --out "$ev/retrieval"
+   case $family in oryx-*) "${ORYX[@]}" eval switching "$run" --data prose:test --device "$DEVICE" \
+     --out "$ev/switching";; esac) > "$run.eval.log" 2>&1 &
+  pids+=($!)
+done
+wait "${pids[@]}"
+for family in $FAMILIES; do  # perplexity per split and mode, from the evaluations' JSON
+  python3 - "$RUNS/$family-s$SEED" <<'EOF' || echo "== $family: FAILED evaluation (see $RUNS/$family-s$SEED.eval.log)"
+import json, sys
+from pathlib import Path
+
+run = Path(sys.argv[1])
+cells = []
+for split in ("test", "ood"):
+    for r in json.loads((run / "eval" / f"ppl-{split}.json").read_text())["results"]:
+        cells.append(f"{split} {r['schedule']} ppl {r['perplexity']:.2f} bpb {r['bits_per_byte']:.3f}")
+print(f"== {run.name}: " + "; ".join(cells))
+EOF
+done
+(cd "$RUNS" && tar -czf "$OUT/results.tar.gz" --exclude='checkpoints' --exclude='*.safetensors' ./*-s"$SEED" ./*.log)
+echo "wall: $(( $(date +%s) - start )) s"
