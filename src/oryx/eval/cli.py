@@ -310,7 +310,8 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cost", action="store_true", help="also measure what routing adds to a forward (ppl)")
     parser.add_argument("--out", default=None, help="output folder (default: <checkpoint>/eval)")
     parser.add_argument("--label", default=None, help="the model's name in tables and plots (default: folder name)")
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="windows or samples per forward")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="windows or samples per forward (default: 8; mqar rows: 64)")  # fmt: skip
     add_device_argument(parser)
     add_no_verify_argument(parser)
 
@@ -331,6 +332,7 @@ def run_budget(args: argparse.Namespace) -> int:
     if args.settings and "mqar" not in args.tasks:
         raise UsageError("--settings picks MQAR settings: it needs --tasks mqar")
     device = _device(args.device)
+    args.batch_size = args.batch_size or (64 if "mqar" in args.tasks else 8)
     try:
         if "mqar" in args.tasks:
             return _budget_mqar(args, device, budget)
@@ -373,7 +375,15 @@ def _budget_mqar(args: argparse.Namespace, device: str, budget: Any) -> int:
     label = args.label or folder.name
     policies = _budget_policies(args, model, folder, budget.MQAR_POLICIES)
     settings = [tuple(s[:2]) for s in args.settings] if args.settings else None
-    rows = budget.budget_mqar(model, config, budgets=args.budgets, policies=policies, settings=settings, label=label)
+    rows = budget.budget_mqar(
+        model,
+        config,
+        budgets=args.budgets,
+        policies=policies,
+        settings=settings,
+        batch_size=args.batch_size,
+        label=label,
+    )
     meta = {"checkpoint": str(folder), "label": label, "budgets": args.budgets, "policies": policies}
     for path in budget.write_budget_report(rows, args.out or folder / "eval", "budget-mqar", "accuracy", meta):
         print(f"wrote {path}")
