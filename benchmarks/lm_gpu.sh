@@ -7,6 +7,7 @@
 #   SEED=1 bash benchmarks/lm_gpu.sh              # the second seed
 #   LRS="oryx-tg=0.012 oryx-tm=0.012 transformer=0.006 gdn=0.006 mamba2=0.006" bash benchmarks/lm_gpu.sh  # an LR point
 #
+# 0. tokenise the embedded corpus (shipped compressed in the package) once into the token cache.
 # 1. probe: the five train PROBE_STEPS steps at once (compile and warm-up included, as the real runs will share the
 #    card); each one's steady tokens/s (median of its last half of steps) gives one shared step count, what the slowest
 #    family fits into TRAIN_MINUTES. Printed with the tokens per parameter it reaches; every family trains it.
@@ -55,6 +56,13 @@ train_all() {  # train_all STEPS TAG: every family at once, STEPS steps each, in
 }
 
 mkdir -p "$RUNS"
+# Tokenise once, before five processes would each do it: the BPE and every split's token stream go to ORYX_CACHE_DIR.
+python3 -c "
+from oryx.data import load_tokenizer, load_tokens
+tokenizer = load_tokenizer('bpe:4096')
+for source in ('prose:train', 'prose:validation', 'prose:test', 'brown:test'):
+    print(source, f'{len(load_tokens(source, tokenizer)):,} tokens')
+" || { echo "FAILED: tokenising the corpus"; exit 1; }
 if [ -f "$RUNS/steps.json" ]; then  # a rerun resumes at the step count its probe set
   STEPS=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['steps'])" "$RUNS/steps.json")
   cp "$RUNS/steps.json" "$OUT/steps.json"; echo "=== the earlier probe's $STEPS steps ($RUNS/steps.json)"
@@ -68,9 +76,11 @@ from pathlib import Path
 import torch
 
 from oryx import OryxConfig, OryxForCausalLM
+from oryx.data import load_tokenizer, load_tokens
 
 runs, size, batch, seq_len, minutes, out, *families = sys.argv[1:]
 tokens_per_step = int(batch) * int(seq_len)
+train_tokens = len(load_tokens("prose:train", load_tokenizer("bpe:4096")))  # from the token cache
 probe, params = {}, {}
 for family in families:
     records = [json.loads(line) for line in (Path(runs) / f"{family}-probe" / "metrics.jsonl").open()]
@@ -85,10 +95,12 @@ for family in families:
     tokens = steps * tokens_per_step
     print(f"{family}: probe {probe[family]:,.0f} tokens/s, {params[family]:,} parameters, "
           f"{tokens:,} tokens = {tokens / params[family]:.1f} per parameter", file=sys.stderr)
+epochs = steps * tokens_per_step / train_tokens
 print(f"every family trains {steps} steps of {tokens_per_step:,} tokens (what {slowest}, the slowest, fits into "
-      f"{minutes} min)", file=sys.stderr)
+      f"{minutes} min): {epochs:.1f} epochs of prose:train's {train_tokens:,} tokens", file=sys.stderr)
 Path(out).write_text(json.dumps({"steps": steps, "tokens_per_step": tokens_per_step, "probe_tokens_per_s": probe,
-                                 "parameters": params, "slowest": slowest, "train_minutes": float(minutes)}, indent=1))
+                                 "parameters": params, "slowest": slowest, "train_minutes": float(minutes),
+                                 "train_tokens": train_tokens, "epochs": epochs}, indent=1))
 print(steps)
 EOF
 ) || { echo "FAILED: reading the probes' metrics"; exit 1; }
