@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import tarfile
 from pathlib import Path
 
@@ -74,6 +75,7 @@ def test_the_shipped_choices_are_restored_once_on_their_card_only(tmp_path, monk
     members = _shipped_members()
     assert len(members) > 100 and all(m.endswith(choices.SUFFIX) for m in members)
     (card, triton_version, fla_version) = next(iter(choices.SHIPPED))
+    monkeypatch.setitem(sys.modules, "triton", None)  # the cache is where TRITON_CACHE_DIR says, Triton or not
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(choices, "_restored", set())
     monkeypatch.setattr(choices, "versions", lambda: (triton_version, fla_version))
@@ -89,6 +91,15 @@ def test_the_shipped_choices_are_restored_once_on_their_card_only(tmp_path, monk
     assert choices.restore_shipped_choices(torch.device("cuda", 2)) == 0  # once per process and device
     monkeypatch.setattr(choices, "versions", lambda: ("3.7.0", fla_version))
     assert choices.restore_shipped_choices(torch.device("cuda", 3)) == 0  # another Triton: nothing
+
+
+def test_without_triton_the_cache_directory_follows_tritons_rule(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # Triton absent: the rule is ours (with Triton, its knobs decide)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TRITON_HOME", str(tmp_path / "home"))
+    assert choices.triton_cache_dir() == tmp_path / "home" / ".triton" / "cache"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    assert choices.triton_cache_dir() == tmp_path / "cache"
 
 
 def test_the_command_line(tmp_path, capsys):

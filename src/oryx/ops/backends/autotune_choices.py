@@ -36,8 +36,15 @@ _restored: set[int] = set()  # CUDA device indices this process has restored for
 
 
 def triton_cache_dir() -> Path:
-    """Triton's cache directory: ``TRITON_CACHE_DIR``, else Triton's default ``~/.triton/cache``."""
-    return Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    """Triton's cache directory, as Triton resolves it (its ``knobs``) where Triton is installed; otherwise by its rule:
+    ``TRITON_CACHE_DIR``, else ``$TRITON_HOME/.triton/cache`` (``TRITON_HOME`` defaulting to the home folder)."""
+    try:
+        from triton import knobs
+
+        return Path(knobs.cache.dir)
+    except (ImportError, AttributeError):
+        home = os.environ.get("TRITON_HOME") or Path.home()
+        return Path(os.environ.get("TRITON_CACHE_DIR") or Path(home) / ".triton" / "cache")
 
 
 def versions() -> tuple[str | None, str | None]:
