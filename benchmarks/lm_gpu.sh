@@ -20,14 +20,15 @@
 # Resumable: rerun with the same RUNS (default /tmp/lm-gpu) and it keeps the probe's step count (RUNS/steps.json),
 # skips finished runs and resumes the others from their last checkpoint.
 # $OUT gets lm_gpu.log, steps.json (the probe and the shared steps) and results.tar.gz (every run's metrics.jsonl,
-# train_config.yaml and evaluation outputs). SIZE (default small), BATCH (32), SEQ_LEN (512), TRAIN_MINUTES (4.5),
+# train_config.yaml and evaluation outputs). SIZE (default small), BATCH (32), SEQ_LEN (512), TRAIN_MINUTES (4),
 # PROBE_STEPS (40), SEED (0), EVAL_TOKENS (131072 per split and mode), ZEROSHOT_N (500), RETRIEVAL_N (50) and DEVICE
-# (cuda; `DEVICE=cpu SIZE=tiny` with small counts is this script's dry run) shape it.
+# (cuda; `DEVICE=cpu SIZE=tiny` with small counts is this script's dry run) shape it; WALL_SECONDS (570) bounds every
+# stage, so that what was measured is packed before the device call's limit.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 RUNS=${RUNS:-/tmp/lm-gpu}
 SIZE=${SIZE:-small} BATCH=${BATCH:-32} SEQ_LEN=${SEQ_LEN:-512} SEED=${SEED:-0} DEVICE=${DEVICE:-cuda}
-TRAIN_MINUTES=${TRAIN_MINUTES:-4.5} PROBE_STEPS=${PROBE_STEPS:-40}
+TRAIN_MINUTES=${TRAIN_MINUTES:-4} PROBE_STEPS=${PROBE_STEPS:-40}
 EVAL_TOKENS=${EVAL_TOKENS:-131072} ZEROSHOT_N=${ZEROSHOT_N:-500} RETRIEVAL_N=${RETRIEVAL_N:-50}
 FAMILIES=${FAMILIES:-oryx-tg oryx-tm transformer gdn mamba2}
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -36,17 +37,21 @@ ORYX=(python3 -m oryx.cli)
 exec > >(tee -a "$OUT/lm_gpu.log") 2>&1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo "device: $DEVICE"
 start=$(date +%s)
+# Every stage ends by WALL_SECONDS (default 570, inside a 10-minute device call), so the results are always packed.
+deadline=$(( start + ${WALL_SECONDS:-570} - 10 ))
+left() { local n=$(( deadline - $(date +%s) )); echo $(( n > 1 ? n : 1 )); }
 lr_of() { for pair in ${LRS:-}; do [ "${pair%%=*}" = "$1" ] && echo "--lr ${pair#*=}"; done; }
-train_all() {  # train_all STEPS TAG: every family at once, STEPS steps each, into $RUNS/<family>-<TAG>; fails if one does
-  local steps=$1 tag=$2 family pids=() failed=0 again
+# train_all STEPS TAG: every family at once, STEPS steps each, into $RUNS/<family>-<TAG>; fails if one does.
+train_all() {
+  local steps=$1 tag=$2 family pids=() failed=0 again quarter=$(( $1 > 4 ? $1 / 4 : $1 ))
   for family in $FAMILIES; do
     # A probe starts afresh; a real run that stopped goes on from its last checkpoint, and a finished one is kept.
     again=(); [ "$tag" = probe ] && again=(--overwrite)
     if [ "$tag" != probe ] && [ -d "$RUNS/$family-$tag/checkpoints" ]; then again=(--resume); fi
     if [ "$tag" != probe ] && grep -qs '"kind": "final"' "$RUNS/$family-$tag/metrics.jsonl"; then continue; fi
-    "${ORYX[@]}" train --preset "$family-$SIZE" --steps "$steps" --batch-size "$BATCH" --seq-len "$SEQ_LEN" \
-      --seed "$SEED" $(lr_of "$family") --device "$DEVICE" --eval-every "$(( steps > 4 ? steps / 4 : steps ))" \
-      --save-every "$(( steps > 4 ? steps / 4 : steps ))" --keep-checkpoints 1 --no-report --no-progress \
+    timeout "$(left)" "${ORYX[@]}" train --preset "$family-$SIZE" --steps "$steps" --batch-size "$BATCH" \
+      --seq-len "$SEQ_LEN" --seed "$SEED" $(lr_of "$family") --device "$DEVICE" --eval-every "$quarter" \
+      --save-every "$quarter" --keep-checkpoints 1 --no-report --no-progress \
       --out-dir "$RUNS/$family-$tag" "${again[@]}" > "$RUNS/$family-$tag.log" 2>&1 &
     pids+=($!)
   done
@@ -107,7 +112,11 @@ EOF
 cp "$RUNS/steps.json" "$OUT/steps.json"
 fi
 echo "=== train: $STEPS steps, seed $SEED $(date +%T)"
-train_all "$STEPS" "s$SEED" || { echo "FAILED: a training run (its log above); rerun the script to resume it"; exit 1; }
+if ! train_all "$STEPS" "s$SEED"; then  # pack what exists: the logs say how far each run got
+  echo "FAILED: a training run (its log above); rerun the script with the same RUNS to resume it"
+  (cd "$RUNS" && tar -czf "$OUT/results.tar.gz" --exclude='checkpoints' ./*-s"$SEED" ./*.log steps.json)
+  exit 1
+fi
 
 echo "=== evaluate $(date +%T)"
 pids=()
@@ -115,13 +124,14 @@ for family in $FAMILIES; do
   run=$RUNS/$family-s$SEED; ev=$run/eval; mkdir -p "$ev"
   case $family in oryx-*) modes="attn linear";; transformer) modes=attn;; *) modes=linear;; esac
   (for split in test:prose:test ood:brown:test; do
-     "${ORYX[@]}" eval ppl "$run" --data "${split#*:}" --schedule $modes --max-tokens "$EVAL_TOKENS" --device "$DEVICE" \
-       --json "$ev/ppl-${split%%:*}.json"
+     timeout "$(left)" "${ORYX[@]}" eval ppl "$run" --data "${split#*:}" --schedule $modes \
+       --max-tokens "$EVAL_TOKENS" --device "$DEVICE" --json "$ev/ppl-${split%%:*}.json"
    done
-   "${ORYX[@]}" eval zeroshot "$run" --modes $modes --n "$ZEROSHOT_N" --device "$DEVICE" --out "$ev/zeroshot"
-   "${ORYX[@]}" eval retrieval "$run" --n "$RETRIEVAL_N" --device "$DEVICE" --out "$ev/retrieval"
-   case $family in oryx-*) "${ORYX[@]}" eval switching "$run" --data prose:test --device "$DEVICE" \
-     --out "$ev/switching";; esac) > "$run.eval.log" 2>&1 &
+   timeout "$(left)" "${ORYX[@]}" eval zeroshot "$run" --modes $modes --n "$ZEROSHOT_N" --device "$DEVICE" \
+     --out "$ev/zeroshot"
+   timeout "$(left)" "${ORYX[@]}" eval retrieval "$run" --n "$RETRIEVAL_N" --device "$DEVICE" --out "$ev/retrieval"
+   case $family in oryx-*) timeout "$(left)" "${ORYX[@]}" eval switching "$run" --data prose:test \
+     --device "$DEVICE" --out "$ev/switching";; esac) > "$run.eval.log" 2>&1 &
   pids+=($!)
 done
 wait "${pids[@]}"
@@ -138,5 +148,5 @@ for split in ("test", "ood"):
 print(f"== {run.name}: " + "; ".join(cells))
 EOF
 done
-(cd "$RUNS" && tar -czf "$OUT/results.tar.gz" --exclude='checkpoints' --exclude='*.safetensors' ./*-s"$SEED" ./*.log)
+(cd "$RUNS" && tar -czf "$OUT/results.tar.gz" --exclude='checkpoints' ./*-s"$SEED" ./*.log steps.json)
 echo "wall: $(( $(date +%s) - start )) s"
