@@ -54,4 +54,7 @@ for family in $ROUTER_FAMILIES; do
   timeout "${BUDGET_SECONDS:-300}" python3 -m oryx.cli eval budget "$model" --tasks mqar --device cuda --batch-size 256 \
     --label "$family" --out "$model/budget" ${BUDGETS:+--budgets $BUDGETS} || echo "FAILED: eval budget $model"
 done 2>&1 | tee "$OUT/router.log"
-if [ -n "$ROUTER_FAMILIES" ]; then tar -czf "$OUT/budget.tar.gz" -C "$RUN_DIR" models; fi
+# Only the routed families' folders (about 6 MB each compressed): a file the device returns holds at most 16 MiB.
+if [ -n "$ROUTER_FAMILIES" ]; then
+  (cd "$RUN_DIR" && tar -czf "$OUT/budget.tar.gz" $(for f in $ROUTER_FAMILIES; do ls -d models/"$f"-lr*; done))
+fi
