@@ -23,7 +23,8 @@
 # train_config.yaml and evaluation outputs). SIZE (default small), BATCH (32), SEQ_LEN (512), TRAIN_MINUTES (4),
 # PROBE_STEPS (40), SEED (0), EVAL_TOKENS (131072 per split and mode), ZEROSHOT_N (500), RETRIEVAL_N (50) and DEVICE
 # (cuda; `DEVICE=cpu SIZE=tiny` with small counts is this script's dry run) shape it; WALL_SECONDS (570) bounds every
-# stage, so that what was measured is packed before the device call's limit.
+# stage, so that what was measured is packed before the device call's limit. ROUTER_FAMILIES (default none; e.g.
+# oryx-tg) then trains each one's router and measures perplexity, NIAH and record recall against the budget.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 RUNS=${RUNS:-/tmp/lm-gpu}
@@ -147,6 +148,13 @@ for split in ("test", "ood"):
         cells.append(f"{split} {r['schedule']} ppl {r['perplexity']:.2f} bpb {r['bits_per_byte']:.3f}")
 print(f"== {run.name}: " + "; ".join(cells))
 EOF
+done
+for family in ${ROUTER_FAMILIES:-}; do  # issue 14 on a GPU-scale LM: a router, then quality against the budget
+  run=$RUNS/$family-s$SEED
+  (timeout "$(left)" "${ORYX[@]}" train-router "$run" --device "$DEVICE" &&
+   timeout "$(left)" "${ORYX[@]}" eval budget "$run" --tasks ppl niah_1 niah_2 records_kv --n "$RETRIEVAL_N" \
+     --max-tokens "$EVAL_TOKENS" --device "$DEVICE" --out "$run/eval/budget") > "$run.budget.log" 2>&1 ||
+    echo "== $family: FAILED router or budget (see $run.budget.log)"
 done
 (cd "$RUNS" && tar -czf "$OUT/results.tar.gz" --exclude='checkpoints' ./*-s"$SEED" ./*.log steps.json)
 echo "wall: $(( $(date +%s) - start )) s"
