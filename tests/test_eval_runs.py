@@ -3,6 +3,7 @@ the retrieval and zero-shot runners on a checkpoint, and the report files."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -95,7 +96,7 @@ def test_mqar_time_budget_gives_every_family_the_same_steps(monkeypatch, tmp_pat
     of 0.5 min fits 30 Transformer steps and 15 Oryx steps of the 40 planned: both train 15 (before, the Transformer
     trained 30 and the Oryx run 15)."""
 
-    def probe(model, train, config, draw_modes):
+    def probe(model, train, config, draw_modes, barrier=None):
         return [2.0 if model.config.is_oryx else 1.0] * len(train)
 
     monkeypatch.setattr(mqar_run, "_probe_seconds", probe)
@@ -108,6 +109,42 @@ def test_mqar_time_budget_gives_every_family_the_same_steps(monkeypatch, tmp_pat
     out = capsys.readouterr().out
     assert "every run trains 15 of 40 planned steps (what oryx-tg, the slowest, fits into 0.5 min)" in out
     assert "FAILED" not in out and "FAILED" not in (tmp_path / "mqar.md").read_text()
+
+
+def test_the_probe_times_real_training_steps_after_every_probe_has_warmed_up(monkeypatch):
+    """The probe runs the training step itself (the optimizer moves the weights) and waits at the barrier after
+    PROBE_WARMUP steps of every setting and before any timed step; its seconds are one median per setting."""
+    config = dataclasses.replace(_budget_config(), train_mix=(MQARConfig(64, 4, 32), MQARConfig(32, 4, 32)))
+    model = mqar_run.build_model("oryx-tg", config)
+    before = [p.detach().clone() for p in model.parameters()]
+    steps, events = [], []
+    real_step = mqar_run._train_step
+
+    def counted(*args, **kwargs):
+        steps.append(1)
+        return real_step(*args, **kwargs)
+
+    class Recorder:
+        def wait(self, timeout=None):
+            events.append(len(steps))
+
+    monkeypatch.setattr(mqar_run, "_train_step", counted)
+    train = mqar_run._train_data(config)
+    draw = mqar_run._mode_drawer(model, config, torch.device("cpu"))
+    seconds = mqar_run._probe_seconds(model, train, config, draw, Recorder())
+    assert events == [mqar_run.PROBE_WARMUP * len(train)]
+    assert len(steps) == (mqar_run.PROBE_WARMUP + mqar_run.PROBE_STEPS) * len(train)
+    assert len(seconds) == len(train) and all(s > 0 for s in seconds)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_probes_in_worker_processes_meet_at_their_barrier_and_set_one_step_count(tmp_path, capsys):
+    """--jobs 2 under --train-minutes: the two probes run in spawned workers, wait for each other at a manager's
+    barrier (a hang here would be a deadlock) and give one shared step count that both runs train."""
+    mqar_run.run_sweep(_budget_config(train_minutes=0.5), tmp_path, jobs=2)
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "runs").iterdir()]
+    assert len(runs) == 2 and runs[0]["steps"] == runs[1]["steps"] == runs[0]["schedule_steps"] > 0
+    assert "probe (ms/step): transformer" in capsys.readouterr().out
 
 
 def test_mqar_run_cut_by_the_budget_is_a_failure(monkeypatch):

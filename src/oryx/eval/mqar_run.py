@@ -28,9 +28,10 @@ queries     only the K query tokens (the minimum MQAR needs)       K / L
 A baseline runs only its own mode (transformer: attn; mamba2, gdn: linear). With several learning rates (``--lrs``)
 each family keeps the one with the best mean accuracy over all its rows (Zoology reports the best of its sweep).
 ``--train-minutes`` caps the training runs, all of them at one number of steps: before any run trains, a short timed
-probe of every run (in the processes that will train, at the same time, after warm-up steps) gives its time per
-step, and the slowest run's sets the step count of every run, so the families are compared at equal steps and every
-cosine schedule still ends at its last step. Should a probe have been optimistic, a run stops at 1.25× the budget;
+probe of every run (the training step itself, in the processes that will train; every probe warms up, waits for the
+others, and then all time their steps at once, sharing the device as the runs will) gives its time per step, and the
+slowest run's sets the step count of every run, so the families are compared at equal steps and every cosine schedule
+still ends at its last step. Should a probe have been optimistic, a run stops at 1.25× the budget;
 a run that trained fewer steps than another is printed, and listed under the table, as a FAILED comparison.
 
 Output (``--out``): ``runs/<family>-lr<lr>.json`` per training run, ``mqar.json`` (the best run of each family, a
@@ -49,7 +50,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -78,6 +79,7 @@ from oryx.variants import FAMILIES as FAMILY_TABLE
 FAMILIES = tuple(family_names())  # every family of the variant table, the baselines first
 MQAR_PROTOCOLS = ("attn", "linear", "cross", "queries")
 PROBE_WARMUP, PROBE_STEPS = 4, 3  # untimed and timed steps per setting of the --train-minutes probe
+PROBE_BARRIER_SECONDS = 900.0  # how long a probe waits for the others to finish warming up
 
 __all__ = [
     "FAMILIES",
@@ -200,34 +202,70 @@ def _sync(device: torch.device) -> None:
 ModeDrawer = Callable[[int, MQARBatch], "torch.Tensor | None"]
 
 
+def _train_step(
+    model: OryxForCausalLM,
+    optimizer: torch.optim.Optimizer,
+    batch: MQARBatch,
+    rows: torch.Tensor,
+    modes: torch.Tensor | None,
+    precision: str,
+) -> tuple[float, int, int]:
+    """One optimizer step on `rows` of `batch` (clipped at 1.0): the loss, the correct and the supervised counts."""
+    device = next(model.parameters()).device
+    with autocast(device, precision):
+        loss, correct, supervised, _ = query_loss_and_hits(
+            model, batch.input_ids[rows].to(device), batch.labels[rows].to(device), modes
+        )
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item(), correct, supervised
+
+
+class Barrier(Protocol):
+    """What the probes wait at (a `multiprocessing.Barrier` or its manager's proxy): `wait(timeout)`."""
+
+    def wait(self, timeout: float | None = None) -> Any: ...
+
+
 def _probe_seconds(
-    model: OryxForCausalLM, train: list[MQARBatch], config: MQARSweepConfig, draw_modes: ModeDrawer
+    model: OryxForCausalLM,
+    train: list[MQARBatch],
+    config: MQARSweepConfig,
+    draw_modes: ModeDrawer,
+    barrier: Barrier | None = None,
 ) -> list[float]:
-    """Seconds of one forward+backward step per training setting: the median of PROBE_STEPS timed steps after
-    PROBE_WARMUP untimed ones (gradients discarded).
+    """Seconds of one training step (`_train_step`, on this throwaway model) per training setting: PROBE_WARMUP
+    untimed steps of every setting, then (with `barrier`) a wait for the other probes, then the median of PROBE_STEPS
+    timed steps of each.
 
     Several steps, because an Oryx step draws new modes each time and so meets new shapes (the attention rows'
     blocks) for a while: timing one early step overestimates a trained step several times over, which would cut the
-    Oryx runs of an equal-steps sweep short (benchmarks/RESULTS.md, the H100 MQAR sweep).
+    Oryx runs of an equal-steps sweep short (benchmarks/RESULTS.md, the H100 MQAR sweep). Timing all probes together
+    after all have warmed up, because a probe that times while the others still compile has the device to itself and
+    underestimates a shared step (about 1.7x on the H200 sweep of 2026-12-02).
     """
     device = next(model.parameters()).device
+    optimizer = adamw(model, config.lrs[0], config.weight_decay)
+    rows = [torch.arange(min(config.batch_size, len(batch.input_ids))) for batch in train]
+    for batch, picked in zip(train, rows, strict=True):
+        for _ in range(PROBE_WARMUP):
+            _train_step(model, optimizer, batch, picked, draw_modes(len(picked), batch), config.precision)
+    if barrier is not None:
+        with contextlib.suppress(Exception):  # a broken or timed-out barrier: time alone, as before
+            barrier.wait(PROBE_BARRIER_SECONDS)
     seconds = []
-    for batch in train:
-        rows = torch.arange(min(config.batch_size, len(batch.input_ids)))
+    for batch, picked in zip(train, rows, strict=True):
         timed = []
-        for step in range(PROBE_WARMUP + PROBE_STEPS):
+        for _ in range(PROBE_STEPS):
+            modes = draw_modes(len(picked), batch)
             _sync(device)
             start = time.perf_counter()
-            with autocast(device, config.precision):
-                loss, _, _, _ = query_loss_and_hits(
-                    model, batch.input_ids[rows].to(device), batch.labels[rows].to(device), draw_modes(len(rows), batch)
-                )
-            loss.backward()
+            _train_step(model, optimizer, batch, picked, modes, config.precision)
             _sync(device)
-            if step >= PROBE_WARMUP:
-                timed.append(time.perf_counter() - start)
+            timed.append(time.perf_counter() - start)
         seconds.append(float(np.median(timed)))
-    model.zero_grad(set_to_none=True)
     return seconds
 
 
@@ -253,16 +291,16 @@ def _mode_drawer(model: OryxForCausalLM, config: MQARSweepConfig, device: torch.
     return draw_modes
 
 
-def probe_step_seconds(family: str, config: MQARSweepConfig) -> float:
-    """Seconds per training step of a ``family`` run of ``config``: ``_probe_seconds`` of a fresh model, weighted by
-    the steps each setting takes in an epoch. The run itself starts from its own fresh model (the probe draws no
-    modes or rows from the run's generators)."""
+def probe_step_seconds(family: str, config: MQARSweepConfig, barrier: Barrier | None = None) -> float:
+    """Seconds per training step of a ``family`` run of ``config``: ``_probe_seconds`` of a fresh model (timed
+    together with the other probes at ``barrier``), weighted by the steps each setting takes in an epoch. The run
+    itself starts from its own fresh model (the probe draws no modes or rows from the run's generators)."""
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
     model = build_model(family, config).to(device)
     train = _train_data(config)
     per_setting = _steps_per_setting(train, config.batch_size)
-    seconds = _probe_seconds(model, train, config, _mode_drawer(model, config, device))
+    seconds = _probe_seconds(model, train, config, _mode_drawer(model, config, device), barrier)
     return float(np.dot(seconds, per_setting)) / sum(per_setting)
 
 
@@ -381,18 +419,10 @@ def train_mqar(
             s, rows = epoch[k]
             for group in optimizer.param_groups:
                 group["lr"] = lr * lr_factor(step, total, config.warmup_ratio, 0.0)
-            with autocast(device, config.precision):
-                loss, c, t, _ = query_loss_and_hits(
-                    model,
-                    train[s].input_ids[rows].to(device),
-                    train[s].labels[rows].to(device),
-                    draw_modes(len(rows), train[s]),
-                )
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            loss, c, t = _train_step(
+                model, optimizer, train[s], rows, draw_modes(len(rows), train[s]), config.precision
+            )
+            losses.append(loss)
             correct, supervised = correct + c, supervised + t
             step += 1
             if step % config.log_every == 0 or step == total:
@@ -483,11 +513,11 @@ def _run_name(family: str, lr: float) -> str:
     return f"{family}-lr{lr:g}"
 
 
-def _probe_job(family: str, config: MQARSweepConfig, threads: int) -> float:
+def _probe_job(family: str, config: MQARSweepConfig, threads: int, barrier: Barrier | None) -> float:
     """``probe_step_seconds`` in a worker process."""
     if config.device == "cpu":
         torch.set_num_threads(threads)
-    return probe_step_seconds(family, config)
+    return probe_step_seconds(family, config, barrier)
 
 
 def _job(family: str, lr: float, config: MQARSweepConfig, out_dir: str, threads: int, steps: int | None) -> str:
@@ -586,10 +616,15 @@ def run_sweep(config: MQARSweepConfig, out_dir: str | Path, jobs: int = 1) -> li
     # GPU runs need one host thread each for launching (more only spin, and starve whatever shares the machine).
     threads = 1 if config.device.startswith("cuda") else max(1, (os.cpu_count() or 1) // jobs)
     # spawn: CUDA cannot be used in forked children.
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        # The probes run at once, as the runs will (they share the device), one per family (its lrs step alike).
+    spawn = get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=spawn) as pool, contextlib.ExitStack() as stack:
+        # The probes run at once, as the runs will (they share the device), one per family (its lrs step alike),
+        # and time their steps together once all have warmed up, where every probe has a worker to run in.
         families = config.families if config.train_minutes is not None else ()
-        probes = {family: pool.submit(_probe_job, family, config, threads) for family in families}
+        barrier = None
+        if 1 < len(families) <= jobs:
+            barrier = stack.enter_context(spawn.Manager()).Barrier(len(families))
+        probes = {family: pool.submit(_probe_job, family, config, threads, barrier) for family in families}
         steps = _budget_steps(config, lambda family: probes[family].result())
         futures = [pool.submit(_job, family, lr, config, str(out), threads, steps) for family, lr in pairs]
         for future in as_completed(futures):
