@@ -152,7 +152,7 @@ done
 for family in ${ROUTER_FAMILIES:-}; do  # issue 14 on a GPU-scale LM: a router, then quality against the budget
   run=$RUNS/$family-s$SEED
   (timeout "$(left)" "${ORYX[@]}" train-router "$run" --device "$DEVICE" &&
-   timeout "$(left)" "${ORYX[@]}" eval budget "$run" --tasks ppl niah_1 niah_2 records_kv --n "$RETRIEVAL_N" \
+   timeout "$(left)" "${ORYX[@]}" eval budget "$run" --tasks ppl niah_1 niah_2 records_kv --n "$RETRIEVAL_N" --cost \
      --max-tokens "$EVAL_TOKENS" --device "$DEVICE" --out "$run/eval/budget") > "$run.budget.log" 2>&1 ||
     echo "== $family: FAILED router or budget (see $run.budget.log)"
 done

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from fractions import Fraction
 
 import numpy as np
@@ -509,6 +510,24 @@ def test_the_budget_command_on_mqar_puts_the_router_beside_the_oracle(tmp_path, 
     assert {"router 25%", "entropy 25%", "random 25%", "head 25%", "tail 25%", "even 25%", "router K/L"} <= set(rows)
     assert rows["queries capped"]["attention_fraction"] <= 8 / 64 + 1 / 64
     assert rows["router 0%"]["metrics"]["accuracy"] == rows["even 0%"]["metrics"]["accuracy"]
+
+
+def test_routing_cost_times_both_forwards_and_counts_the_attention_work():
+    """`routing_cost` on the CPU: both forwards timed (CPU time), and the ideal work of the modes it chose equal to
+    the causal query-key pairs of their attention rows counted by a plain loop, relative to all-attention's; the
+    reference kernel computes whole 128-row blocks, never less than the ideal."""
+    from oryx.eval.budget import _clock, routing_cost
+
+    model = tiny_model().eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(5))
+    cost = routing_cost(model, ids, "random:budget=0.1,seed=3", repeats=2)
+    with torch.no_grad():
+        modes = model(ids, schedule="random:budget=0.1,seed=3").modes
+    pairs = sum(t + 1 for b in range(2) for t in range(300) if modes[b, t] == ATTN)
+    assert cost["ideal_work"] == pytest.approx(pairs / (2 * sum(t + 1 for t in range(300))))
+    assert 0 < cost["ideal_work"] <= cost["computed_work"]  # scattered rows: whole blocks, can exceed all-attention
+    assert cost["routed_s"] > 0 and cost["explicit_s"] > 0 and math.isfinite(cost["share"])
+    assert _clock(torch.device("cpu")) is time.process_time
 
 
 def test_the_mqar_budget_evaluates_the_settings_asked_for(tmp_path, capsys):

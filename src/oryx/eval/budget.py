@@ -384,29 +384,44 @@ def budget_retrieval(
     return rows
 
 
+def _clock(device: torch.device) -> Callable[[], float]:
+    """Seconds to time a forward by: this process's CPU time on a CPU (steady beside other work on the machine), wall
+    time after the card has finished its queue on CUDA (the card's work is no CPU time)."""
+    if device.type != "cuda":
+        return time.process_time
+
+    def after_the_card() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return after_the_card
+
+
 def routing_cost(model: Any, ids: torch.Tensor, spec: str, repeats: int = 7) -> dict[str, float]:
-    """What routing adds to a forward of `ids` [B, T] under `spec`: the median CPU seconds of the routed forward and of
-    the same forward given the modes it chose, the routing's share of the routed forward, and the attention work of
-    those modes: the query-key pairs of its rows (ideal) and the scores the reference kernel computed (whole blocks
-    of 128 rows), each relative to all-attention's pairs."""
+    """What routing adds to a forward of `ids` [B, T] under `spec`: the median seconds (`_clock`) of the routed forward
+    and of the same forward given the modes it chose, the routing's share of the routed forward, and the attention
+    work of those modes: the query-key pairs of its rows (ideal) and the scores the reference kernel computed (whole
+    blocks of 128 rows; NaN where a fast backend ran, which the counter does not see), relative to all-attention's."""
     with torch.no_grad(), count_score_elements() as computed:
         modes = model(ids, schedule=spec).modes  # also a warm-up (and the threshold's calibration)
+    clock = _clock(ids.device)
     times: dict[str, list[float]] = {"routed": [], "explicit": []}
     for _ in range(repeats):  # alternating, so that a change of the machine's load hits both alike
         for name, kwargs in (("routed", {"schedule": spec}), ("explicit", {"modes": modes})):
-            start = time.process_time()
+            start = clock()
             with torch.no_grad():
                 model(ids, **kwargs)
-            times[name].append(time.process_time() - start)
+            times[name].append(clock() - start)
     routed, explicit = (float(np.median(times[name])) for name in ("routed", "explicit"))
     full = attention_scores(torch.full_like(modes, ATTN))
     per_pair = model.config.num_hidden_layers * model.config.num_heads  # the counter counts every head, every layer
+    ideal = attention_scores(modes) / full
     return {
         "routed_s": routed,
         "explicit_s": explicit,
         "share": (routed - explicit) / routed,
-        "ideal_work": attention_scores(modes) / full,
-        "computed_work": computed.value / per_pair / full,
+        "ideal_work": ideal,
+        "computed_work": computed.value / per_pair / full if computed.value or not ideal else math.nan,
     }
 
 

@@ -18,6 +18,7 @@ PNG plot) of its output folder. lm-eval itself: ``python -m oryx.eval.harness`` 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -449,7 +450,8 @@ def _budget_text(args: argparse.Namespace, device: str, budget: Any) -> int:
 
 
 def _routing_costs(model: Any, tokens: Any, seq_len: int, batch_size: int) -> str:
-    """Markdown: what routing adds to a forward of one batch of windows, per adaptive schedule (CPU time)."""
+    """Markdown: what routing adds to a forward of one batch of windows, per adaptive schedule (CPU time of one thread
+    on a CPU; wall time after synchronising on CUDA)."""
     import torch
 
     from oryx.eval.budget import routing_cost
@@ -459,20 +461,24 @@ def _routing_costs(model: Any, tokens: Any, seq_len: int, batch_size: int) -> st
     specs = ["random:budget=0.1", "entropy:threshold=4.0,budget=0.1"]
     if model.router is not None:
         specs = ["router:budget=0.1", "router:budget=0.1,chunk=32", *specs]
+    unit = "s" if model.device.type == "cuda" else "CPU s"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # CPU time of one thread: steady beside other work on the machine
     try:
         lines = [
-            "| schedule | routed forward (CPU s) | same modes given (CPU s) | routing's share | attention work: ideal "
-            "| computed by the reference kernel |",
+            f"| schedule | routed forward ({unit}) | same modes given ({unit}) | routing's share | attention work: "
+            "ideal | computed by the reference kernel |",
             "|---|---|---|---|---|---|",
         ]
         for spec in specs:
             cost = routing_cost(model, ids, spec)
             lines.append(
                 f"| `{spec}` | {cost['routed_s']:.3f} | {cost['explicit_s']:.3f} | {cost['share']:.1%} | "
-                f"{cost['ideal_work']:.1%} | {cost['computed_work']:.1%} |"
+                f"{cost['ideal_work']:.1%} | "
+                + ("– (a fast backend ran)" if math.isnan(cost["computed_work"]) else f"{cost['computed_work']:.1%}")
+                + " |"
             )
     finally:
         torch.set_num_threads(threads)
-    return f"Routing cost, one forward of {tuple(ids.shape)} tokens, one thread, median of 7:\n\n" + "\n".join(lines)
+    timing = "wall time after synchronising the card" if unit == "s" else "one thread's CPU time"
+    return f"Routing cost, one forward of {tuple(ids.shape)} tokens, {timing}, median of 7:\n\n" + "\n".join(lines)
