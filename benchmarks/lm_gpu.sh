@@ -21,16 +21,18 @@
 # skips finished runs and resumes the others from their last checkpoint.
 # $OUT gets lm_gpu.log, steps.json (the probe and the shared steps) and results.tar.gz (every run's metrics.jsonl,
 # train_config.yaml and evaluation outputs). SIZE (default small), BATCH (32), SEQ_LEN (512), TRAIN_MINUTES (4),
-# PROBE_STEPS (40), SEED (0), EVAL_TOKENS (131072 per split and mode), ZEROSHOT_N (500), RETRIEVAL_N (50) and DEVICE
-# (cuda; `DEVICE=cpu SIZE=tiny` with small counts is this script's dry run) shape it; WALL_SECONDS (570) bounds every
-# stage, so that what was measured is packed before the device call's limit. ROUTER_FAMILIES (default none; e.g.
-# oryx-tg) then trains each one's router and measures perplexity, NIAH and record recall against the budget.
+# PROBE_STEPS (40), SEED (0), EVAL_TOKENS (131072 per split and mode), ZEROSHOT_N (500), RETRIEVAL_N (50),
+# RETRIEVAL_LENGTHS (512 1024) and DEVICE (cuda; `DEVICE=cpu SIZE=tiny` with small counts is this script's dry run)
+# shape it; WALL_SECONDS (570) bounds every stage, so that what was measured is packed before the device call's limit.
+# ROUTER_FAMILIES (default none; e.g. oryx-tg) then trains each one's router and measures perplexity, NIAH and record
+# recall against the budget.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 RUNS=${RUNS:-/tmp/lm-gpu}
 SIZE=${SIZE:-small} BATCH=${BATCH:-32} SEQ_LEN=${SEQ_LEN:-512} SEED=${SEED:-0} DEVICE=${DEVICE:-cuda}
 TRAIN_MINUTES=${TRAIN_MINUTES:-4} PROBE_STEPS=${PROBE_STEPS:-40}
 EVAL_TOKENS=${EVAL_TOKENS:-131072} ZEROSHOT_N=${ZEROSHOT_N:-500} RETRIEVAL_N=${RETRIEVAL_N:-50}
+RETRIEVAL_LENGTHS=${RETRIEVAL_LENGTHS:-512 1024}  # prompt tokens; the models train on 512
 FAMILIES=${FAMILIES:-oryx-tg oryx-tm transformer gdn mamba2}
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export ORYX_CACHE_DIR=${ORYX_CACHE_DIR:-$RUNS/cache} TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$RUNS/inductor}
@@ -130,7 +132,8 @@ for family in $FAMILIES; do
    done
    timeout "$(left)" "${ORYX[@]}" eval zeroshot "$run" --modes $modes --n "$ZEROSHOT_N" --device "$DEVICE" \
      --out "$ev/zeroshot"
-   timeout "$(left)" "${ORYX[@]}" eval retrieval "$run" --n "$RETRIEVAL_N" --device "$DEVICE" --out "$ev/retrieval"
+   timeout "$(left)" "${ORYX[@]}" eval retrieval "$run" --n "$RETRIEVAL_N" --lengths $RETRIEVAL_LENGTHS \
+     --device "$DEVICE" --out "$ev/retrieval"
    case $family in oryx-*) timeout "$(left)" "${ORYX[@]}" eval switching "$run" --data prose:test \
      --device "$DEVICE" --out "$ev/switching";; esac) > "$run.eval.log" 2>&1 &
   pids+=($!)
