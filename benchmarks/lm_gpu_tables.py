@@ -1,0 +1,93 @@
+"""The tables of `benchmarks/lm_gpu.sh`'s runs (Table 1 at the GPU scale, issue 15), from its results.
+
+    tar -xzf results.tar.gz -C results/         # one or more calls' archives (seeds, LR points) into one folder
+    python benchmarks/lm_gpu_tables.py results/  # Markdown on stdout
+
+Per run (`<family>-<tag>`) and single mode: the final validation perplexity (prose:validation, what chooses an LR),
+perplexity and bits per byte on prose:test (in domain) and brown:test (another domain), the zero-shot accuracies, and
+NIAH / record recall per protocol (mean over tasks and lengths); then each Oryx mode against its baselines as
+perplexity ratios (< 1: Oryx better), run against run of the same tag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+BASELINES = {"oryx-tg": ("transformer", "gdn"), "oryx-tm": ("transformer", "mamba2")}
+MODE_OF = {"transformer": "attn", "gdn": "linear", "mamba2": "linear"}
+
+
+def _rows(folder: Path, name: str) -> list[dict[str, Any]]:
+    """The result rows of every `<name>.json` under `folder` (one per checkpoint evaluated)."""
+    return [row for path in sorted(folder.glob(f"*/{name}.json")) for row in json.loads(path.read_text())["rows"]]
+
+
+def read_run(run: Path) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """One run folder of lm_gpu.sh: mode -> metric -> value, and protocol -> mean NIAH / record recall."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    final = next((r for r in records if r["kind"] == "final"), {})  # absent: the run was cut (lm_gpu.sh said FAILED)
+    modes: dict[str, dict[str, float]] = {}
+    for split in ("test", "ood"):
+        path = run / "eval" / f"ppl-{split}.json"
+        for result in json.loads(path.read_text())["results"] if path.is_file() else []:
+            cell = modes.setdefault(result["schedule"], {})
+            cell[f"{split} ppl"], cell[f"{split} bpb"] = result["perplexity"], result["bits_per_byte"]
+    for mode, cell in modes.items():
+        if f"val_ppl_{mode}" in final:
+            cell["val ppl"] = final[f"val_ppl_{mode}"]
+    for row in _rows(run / "eval" / "zeroshot", "zeroshot"):
+        modes[row["protocol"]][f"{row['task']} acc"] = row["metrics"]["acc"]
+    recalls: dict[str, list[float]] = {}
+    for row in _rows(run / "eval" / "retrieval", "retrieval"):
+        recalls.setdefault(row["protocol"], []).append(row["metrics"]["recall"])
+    return modes, {protocol: mean(values) for protocol, values in recalls.items()}
+
+
+def _cell(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def tables(root: Path) -> str:
+    """The three tables, in Markdown."""
+    runs = {p.name: read_run(p) for p in sorted(root.glob("*-*")) if (p / "eval" / "ppl-test.json").is_file()}
+    columns = {"val ppl": 2, "test ppl": 2, "test bpb": 3, "ood ppl": 2, "ood bpb": 3, "lambada acc": 3,
+               "next_sentence acc": 3}  # fmt: skip
+    lines = ["| run | mode | " + " | ".join(columns) + " |", "|---|---|" + "---:|" * len(columns)]
+    for name, (modes, _) in runs.items():
+        for mode, cell in modes.items():
+            lines.append(f"| {name} | {mode} | " + " | ".join(_cell(cell.get(c), d) for c, d in columns.items()) + " |")
+    protocols = ("attn", "linear", "cross")
+    lines += ["", "| run | NIAH / records recall: " + " | ".join(protocols) + " |", "|---|" + "---:|" * 3]
+    for name, (_, recall) in runs.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(recall.get(p), 3) for p in protocols) + " |")
+    lines += ["", "| Oryx mode / baseline (perplexity) | val | test | ood |", "|---|---:|---:|---:|"]
+    for name, (modes, _) in runs.items():
+        family, tag = name.rsplit("-", 1)
+        for baseline in BASELINES.get(family, ()):
+            if f"{baseline}-{tag}" not in runs:
+                continue
+            base = runs[f"{baseline}-{tag}"][0][MODE_OF[baseline]]
+            for mode, cell in modes.items():
+                ratios = " | ".join(
+                    _cell(cell[f"{s} ppl"] / base[f"{s} ppl"] if f"{s} ppl" in cell and f"{s} ppl" in base else None, 3)
+                    for s in ("val", "test", "ood")
+                )
+                lines.append(f"| {name} {mode} / {baseline}-{tag} | {ratios} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="folder holding the extracted <family>-<tag> run folders")
+    root = parser.parse_args().results
+    if not any((p / "eval" / "ppl-test.json").is_file() for p in root.glob("*-*")):
+        parser.error(f"{root} holds no lm_gpu.sh run with evaluations; extract its results.tar.gz there")
+    print(tables(root), end="")
+
+
+if __name__ == "__main__":
+    main()

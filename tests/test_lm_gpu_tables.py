@@ -1,0 +1,50 @@
+"""`benchmarks/lm_gpu_tables.py`: the tables of lm_gpu.sh's runs, on result files written here with random values."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lm_gpu_tables.py"
+spec = importlib.util.spec_from_file_location("lm_gpu_tables", SCRIPT)
+lm_gpu_tables = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lm_gpu_tables)
+
+
+def _rows_file(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"benchmark": "x", "metrics": [], "rows": rows, "meta": {}}))
+
+
+def _run(root: Path, name: str, modes: list[str], rng: random.Random, ood: bool = True) -> dict:
+    """A run folder as lm_gpu.sh leaves it, with random perplexities; returns them."""
+    run = root / name
+    (run / "eval").mkdir(parents=True)
+    values = {m: {s: rng.uniform(50, 500) for s in ("val", "test", "ood")} for m in modes}
+    final = {"kind": "final", **{f"val_ppl_{m}": values[m]["val"] for m in modes}}
+    (run / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1}) + "\n" + json.dumps(final) + "\n")
+    for split in ("test", "ood") if ood else ("test",):
+        results = [{"schedule": m, "perplexity": values[m][split], "bits_per_byte": 2.5} for m in modes]
+        (run / "eval" / f"ppl-{split}.json").write_text(json.dumps({"results": results}))
+    _rows_file(run / "eval" / "zeroshot" / "step-1" / "zeroshot.json",
+               [{"protocol": m, "task": "lambada", "metrics": {"acc": 0.25}} for m in modes])  # fmt: skip
+    recall = [{"protocol": p, "metrics": {"recall": r}} for p in [*modes, "cross"] for r in (0.5, 1.0)]
+    _rows_file(run / "eval" / "retrieval" / "step-1" / "retrieval.json", recall)
+    return values
+
+
+def test_ratios_are_oryx_over_its_baselines_run_for_run(tmp_path):
+    rng = random.Random(7)
+    oryx = _run(tmp_path, "oryx-tg-s0", ["attn", "linear"], rng)
+    transformer = _run(tmp_path, "transformer-s0", ["attn"], rng)
+    _run(tmp_path, "gdn-s0", ["linear"], rng, ood=False)  # its out-of-domain evaluation never ran
+    _run(tmp_path, "transformer-s1", ["attn"], rng)  # another seed: not Oryx-TG s0's baseline
+    text = lm_gpu_tables.tables(tmp_path)
+    want = [oryx["linear"][s] / transformer["attn"][s] for s in ("val", "test", "ood")]
+    assert "| oryx-tg-s0 linear / transformer-s0 | " + " | ".join(f"{r:.3f}" for r in want) + " |" in text
+    gdn_line = next(line for line in text.splitlines() if line.startswith("| oryx-tg-s0 attn / gdn-s0 |"))
+    assert gdn_line.endswith("| – |")
+    assert "transformer-s1 |" not in text.split("Oryx mode / baseline")[1]
+    assert "| oryx-tg-s0 | 0.750 | 0.750 | 0.750 |" in text  # mean recall per protocol
