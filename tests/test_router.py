@@ -537,6 +537,7 @@ def test_the_mqar_budget_evaluates_the_settings_asked_for(tmp_path, capsys):
                              train_mix=(MQARConfig(64, 4, 64),),
                              test_grid=(MQARConfig(64, 4, 8), MQARConfig(64, 8, 8), MQARConfig(32, 4, 8)))  # fmt: skip
     folder = save_mqar_model(build_model("oryx-tg", config), config, tmp_path / "m")
+    capsys.readouterr()  # the save's progress bar, shown unless an earlier command turned them off
     argv = ["eval", "budget", str(folder), "--tasks", "mqar", "--budgets", "0.25", "--policies", "random", "tail",
             "--device", "cpu"]  # fmt: skip
     assert run_cli([*argv, "--settings", "64:8", "32:4"]) == 0

@@ -293,12 +293,13 @@ def budget_mqar(
 
     grid = scaled_settings(config.test_grid, config.test_scale, 1)
     if settings is not None:
-        known = {(c.seq_len, c.num_kv) for c in grid}
-        missing = [f"{L}:{K}" for L, K in settings if (L, K) not in known]
+        wanted = set(settings)
+        missing = wanted - {(c.seq_len, c.num_kv) for c in grid}
         if missing:
+            asked = " ".join(f"{L}:{K}" for L, K in settings if (L, K) in missing)
             sweep = " ".join(f"{c.seq_len}:{c.num_kv}" for c in grid)
-            raise ValueError(f"--settings {' '.join(missing)}: not in the model's test grid ({sweep})")
-        grid = tuple(c for c in grid if (c.seq_len, c.num_kv) in set(settings))
+            raise ValueError(f"--settings {asked}: not in the model's test grid ({sweep})")
+        grid = tuple(c for c in grid if (c.seq_len, c.num_kv) in wanted)
     router = model.router
     policies = [p for p in policies if p != "router" or router is not None]
     rows = []
