@@ -23,9 +23,8 @@ export PYTHONPATH=/tmp/site:$PWD/src ORYX_FLA_HOPPER_BACKWARD=1 ORYX_COMMIT=${OR
 export TRITON_CACHE_DIR=$PWD/.cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-# The package ships the choices measured on an H200 (fla-core 0.6.0, Triton 3.6.0) and restores them itself
-# (src/oryx/ops/backends/autotune_choices.py); the stages carry them too, with what later calls add.
-[ -f .cache/autotune.tar.gz ] || { mkdir -p .cache && cp src/oryx/ops/backends/autotune/h200-triton3.6.0-fla0.6.0.tar.gz .cache/autotune.tar.gz; }
+# The package restores the choices it ships for the H200 (fla-core 0.6.0, Triton 3.6.0) itself
+# (src/oryx/ops/backends/autotune_choices.py); the stages restore what earlier calls carried back beside them.
 restore_autotune() { if [ -f .cache/autotune.tar.gz ]; then mkdir -p "$1" && tar -xzf .cache/autotune.tar.gz -C "$1"; fi; }
 [ "${1:-}" = check ] || restore_autotune "$TRITON_CACHE_DIR"
 save_autotune() { (cd "$TRITON_CACHE_DIR" 2>/dev/null && find . -name '*.autotune.json' | tar -czf "$OUT/autotune.tar.gz" -T -) || true; }

@@ -44,6 +44,7 @@ start=$(date +%s)
 deadline=$(( start + ${WALL_SECONDS:-570} - 10 ))
 left() { local n=$(( deadline - $(date +%s) )); echo $(( n > 1 ? n : 1 )); }
 lr_of() { for pair in ${LRS:-}; do [ "${pair%%=*}" = "$1" ] && echo "--lr ${pair#*=}"; done; }
+pack() { (cd "$RUNS" && tar -czf "$OUT/results.tar.gz" --exclude='checkpoints' ./*-s"$SEED" ./*.log steps.json); }
 # train_all STEPS TAG: every family at once, STEPS steps each, into $RUNS/<family>-<TAG>; fails if one does.
 train_all() {
   local steps=$1 tag=$2 family pids=() failed=0 again quarter=$(( $1 > 4 ? $1 / 4 : $1 ))
@@ -117,7 +118,7 @@ fi
 echo "=== train: $STEPS steps, seed $SEED $(date +%T)"
 if ! train_all "$STEPS" "s$SEED"; then  # pack what exists: the logs say how far each run got
   echo "FAILED: a training run (its log above); rerun the script with the same RUNS to resume it"
-  (cd "$RUNS" && tar -czf "$OUT/results.tar.gz" --exclude='checkpoints' ./*-s"$SEED" ./*.log steps.json)
+  pack
   exit 1
 fi
 
@@ -139,19 +140,7 @@ for family in $FAMILIES; do
   pids+=($!)
 done
 wait "${pids[@]}"
-for family in $FAMILIES; do  # perplexity per split and mode, from the evaluations' JSON
-  python3 - "$RUNS/$family-s$SEED" <<'EOF' || echo "== $family: FAILED evaluation (see $RUNS/$family-s$SEED.eval.log)"
-import json, sys
-from pathlib import Path
-
-run = Path(sys.argv[1])
-cells = []
-for split in ("test", "ood"):
-    for r in json.loads((run / "eval" / f"ppl-{split}.json").read_text())["results"]:
-        cells.append(f"{split} {r['schedule']} ppl {r['perplexity']:.2f} bpb {r['bits_per_byte']:.3f}")
-print(f"== {run.name}: " + "; ".join(cells))
-EOF
-done
+python3 benchmarks/lm_gpu_tables.py "$RUNS" || echo "FAILED: no run was evaluated (see $RUNS/*.eval.log)"
 for family in ${ROUTER_FAMILIES:-}; do  # issue 14 on a GPU-scale LM: a router, then quality against the budget
   run=$RUNS/$family-s$SEED
   (timeout "$(left)" "${ORYX[@]}" train-router "$run" --device "$DEVICE" &&
@@ -159,5 +148,5 @@ for family in ${ROUTER_FAMILIES:-}; do  # issue 14 on a GPU-scale LM: a router, 
      --max-tokens "$EVAL_TOKENS" --device "$DEVICE" --out "$run/eval/budget") > "$run.budget.log" 2>&1 ||
     echo "== $family: FAILED router or budget (see $run.budget.log)"
 done
-(cd "$RUNS" && tar -czf "$OUT/results.tar.gz" --exclude='checkpoints' ./*-s"$SEED" ./*.log steps.json)
+pack
 echo "wall: $(( $(date +%s) - start )) s"
