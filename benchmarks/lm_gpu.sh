@@ -19,8 +19,9 @@
 #    and the switching curves of the Oryx models: the commands of benchmarks/lm_cpu.py, on cuda.
 # Resumable: rerun with the same RUNS (default /tmp/lm-gpu) and it keeps the probe's step count (RUNS/steps.json),
 # skips finished runs and resumes the others from their last checkpoint.
-# $OUT gets lm_gpu.log, steps.json (the probe and the shared steps) and results.tar.gz (every run's metrics.jsonl,
-# train_config.yaml and evaluation outputs). SIZE (default small), BATCH (32), SEQ_LEN (512), TRAIN_MINUTES (4),
+# $OUT gets lm_gpu.log, steps.json (the probe and the shared steps), results.tar.gz (every run's metrics.jsonl,
+# train_config.yaml and evaluation outputs) and models-s$SEED.tar.gz.part* (the Oryx models, see export_models).
+# SIZE (default small), BATCH (32), SEQ_LEN (512), TRAIN_MINUTES (4),
 # PROBE_STEPS (40), SEED (0), EVAL_TOKENS (131072 per split and mode), ZEROSHOT_N (500), RETRIEVAL_N (50),
 # RETRIEVAL_LENGTHS (512 1024) and DEVICE (cuda; `DEVICE=cpu SIZE=tiny` with small counts is this script's dry run)
 # shape it; WALL_SECONDS (570) bounds every stage, so that what was measured is packed before the device call's limit.
@@ -45,6 +46,22 @@ deadline=$(( start + ${WALL_SECONDS:-570} - 10 ))
 left() { local n=$(( deadline - $(date +%s) )); echo $(( n > 1 ? n : 1 )); }
 lr_of() { for pair in ${LRS:-}; do [ "${pair%%=*}" = "$1" ] && echo "--lr ${pair#*=}"; done; }
 pack() { (cd "$RUNS" && tar -czf "$OUT/results.tar.gz" --exclude='checkpoints' ./*-s"$SEED" ./*.log steps.json); }
+# The Oryx models (weights, config, tokenizer; no optimizer) as save_pretrained folders, in parts of 15 MiB (a file the
+# device returns holds at most 16 MiB): `cat models-s0.tar.gz.part* | tar -xz` gives models/<family>-s0, which every
+# `oryx eval` command and `oryx train-router` take, so router work can go on elsewhere.
+export_models() {
+  local family
+  for family in $FAMILIES; do
+    case $family in oryx-*) python3 -c "
+import sys
+from oryx.checkpoint import load_pretrained
+model, tokenizer, _ = load_pretrained(sys.argv[1])
+tokenizer.save_pretrained(sys.argv[2])  # before the model: its checksums.json then lists the tokenizer too
+model.save_pretrained(sys.argv[2])
+" "$RUNS/$family-s$SEED" "$RUNS/models/$family-s$SEED" || echo "FAILED: exporting $family-s$SEED";; esac
+  done
+  [ -d "$RUNS/models" ] && (cd "$RUNS" && tar -czf - models) | split -b 15M -d - "$OUT/models-s$SEED.tar.gz.part"
+}
 # train_all STEPS TAG: every family at once, STEPS steps each, into $RUNS/<family>-<TAG>; fails if one does.
 train_all() {
   local steps=$1 tag=$2 family pids=() failed=0 again quarter=$(( $1 > 4 ? $1 / 4 : $1 ))
@@ -141,6 +158,7 @@ for family in $FAMILIES; do
 done
 wait "${pids[@]}"
 python3 benchmarks/lm_gpu_tables.py "$RUNS" || echo "FAILED: no run was evaluated (see $RUNS/*.eval.log)"
+export_models
 for family in ${ROUTER_FAMILIES:-}; do  # issue 14 on a GPU-scale LM: a router, then quality against the budget
   run=$RUNS/$family-s$SEED
   (timeout "$(left)" "${ORYX[@]}" train-router "$run" --device "$DEVICE" &&
