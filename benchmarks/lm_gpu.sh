@@ -8,9 +8,11 @@
 #   LRS="oryx-tg=0.012 oryx-tm=0.012 transformer=0.006 gdn=0.006 mamba2=0.006" bash benchmarks/lm_gpu.sh  # an LR point
 #
 # 0. tokenise the embedded corpus (shipped compressed in the package) once into the token cache.
-# 1. probe: the five train PROBE_STEPS steps at once (compile and warm-up included, as the real runs will share the
-#    card); each one's steady tokens/s (median of its last half of steps) gives one shared step count, what the slowest
-#    family fits into TRAIN_MINUTES. Printed with the tokens per parameter it reaches; every family trains it.
+# 1. probe: the five train at once for PROBE_SECONDS of wall time (compile and warm-up included) and are stopped
+#    together, so that the last third of every family's steps ran while all five shared the card, as the real runs
+#    will (a probe of a fixed step count let the first family to compile time itself on an emptier card). Each one's
+#    steady tokens/s (median of that last third) gives one shared step count, what the slowest family fits into
+#    TRAIN_MINUTES. Printed with the tokens per parameter it reaches; every family trains it.
 # 2. train: `oryx train --preset <family>-$SIZE` at those steps, the paper's recipe (Oryx on random 128-token chunks, a
 #    quarter in attention; LR 10x GPT-3's for Oryx, 5x for the baselines unless LRS names one), compiled with CUDA
 #    graphs (oryx train's default on one GPU).
@@ -22,7 +24,7 @@
 # $OUT gets lm_gpu.log, steps.json (the probe and the shared steps), results.tar.gz (every run's metrics.jsonl,
 # train_config.yaml and evaluation outputs) and models-s$SEED.tar.gz.part* (the Oryx models, see export_models).
 # SIZE (default small), BATCH (32), SEQ_LEN (512), TRAIN_MINUTES (4),
-# PROBE_STEPS (40), SEED (0), EVAL_TOKENS (131072 per split and mode), ZEROSHOT_N (500), RETRIEVAL_N (50),
+# PROBE_SECONDS (150), SEED (0), EVAL_TOKENS (131072 per split and mode), ZEROSHOT_N (500), RETRIEVAL_N (50),
 # RETRIEVAL_LENGTHS (512 1024) and DEVICE (cuda; `DEVICE=cpu SIZE=tiny` with small counts is this script's dry run)
 # shape it; WALL_SECONDS (570) bounds every stage, so that what was measured is packed before the device call's limit.
 # ROUTER_FAMILIES (default none; e.g. oryx-tg) then trains each one's router and measures perplexity, NIAH and record
@@ -31,7 +33,7 @@ set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 RUNS=${RUNS:-/tmp/lm-gpu}
 SIZE=${SIZE:-small} BATCH=${BATCH:-32} SEQ_LEN=${SEQ_LEN:-512} SEED=${SEED:-0} DEVICE=${DEVICE:-cuda}
-TRAIN_MINUTES=${TRAIN_MINUTES:-4} PROBE_STEPS=${PROBE_STEPS:-40}
+TRAIN_MINUTES=${TRAIN_MINUTES:-4} PROBE_SECONDS=${PROBE_SECONDS:-150}
 EVAL_TOKENS=${EVAL_TOKENS:-131072} ZEROSHOT_N=${ZEROSHOT_N:-500} RETRIEVAL_N=${RETRIEVAL_N:-50}
 RETRIEVAL_LENGTHS=${RETRIEVAL_LENGTHS:-512 1024}  # prompt tokens; the models train on 512
 FAMILIES=${FAMILIES:-oryx-tg oryx-tm transformer gdn mamba2}
@@ -62,21 +64,24 @@ model.save_pretrained(sys.argv[2])
   done
   [ -d "$RUNS/models" ] && (cd "$RUNS" && tar -czf - models) | split -b 15M -d - "$OUT/models-s$SEED.tar.gz.part"
 }
-# train_all STEPS TAG: every family at once, STEPS steps each, into $RUNS/<family>-<TAG>; fails if one does.
+# train_all STEPS TAG: every family at once, STEPS steps each, into $RUNS/<family>-<TAG>; fails if one does. The probe
+# (TAG probe) instead runs until PROBE_SECONDS stop all five at once.
 train_all() {
-  local steps=$1 tag=$2 family pids=() failed=0 again quarter=$(( $1 > 4 ? $1 / 4 : $1 ))
+  local steps=$1 tag=$2 family pids=() pid rc failed=0 again limit quarter=$(( $1 > 4 ? $1 / 4 : $1 ))
   for family in $FAMILIES; do
     # A probe starts afresh; a real run that stopped goes on from its last checkpoint, and a finished one is kept.
-    again=(); [ "$tag" = probe ] && again=(--overwrite)
+    again=(); limit=$(left); [ "$tag" = probe ] && again=(--overwrite) limit=$PROBE_SECONDS
     if [ "$tag" != probe ] && [ -d "$RUNS/$family-$tag/checkpoints" ]; then again=(--resume); fi
     if [ "$tag" != probe ] && grep -qs '"kind": "final"' "$RUNS/$family-$tag/metrics.jsonl"; then continue; fi
-    timeout "$(left)" "${ORYX[@]}" train --preset "$family-$SIZE" --steps "$steps" --batch-size "$BATCH" \
+    timeout "$limit" "${ORYX[@]}" train --preset "$family-$SIZE" --steps "$steps" --batch-size "$BATCH" \
       --seq-len "$SEQ_LEN" --seed "$SEED" $(lr_of "$family") --device "$DEVICE" --eval-every "$quarter" \
       --save-every "$quarter" --keep-checkpoints 1 --no-report --no-progress \
       --out-dir "$RUNS/$family-$tag" "${again[@]}" > "$RUNS/$family-$tag.log" 2>&1 &
     pids+=($!)
   done
-  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done  # by pid: a plain `wait` would wait for the log's tee too
+  for pid in "${pids[@]}"; do  # by pid: a plain `wait` would wait for the log's tee too
+    wait "$pid"; rc=$?; [ "$rc" = 0 ] || { [ "$tag" = probe ] && [ "$rc" = 124 ]; } || failed=1
+  done
   for family in $FAMILIES; do echo "== $family-$tag: $(tail -n 2 "$RUNS/$family-$tag.log" | tr '\n' ' ')"; done
   return $failed
 }
@@ -93,8 +98,8 @@ if [ -f "$RUNS/steps.json" ]; then  # a rerun resumes at the step count its prob
   STEPS=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['steps'])" "$RUNS/steps.json")
   cp "$RUNS/steps.json" "$OUT/steps.json"; echo "=== the earlier probe's $STEPS steps ($RUNS/steps.json)"
 else
-echo "=== probe: $PROBE_STEPS steps of every family at once $(date +%T)"
-train_all "$PROBE_STEPS" probe || { echo "FAILED: a probe run (its log above)"; exit 1; }
+echo "=== probe: every family at once for $PROBE_SECONDS s $(date +%T)"
+train_all 1000000 probe || { echo "FAILED: a probe run (its log above)"; exit 1; }
 STEPS=$(python3 - "$RUNS" "$SIZE" "$BATCH" "$SEQ_LEN" "$TRAIN_MINUTES" "$RUNS/steps.json" $FAMILIES <<'EOF'
 import json, statistics, sys
 from pathlib import Path
@@ -111,7 +116,9 @@ probe, params = {}, {}
 for family in families:
     records = [json.loads(line) for line in (Path(runs) / f"{family}-probe" / "metrics.jsonl").open()]
     rates = [r["tokens_per_s"] for r in records if r["kind"] == "train"]
-    probe[family] = statistics.median(rates[len(rates) // 2 :])
+    if len(rates) < 12:
+        sys.exit(f"{family}'s probe made {len(rates)} steps in its time: give PROBE_SECONDS more (its log above)")
+    probe[family] = statistics.median(rates[-(len(rates) // 3) :])
     with torch.device("meta"):
         model = OryxForCausalLM(OryxConfig.from_preset(f"{family}-{size}", vocab_size=4096))
     params[family] = sum(p.numel() for p in model.parameters())
