@@ -22,7 +22,7 @@
 # Resumable: rerun with the same RUNS (default /tmp/lm-gpu) and it keeps the probe's step count (RUNS/steps.json),
 # skips finished runs and resumes the others from their last checkpoint.
 # $OUT gets lm_gpu.log, results.tar.gz (steps.json: the probe and the shared steps; every run's metrics.jsonl,
-# train_config.yaml and evaluation outputs) and models-s$SEED.tar.gz.part* (every family's model, see export_models).
+# train_config.yaml and evaluation outputs) and models-s$SEED.tar.gz.part* (the models of EXPORT_FAMILIES, see export_models).
 # SIZE (default small), BATCH (32), SEQ_LEN (512), TRAIN_MINUTES (4),
 # PROBE_SECONDS (150), SEED (0), EVAL_TOKENS (131072 per split and mode), ZEROSHOT_N (500), RETRIEVAL_N (50),
 # RETRIEVAL_LENGTHS (512 1024) and DEVICE (cuda; `DEVICE=cpu SIZE=tiny` with small counts is this script's dry run)
@@ -49,13 +49,13 @@ deadline=$(( start + ${WALL_SECONDS:-570} - 50 ))
 left() { local n=$(( deadline - $(date +%s) )); echo $(( n > 1 ? n : 1 )); }
 lr_of() { for pair in ${LRS:-}; do [ "${pair%%=*}" = "$1" ] && echo "--lr ${pair#*=}"; done; }
 pack() { (cd "$RUNS" && tar -czf "$OUT/results.tar.gz" --exclude='checkpoints' ./*-s"$SEED" ./*.log steps.json); }
-# Every family's model (weights, config, tokenizer; no optimizer) as a save_pretrained folder, in parts of 15 MiB (a
-# file the device returns holds at most 16 MiB; five small models make six parts): `cat models-s0.tar.gz.part* | tar
-# -xz` gives models/<family>-s0, which every `oryx eval` command and `oryx train-router` take, so evaluation and router
-# work can go on elsewhere.
+# The models of EXPORT_FAMILIES (weights, config, tokenizer; no optimizer) as save_pretrained folders, in parts of
+# 15 MiB: `cat models-s0.tar.gz.part* | tar -xz` gives models/<family>-s0, which every `oryx eval` command and `oryx
+# train-router` take, so evaluation and router work can go on elsewhere. The device returns at most 16 MiB a file and
+# 64 MiB in all: three small fp32 models (~17.5 MB each compressed) fit, five do not (seed 1 lost two that way).
 export_models() {
   local family
-  for family in $FAMILIES; do
+  for family in ${EXPORT_FAMILIES:-oryx-tg oryx-tm transformer}; do
     python3 -c "
 import sys
 from oryx.checkpoint import load_pretrained

@@ -22,9 +22,11 @@ def _run(root: Path, name: str, modes: list[str], rng: random.Random, ood: bool 
     """A run folder as lm_gpu.sh leaves it, with random perplexities; returns them."""
     run = root / name
     (run / "eval").mkdir(parents=True)
-    values = {m: {s: rng.uniform(50, 500) for s in ("val", "test", "ood")} for m in modes}
-    final = {"kind": "final", **{f"val_ppl_{m}": values[m]["val"] for m in modes}}
-    (run / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1}) + "\n" + json.dumps(final) + "\n")
+    values = {m: {s: rng.uniform(50, 500) for s in ("val", "test", "ood", "best")} for m in modes}
+    final = {"kind": "final", "step": 9, **{f"val_ppl_{m}": values[m]["val"] for m in modes}}
+    earlier = {"kind": "eval", "step": 4, **{f"val_ppl_{m}": values[m]["best"] for m in modes}}
+    records = [{"kind": "train", "step": 1}, earlier, final]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
     for split in ("test", "ood") if ood else ("test",):
         results = [{"schedule": m, "perplexity": values[m][split], "bits_per_byte": 2.5} for m in modes]
         (run / "eval" / f"ppl-{split}.json").write_text(json.dumps({"results": results}))
@@ -48,3 +50,18 @@ def test_ratios_are_oryx_over_its_baselines_run_for_run(tmp_path):
     assert gdn_line.endswith("| – |")
     assert "transformer-s1 |" not in text.split("Oryx mode / baseline")[1]
     assert "| oryx-tg-s0 | 0.750 | 0.750 | 0.750 |" in text  # mean recall per protocol
+
+
+def test_seed_table_is_the_mean_and_half_range_over_seed_runs_only(tmp_path):
+    rng = random.Random(11)
+    seeds = [_run(tmp_path, f"gdn-s{seed}", ["linear"], rng) for seed in (0, 1, 2)]
+    _run(tmp_path, "gdn-lr0.01", ["linear"], rng)  # an LR point: not a seed
+    text = lm_gpu_tables.tables(tmp_path)
+    cells, steps = [], []
+    for split in ("val", "test", "ood", "best"):
+        values = [seed["linear"][split] for seed in seeds]
+        if split == "best":  # the lower of the run's two validations, at its step
+            values = [min(seed["linear"]["best"], seed["linear"]["val"]) for seed in seeds]
+            steps = ["4" if seed["linear"]["best"] < seed["linear"]["val"] else "9" for seed in seeds]
+        cells.append(f"{sum(values) / 3:.2f} ± {(max(values) - min(values)) / 2:.2f}")
+    assert "| gdn | linear | 3 | " + " | ".join(cells) + f" ({'/'.join(steps)}) |" in text
