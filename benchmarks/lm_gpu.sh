@@ -17,7 +17,8 @@
 #    quarter in attention; LR 10x GPT-3's for Oryx, 5x for the baselines unless LRS names one), compiled with CUDA
 #    graphs (oryx train's default on one GPU).
 # 3. evaluate on the card: perplexity and bits per byte on prose:test (held-out documents) and brown:test (another
-#    domain) in each single mode, the zero-shot tasks, NIAH-1/2/3 and record recall (attention, linear and cross-mode),
+#    domain) in each single mode, at the last step and at the checkpoint of the lowest validation perplexity (every
+#    run validates and saves at each eighth of its steps and at its end, and keeps those nine checkpoints), the zero-shot tasks, NIAH-1/2/3 and record recall (attention, linear and cross-mode),
 #    and the switching curves of the Oryx models: the commands of benchmarks/lm_cpu.py, on cuda.
 # Resumable: rerun with the same RUNS (default /tmp/lm-gpu) and it keeps the probe's step count (RUNS/steps.json),
 # skips finished runs and resumes the others from their last checkpoint.
@@ -56,6 +57,7 @@ pack() { (cd "$RUNS" && tar -czf "$OUT/results.tar.gz" --exclude='checkpoints' .
 export_models() {
   local family
   for family in ${EXPORT_FAMILIES:-oryx-tg oryx-tm transformer}; do
+    case " $FAMILIES " in *" $family "*) ;; *) continue;; esac  # a family this call did not train
     python3 -c "
 import sys
 from oryx.checkpoint import load_pretrained
@@ -69,15 +71,15 @@ model.save_pretrained(sys.argv[2])
 # train_all STEPS TAG: every family at once, STEPS steps each, into $RUNS/<family>-<TAG>; fails if one does. The probe
 # (TAG probe) instead runs until PROBE_SECONDS stop all five at once.
 train_all() {
-  local steps=$1 tag=$2 family pids=() pid rc failed=0 again limit quarter=$(( $1 > 4 ? $1 / 4 : $1 ))
+  local steps=$1 tag=$2 family pids=() pid rc failed=0 again limit eighth=$(( $1 > 8 ? $1 / 8 : $1 ))
   for family in $FAMILIES; do
     # A probe starts afresh; a real run that stopped goes on from its last checkpoint, and a finished one is kept.
     again=(); limit=$(left); [ "$tag" = probe ] && again=(--overwrite) limit=$PROBE_SECONDS
     if [ "$tag" != probe ] && [ -d "$RUNS/$family-$tag/checkpoints" ]; then again=(--resume); fi
     if [ "$tag" != probe ] && grep -qs '"kind": "final"' "$RUNS/$family-$tag/metrics.jsonl"; then continue; fi
     timeout "$limit" "${ORYX[@]}" train --preset "$family-$SIZE" --steps "$steps" --batch-size "$BATCH" \
-      --seq-len "$SEQ_LEN" --seed "$SEED" $(lr_of "$family") --device "$DEVICE" --eval-every "$quarter" \
-      --save-every "$quarter" --keep-checkpoints 1 --no-report --no-progress \
+      --seq-len "$SEQ_LEN" --seed "$SEED" $(lr_of "$family") --device "$DEVICE" --eval-every "$eighth" \
+      --save-every "$eighth" --keep-checkpoints 9 --no-report --no-progress \
       --out-dir "$RUNS/$family-$tag" "${again[@]}" > "$RUNS/$family-$tag.log" 2>&1 &
     pids+=($!)
   done
@@ -155,6 +157,18 @@ for family in $FAMILIES; do
   (for split in test:prose:test ood:brown:test; do
      timeout "$(left)" "${ORYX[@]}" eval ppl "$run" --data "${split#*:}" --schedule $modes \
        --max-tokens "$EVAL_TOKENS" --device "$DEVICE" --json "$ev/ppl-${split%%:*}.json"
+   done
+   # The same at the checkpoint of the lowest validation perplexity (mean over the modes): the corpus is seen many
+   # times over, and the families overfit at different speeds.
+   best=$(python3 -c "
+import json, statistics, sys
+records = [json.loads(line) for line in open(sys.argv[1] + '/metrics.jsonl')]
+checks = [r for r in records if r['kind'] in ('eval', 'final')]
+best = min(checks, key=lambda r: statistics.mean(v for k, v in r.items() if k.startswith('val_ppl_')))
+print(f\"{sys.argv[1]}/checkpoints/step-{best['step']:08d}\")" "$run")
+   for split in test:prose:test ood:brown:test; do
+     [ -d "$best" ] && timeout "$(left)" "${ORYX[@]}" eval ppl "$best" --data "${split#*:}" --schedule $modes \
+       --max-tokens "$EVAL_TOKENS" --device "$DEVICE" --json "$ev/ppl-best-${split%%:*}.json"
    done
    timeout "$(left)" "${ORYX[@]}" eval retrieval "$run" --n "$RETRIEVAL_N" --lengths $RETRIEVAL_LENGTHS \
      --device "$DEVICE" --out "$ev/retrieval"

@@ -20,6 +20,7 @@ from typing import Any
 
 BASELINES = {"oryx-tg": ("transformer", "gdn"), "oryx-tm": ("transformer", "mamba2")}
 MODE_OF = {"transformer": "attn", "gdn": "linear", "mamba2": "linear"}
+SEED_COLUMNS = ("val ppl", "test ppl", "ood ppl", "best val ppl", "best test ppl", "best ood ppl")
 
 
 def _rows(folder: Path, name: str) -> list[dict[str, Any]]:
@@ -32,19 +33,20 @@ def read_run(run: Path) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").open()]
     final = next((r for r in records if r["kind"] == "final"), {})  # absent: the run was cut (lm_gpu.sh said FAILED)
     modes: dict[str, dict[str, float]] = {}
-    for split in ("test", "ood"):
-        path = run / "eval" / f"ppl-{split}.json"
+    for prefix, split in (("", "test"), ("", "ood"), ("best ", "test"), ("best ", "ood")):
+        path = run / "eval" / f"ppl-{'best-' if prefix else ''}{split}.json"
         for result in json.loads(path.read_text())["results"] if path.is_file() else []:
             cell = modes.setdefault(result["schedule"], {})
-            cell[f"{split} ppl"], cell[f"{split} bpb"] = result["perplexity"], result["bits_per_byte"]
+            cell[f"{prefix}{split} ppl"], cell[f"{prefix}{split} bpb"] = result["perplexity"], result["bits_per_byte"]
+    # The best checkpoint, as lm_gpu.sh picks it: the lowest validation perplexity (mean over the modes). On a small
+    # corpus seen many times over, the last step measures how fast a family overfits as much as how well it models.
+    checks = [r for r in records if any(k.startswith("val_ppl_") for k in r)]
+    best = min(checks, key=lambda r: mean(v for k, v in r.items() if k.startswith("val_ppl_")), default={})
     for mode, cell in modes.items():
         if f"val_ppl_{mode}" in final:
             cell["val ppl"] = final[f"val_ppl_{mode}"]
-        # The validation minimum over the run: on a small corpus seen many times over, the final step measures
-        # how fast a family overfits as much as how well it models text.
-        checks = [(r[f"val_ppl_{mode}"], r["step"]) for r in records if f"val_ppl_{mode}" in r]
-        if checks:
-            cell["best val ppl"], cell["best step"] = min(checks)
+        if f"val_ppl_{mode}" in best:
+            cell["best val ppl"], cell["best step"] = best[f"val_ppl_{mode}"], best["step"]
     for row in _rows(run / "eval" / "zeroshot", "zeroshot"):
         modes[row["protocol"]][f"{row['task']} acc"] = row["metrics"]["acc"]
     recalls: dict[str, list[float]] = {}
@@ -94,16 +96,15 @@ def seed_table(runs: dict[str, tuple[dict[str, dict[str, float]], dict[str, floa
         if not (tag.startswith("s") and tag[1:].isdigit()):
             continue  # an LR point, not a seed
         for mode, cell in modes.items():
-            for metric in ("val ppl", "test ppl", "ood ppl", "best val ppl", "best step"):
+            for metric in (*SEED_COLUMNS, "best step"):
                 if metric in cell:
                     by_family.setdefault((family, mode), {}).setdefault(metric, []).append(cell[metric])
-    lines = ["| family | mode | seeds | val ppl | test ppl | ood ppl | best val ppl (steps) |",
-             "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["| family | mode | seeds | " + " | ".join(SEED_COLUMNS) + " | best steps |",
+             "|---|---|---:|" + "---:|" * (len(SEED_COLUMNS) + 1)]  # fmt: skip
     for (family, mode), metrics in sorted(by_family.items()):
-        cells = [f"{mean(v):.2f} ± {(max(v) - min(v)) / 2:.2f}" if (v := metrics.get(m)) else "–"
-                 for m in ("val ppl", "test ppl", "ood ppl", "best val ppl")]  # fmt: skip
+        cells = [f"{mean(v):.2f} ± {(max(v) - min(v)) / 2:.2f}" if (v := metrics.get(m)) else "–" for m in SEED_COLUMNS]
         steps = "/".join(str(int(step)) for step in metrics.get("best step", []))
-        lines.append(f"| {family} | {mode} | {len(metrics['test ppl'])} | " + " | ".join(cells) + f" ({steps}) |")
+        lines.append(f"| {family} | {mode} | {len(metrics['test ppl'])} | " + " | ".join(cells) + f" | {steps} |")
     return lines
 
 

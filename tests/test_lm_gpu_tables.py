@@ -64,4 +64,24 @@ def test_seed_table_is_the_mean_and_half_range_over_seed_runs_only(tmp_path):
             values = [min(seed["linear"]["best"], seed["linear"]["val"]) for seed in seeds]
             steps = ["4" if seed["linear"]["best"] < seed["linear"]["val"] else "9" for seed in seeds]
         cells.append(f"{sum(values) / 3:.2f} ± {(max(values) - min(values)) / 2:.2f}")
-    assert "| gdn | linear | 3 | " + " | ".join(cells) + f" ({'/'.join(steps)}) |" in text
+    assert "| gdn | linear | 3 | " + " | ".join(cells) + f" | – | – | {'/'.join(steps)} |" in text
+
+
+def test_best_checkpoint_is_the_lowest_mean_validation_over_modes(tmp_path):
+    run = tmp_path / "oryx-tg-s0"
+    (run / "eval").mkdir(parents=True)
+    records = [  # step 2 has attention's lowest, step 3 the lowest mean over both modes
+        {"kind": "eval", "step": 2, "val_ppl_attn": 40.0, "val_ppl_linear": 90.0},
+        {"kind": "eval", "step": 3, "val_ppl_attn": 50.0, "val_ppl_linear": 60.0},
+        {"kind": "final", "step": 4, "val_ppl_attn": 70.0, "val_ppl_linear": 75.0},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    rng = random.Random(3)
+    for name in ("ppl-test", "ppl-best-test"):
+        results = [{"schedule": m, "perplexity": rng.uniform(50, 90), "bits_per_byte": 2.0} for m in ("attn", "linear")]
+        (run / "eval" / f"{name}.json").write_text(json.dumps({"results": results}))
+    modes, _ = lm_gpu_tables.read_run(run)
+    best_test = json.loads((run / "eval" / "ppl-best-test.json").read_text())["results"]
+    assert modes["attn"]["best step"] == 3 and modes["linear"]["best val ppl"] == 60.0
+    assert modes["attn"]["best test ppl"] == best_test[0]["perplexity"]
+    assert modes["attn"]["val ppl"] == 70.0
