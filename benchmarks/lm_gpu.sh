@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/lm_gpu.sh                     # from the repository root; results in $OUT (default ./out)
 #   SEED=1 bash benchmarks/lm_gpu.sh              # the second seed
-#   LRS="oryx-tg=0.012 oryx-tm=0.012 transformer=0.006 gdn=0.006 mamba2=0.006" bash benchmarks/lm_gpu.sh  # an LR point
+#   TAG=lr2x-s0 LRS="oryx-tg=0.012 oryx-tm=0.012 transformer=0.006 gdn=0.006 mamba2=0.006" bash benchmarks/lm_gpu.sh
 #
 # 0. tokenise the embedded corpus (shipped compressed in the package) once into the token cache.
 # 1. probe: the five train at once for PROBE_SECONDS of wall time (compile and warm-up included) and are stopped
@@ -23,7 +23,7 @@
 # Resumable: rerun with the same RUNS (default /tmp/lm-gpu) and it keeps the probe's step count (RUNS/steps.json),
 # skips finished runs and resumes the others from their last checkpoint.
 # $OUT gets lm_gpu.log, results.tar.gz (steps.json: the probe and the shared steps; every run's metrics.jsonl,
-# train_config.yaml and evaluation outputs) and models-s$SEED.tar.gz.part* (the models of EXPORT_FAMILIES, see export_models).
+# train_config.yaml and evaluation outputs) and models-$TAG.tar.gz.part* (the models of EXPORT_FAMILIES, see export_models).
 # SIZE (default small), BATCH (32), SEQ_LEN (512), TRAIN_MINUTES (4),
 # PROBE_SECONDS (150), SEED (0), EVAL_TOKENS (131072 per split and mode), ZEROSHOT_N (500), RETRIEVAL_N (50),
 # RETRIEVAL_LENGTHS (512 1024) and DEVICE (cuda; `DEVICE=cpu SIZE=tiny` with small counts is this script's dry run)
@@ -38,6 +38,12 @@ TRAIN_MINUTES=${TRAIN_MINUTES:-4} PROBE_SECONDS=${PROBE_SECONDS:-150}
 EVAL_TOKENS=${EVAL_TOKENS:-131072} ZEROSHOT_N=${ZEROSHOT_N:-500} RETRIEVAL_N=${RETRIEVAL_N:-50}
 RETRIEVAL_LENGTHS=${RETRIEVAL_LENGTHS:-512 1024}  # prompt tokens; the models train on 512
 FAMILIES=${FAMILIES:-oryx-tg oryx-tm transformer gdn mamba2}
+# Runs are <family>-$TAG. An LR point needs its own tag, or its runs would be read as the recipe's seed.
+TAG=${TAG:-s$SEED}
+if [ -n "${LRS:-}" ] && [ "$TAG" = "s$SEED" ]; then
+  echo "error: LRS needs a TAG of its own (e.g. TAG=lr2x-s$SEED), so that its runs are not taken for the recipe's" >&2
+  exit 2
+fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export ORYX_CACHE_DIR=${ORYX_CACHE_DIR:-$RUNS/cache} TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$RUNS/inductor}
 ORYX=(python3 -m oryx.cli)
@@ -49,7 +55,7 @@ start=$(date +%s)
 deadline=$(( start + ${WALL_SECONDS:-570} - 50 ))
 left() { local n=$(( deadline - $(date +%s) )); echo $(( n > 1 ? n : 1 )); }
 lr_of() { for pair in ${LRS:-}; do [ "${pair%%=*}" = "$1" ] && echo "--lr ${pair#*=}"; done; }
-pack() { (cd "$RUNS" && tar -czf "$OUT/results.tar.gz" --exclude='checkpoints' ./*-s"$SEED" ./*.log steps.json); }
+pack() { (cd "$RUNS" && tar -czf "$OUT/results.tar.gz" --exclude='checkpoints' ./*-"$TAG" ./*.log steps.json); }
 # The models of EXPORT_FAMILIES (weights, config, tokenizer; no optimizer) as save_pretrained folders, in parts of
 # 15 MiB: `cat models-s0.tar.gz.part* | tar -xz` gives models/<family>-s0, which every `oryx eval` command and `oryx
 # train-router` take, so evaluation and router work can go on elsewhere. The device returns at most 16 MiB a file and
@@ -64,9 +70,9 @@ from oryx.checkpoint import load_pretrained
 model, tokenizer, _ = load_pretrained(sys.argv[1])
 tokenizer.save_pretrained(sys.argv[2])  # before the model: its checksums.json then lists the tokenizer too
 model.save_pretrained(sys.argv[2])
-" "$RUNS/$family-s$SEED" "$RUNS/models/$family-s$SEED" || echo "FAILED: exporting $family-s$SEED"
+" "$RUNS/$family-$TAG" "$RUNS/models/$family-$TAG" || echo "FAILED: exporting $family-$TAG"
   done
-  [ -d "$RUNS/models" ] && (cd "$RUNS" && tar -czf - models) | split -b 15M -d - "$OUT/models-s$SEED.tar.gz.part"
+  [ -d "$RUNS/models" ] && (cd "$RUNS" && tar -czf - models) | split -b 15M -d - "$OUT/models-$TAG.tar.gz.part"
 }
 # train_all STEPS TAG: every family at once, STEPS steps each, into $RUNS/<family>-<TAG>; fails if one does. The probe
 # (TAG probe) instead runs until PROBE_SECONDS stop all five at once.
@@ -142,8 +148,8 @@ print(steps)
 EOF
 ) || { echo "FAILED: reading the probes' metrics"; exit 1; }
 fi
-echo "=== train: $STEPS steps, seed $SEED $(date +%T)"
-if ! train_all "$STEPS" "s$SEED"; then  # pack what exists: the logs say how far each run got
+echo "=== train: $STEPS steps, seed $SEED, runs <family>-$TAG $(date +%T)"
+if ! train_all "$STEPS" "$TAG"; then  # pack what exists: the logs say how far each run got
   echo "FAILED: a training run (its log above); rerun the script with the same RUNS to resume it"
   pack
   exit 1
@@ -152,7 +158,7 @@ fi
 echo "=== evaluate $(date +%T)"
 pids=()
 for family in $FAMILIES; do
-  run=$RUNS/$family-s$SEED; ev=$run/eval; mkdir -p "$ev"
+  run=$RUNS/$family-$TAG; ev=$run/eval; mkdir -p "$ev"
   case $family in oryx-*) modes="attn linear";; transformer) modes=attn;; *) modes=linear;; esac
   (for split in test:prose:test ood:brown:test; do
      timeout "$(left)" "${ORYX[@]}" eval ppl "$run" --data "${split#*:}" --schedule $modes \
@@ -183,7 +189,7 @@ wait "${pids[@]}"
 python3 benchmarks/lm_gpu_tables.py "$RUNS" || echo "FAILED: no run was evaluated (see $RUNS/*.eval.log)"
 export_models
 for family in ${ROUTER_FAMILIES:-}; do  # issue 14 on a GPU-scale LM: a router, then quality against the budget
-  run=$RUNS/$family-s$SEED
+  run=$RUNS/$family-$TAG
   (timeout "$(left)" "${ORYX[@]}" train-router "$run" --device "$DEVICE" &&
    timeout "$(left)" "${ORYX[@]}" eval budget "$run" --tasks ppl niah_1 niah_2 records_kv --n "$RETRIEVAL_N" --cost \
      --max-tokens "$EVAL_TOKENS" --device "$DEVICE" --out "$run/eval/budget") > "$run.budget.log" 2>&1 ||

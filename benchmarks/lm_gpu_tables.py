@@ -20,6 +20,7 @@ from typing import Any
 
 BASELINES = {"oryx-tg": ("transformer", "gdn"), "oryx-tm": ("transformer", "mamba2")}
 MODE_OF = {"transformer": "attn", "gdn": "linear", "mamba2": "linear"}
+FAMILIES = (*BASELINES, *MODE_OF)
 SEED_COLUMNS = ("val ppl", "test ppl", "ood ppl", "best val ppl", "best test ppl", "best ood ppl")
 
 
@@ -55,6 +56,12 @@ def read_run(run: Path) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     return modes, {protocol: mean(values) for protocol, values in recalls.items()}
 
 
+def split_name(name: str) -> tuple[str, str]:
+    """(family, tag) of a run folder `<family>-<tag>`: families hold hyphens (oryx-tg), tags may too (lr2x-s0)."""
+    family = next((f for f in sorted(FAMILIES, key=len, reverse=True) if name.startswith(f"{f}-")), None)
+    return (family, name[len(family) + 1 :]) if family else tuple(name.rsplit("-", 1))
+
+
 def _cell(value: float | None, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
@@ -74,7 +81,7 @@ def tables(root: Path) -> str:
         lines.append(f"| {name} | " + " | ".join(_cell(recall.get(p), 3) for p in protocols) + " |")
     lines += ["", "| Oryx mode / baseline (perplexity) | val | test | ood |", "|---|---:|---:|---:|"]
     for name, (modes, _) in runs.items():
-        family, tag = name.rsplit("-", 1)
+        family, tag = split_name(name)
         for baseline in BASELINES.get(family, ()):
             if f"{baseline}-{tag}" not in runs:
                 continue
@@ -92,7 +99,7 @@ def seed_table(runs: dict[str, tuple[dict[str, dict[str, float]], dict[str, floa
     """Per family and mode over its seed runs (`<family>-s<N>`): mean perplexity ± half the range between seeds."""
     by_family: dict[tuple[str, str], dict[str, list[float]]] = {}
     for name, (modes, _) in runs.items():
-        family, tag = name.rsplit("-", 1)
+        family, tag = split_name(name)
         if not (tag.startswith("s") and tag[1:].isdigit()):
             continue  # an LR point, not a seed
         for mode, cell in modes.items():

@@ -85,3 +85,15 @@ def test_best_checkpoint_is_the_lowest_mean_validation_over_modes(tmp_path):
     assert modes["attn"]["best step"] == 3 and modes["linear"]["best val ppl"] == 60.0
     assert modes["attn"]["best test ppl"] == best_test[0]["perplexity"]
     assert modes["attn"]["val ppl"] == 70.0
+
+
+def test_an_lr_point_pairs_with_its_own_tag_and_stays_out_of_the_seed_table(tmp_path):
+    rng = random.Random(5)
+    oryx = _run(tmp_path, "oryx-tg-lr2x-s0", ["attn", "linear"], rng)
+    gdn = _run(tmp_path, "gdn-lr2x-s0", ["linear"], rng)
+    _run(tmp_path, "gdn-s0", ["linear"], rng)
+    text = lm_gpu_tables.tables(tmp_path)
+    want = [oryx["attn"][s] / gdn["linear"][s] for s in ("val", "test", "ood")]
+    assert "| oryx-tg-lr2x-s0 attn / gdn-lr2x-s0 | " + " | ".join(f"{r:.3f}" for r in want) + " |" in text
+    seeds = text.split("| family | mode | seeds |")[1]
+    assert "| gdn | linear | 1 |" in seeds and "oryx-tg" not in seeds and "lr2x" not in seeds
