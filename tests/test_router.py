@@ -512,6 +512,27 @@ def test_the_budget_command_on_mqar_puts_the_router_beside_the_oracle(tmp_path, 
     assert rows["router 0%"]["metrics"]["accuracy"] == rows["even 0%"]["metrics"]["accuracy"]
 
 
+def test_a_jointly_trained_mqar_model_stays_an_mqar_model(tmp_path, capsys):
+    """`train-router --joint` on an MQAR model writes a new MQAR model folder (its settings, changed weights and its
+    router), which `oryx eval budget --tasks mqar` takes as it took the original."""
+    config = MQARSweepConfig(families=("oryx-tg",), hidden_size=64, head_dim=32, vocab=128,
+                             train_mix=(MQARConfig(64, 4, 64),), test_grid=(MQARConfig(64, 8, 16),))  # fmt: skip
+    folder = save_mqar_model(build_model("oryx-tg", config), config, tmp_path / "m")
+    argv = ["train-router", str(folder), "--method", "straight-through", "--joint", "--out", str(tmp_path / "j"),
+            "--steps", "2", "--windows", "8", "--batch-size", "8", "--budget", "0.25", "--device", "cpu"]  # fmt: skip
+    assert run_cli(argv) == 0
+    joint, settings = load_mqar_model(tmp_path / "j")
+    original, _ = load_mqar_model(folder)
+    assert settings == config and joint.router is not None
+    assert not all(torch.equal(t, original.state_dict()[k]) for k, t in joint.state_dict().items())
+    argv = ["eval", "budget", str(tmp_path / "j"), "--tasks", "mqar", "--budgets", "0.25", "--policies", "router",
+            "--device", "cpu"]  # fmt: skip
+    assert run_cli(argv) == 0
+    capsys.readouterr()
+    rows = {r["protocol"]: r for r in json.loads((tmp_path / "j" / "eval" / "budget-mqar.json").read_text())["rows"]}
+    assert rows["router 25%"]["attention_fraction"] <= 0.25 + 1 / 64
+
+
 def test_routing_cost_times_both_forwards_and_counts_the_attention_work():
     """`routing_cost` on the CPU: both forwards timed (CPU time), and the ideal work of the modes it chose equal to
     the causal query-key pairs of their attention rows counted by a plain loop, relative to all-attention's; the

@@ -33,7 +33,7 @@ from oryx.cli_common import (
     resolve_device,
     seed,
 )
-from oryx.eval.mqar_run import MQAR_SETTINGS, load_mqar_model, router_batches
+from oryx.eval.mqar_run import MQAR_SETTINGS, load_mqar_model, router_batches, save_mqar_model
 from oryx.eval.perplexity import window_batches
 from oryx.routing.budget import OWN, calibration_rows, realised_fraction
 from oryx.routing.router import Router, store_router
@@ -102,11 +102,12 @@ def train_checkpoint_router(args: argparse.Namespace, log: Callable[[str], None]
     hf_logging.disable_progress_bar()
     device = resolve_device(args.device)
     if (Path(args.checkpoint) / MQAR_SETTINGS).is_file():  # an MQAR model: rows of its sweep's settings
-        model, config = load_mqar_model(args.checkpoint, verify=args.verify)
+        model, mqar_settings = load_mqar_model(args.checkpoint, verify=args.verify)
         model, folder, tokenizer, run_dir = model.to(device), Path(args.checkpoint), None, None
-        batches = router_batches(config, args.windows, args.batch_size)
-        train_data, seq_len = "mqar", max(c.seq_len for c in config.test_grid)
+        batches = router_batches(mqar_settings, args.windows, args.batch_size)
+        train_data, seq_len = "mqar", max(c.seq_len for c in mqar_settings.test_grid)
     else:
+        mqar_settings = None
         folder = ckpt.resolve(args.checkpoint)
         run_dir = _run_dir(folder)
         if run_dir is not None:
@@ -140,7 +141,10 @@ def train_checkpoint_router(args: argparse.Namespace, log: Callable[[str], None]
         if tokenizer is not None:
             tokenizer.save_pretrained(target)
         model.attach_router(router)
-        model.save_pretrained(target)
+        if mqar_settings is not None:  # an MQAR model stays one: `oryx eval budget --tasks mqar` reads its settings
+            save_mqar_model(model, mqar_settings, target)
+        else:
+            model.save_pretrained(target)
         return router, target
     changed = [name for name, tensor in model.state_dict().items() if not torch.equal(tensor, before[name])]
     if changed:  # the frozen model must come out as it went in: its checkpoint is not rewritten
