@@ -19,7 +19,8 @@
 # 3. evaluate on the card: perplexity and bits per byte on prose:test (held-out documents) and brown:test (another
 #    domain) in each single mode, at the last step and at the checkpoint of the lowest validation perplexity (every
 #    run validates and saves at each eighth of its steps and at its end, and keeps those nine checkpoints), the zero-shot tasks, NIAH-1/2/3 and record recall (attention, linear and cross-mode),
-#    and the switching curves of the Oryx models: the commands of benchmarks/lm_cpu.py, on cuda.
+#    and the switching curves of the Oryx models (lm_cpu.py's positions and schedules): the commands of
+#    benchmarks/lm_cpu.py, on cuda.
 # Resumable: rerun with the same RUNS (default /tmp/lm-gpu) and it keeps the probe's step count (RUNS/steps.json),
 # skips finished runs and resumes the others from their last checkpoint.
 # $OUT gets lm_gpu.log, results.tar.gz (steps.json: the probe and the shared steps; every run's metrics.jsonl,
@@ -156,6 +157,14 @@ if ! train_all "$STEPS" "$TAG"; then  # pack what exists: the logs say how far e
 fi
 
 echo "=== evaluate $(date +%T)"
+# The switch positions (aligned to 128 and not) and multi-switch schedules of the CPU scale (benchmarks/lm_cpu.py),
+# where they fit in SEQ_LEN (not in a dry run's short windows: those get eval switching's defaults).
+mapfile -t SWITCHING < <(python3 -c "
+import sys
+sys.path.insert(0, 'benchmarks')
+from lm_cpu import SWITCH_AT, SWITCH_SCHEDULES
+if max(SWITCH_AT) < int(sys.argv[1]):
+    print('\n'.join(['--switch-at', *map(str, SWITCH_AT), '--schedule', *SWITCH_SCHEDULES]))" "$SEQ_LEN")
 pids=()
 for family in $FAMILIES; do
   run=$RUNS/$family-$TAG; ev=$run/eval; mkdir -p "$ev"
@@ -176,10 +185,11 @@ print(f\"{sys.argv[1]}/checkpoints/step-{best['step']:08d}\")" "$run")
      [ -d "$best" ] && timeout "$(left)" "${ORYX[@]}" eval ppl "$best" --data "${split#*:}" --schedule $modes \
        --max-tokens "$EVAL_TOKENS" --device "$DEVICE" --json "$ev/ppl-best-${split%%:*}.json"
    done
+   case $family in oryx-*) timeout "$(left)" "${ORYX[@]}" eval switching "$run" --data prose:test \
+     "${SWITCHING[@]}" --device "$DEVICE" --out "$ev/switching";; esac
+   # Recall was 0 for every family at the small size (seed 1, 2026-12-02): after switching, which measures something.
    timeout "$(left)" "${ORYX[@]}" eval retrieval "$run" --n "$RETRIEVAL_N" --lengths $RETRIEVAL_LENGTHS \
      --device "$DEVICE" --out "$ev/retrieval"
-   case $family in oryx-*) timeout "$(left)" "${ORYX[@]}" eval switching "$run" --data prose:test \
-     --device "$DEVICE" --out "$ev/switching";; esac
    # Last: near chance at this scale (seed 0: lambada 2-5 %), and the slowest for Oryx on the card.
    timeout "$(left)" "${ORYX[@]}" eval zeroshot "$run" --modes $modes --n "$ZEROSHOT_N" --device "$DEVICE" \
      --out "$ev/zeroshot") > "$run.eval.log" 2>&1 &
