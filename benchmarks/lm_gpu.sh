@@ -18,19 +18,18 @@
 #    graphs (oryx train's default on one GPU).
 # 3. evaluate on the card: perplexity and bits per byte on prose:test (held-out documents) and brown:test (another
 #    domain) in each single mode, at the last step and at the checkpoint of the lowest validation perplexity (every
-#    run validates and saves at each eighth of its steps and at its end, and keeps those nine checkpoints), the zero-shot tasks, NIAH-1/2/3 and record recall (attention, linear and cross-mode),
-#    and the switching curves of the Oryx models (lm_cpu.py's positions and schedules): the commands of
-#    benchmarks/lm_cpu.py, on cuda.
+#    run validates and saves at each eighth of its steps and at its end, and keeps those nine checkpoints), the
+#    zero-shot tasks, NIAH-1/2/3 and record recall (attention, linear and cross-mode), and the switching curves of
+#    the Oryx models (lm_cpu.py's positions and schedules): the commands of benchmarks/lm_cpu.py, on cuda.
 # Resumable: rerun with the same RUNS (default /tmp/lm-gpu) and it keeps the probe's step count (RUNS/steps.json),
 # skips finished runs and resumes the others from their last checkpoint.
 # $OUT gets lm_gpu.log, results.tar.gz (steps.json: the probe and the shared steps; every run's metrics.jsonl,
-# train_config.yaml and evaluation outputs) and models-$TAG.tar.gz.part* (the models of EXPORT_FAMILIES, see export_models).
-# SIZE (default small), BATCH (32), SEQ_LEN (512), TRAIN_MINUTES (4),
-# PROBE_SECONDS (150), SEED (0), EVAL_TOKENS (131072 per split and mode), ZEROSHOT_N (500), RETRIEVAL_N (50),
-# RETRIEVAL_LENGTHS (512 1024) and DEVICE (cuda; `DEVICE=cpu SIZE=tiny` with small counts is this script's dry run)
-# shape it; WALL_SECONDS (570) bounds every stage, so that what was measured is packed before the device call's limit.
-# ROUTER_FAMILIES (default none; e.g. oryx-tg) then trains each one's router and measures perplexity, NIAH and record
-# recall against the budget.
+# train_config.yaml and evaluation outputs) and models-$TAG.tar.gz.part* (the models of EXPORT_FAMILIES, see
+# export_models). SIZE (default small), BATCH (32), SEQ_LEN (512), TRAIN_MINUTES (4), PROBE_SECONDS (150), SEED (0),
+# EVAL_TOKENS (131072 per split and mode), ZEROSHOT_N (500), RETRIEVAL_N (50), RETRIEVAL_LENGTHS (512 1024) and DEVICE
+# (cuda; `DEVICE=cpu SIZE=tiny` with small counts is this script's dry run) shape it; WALL_SECONDS (570) bounds every
+# stage, so that what was measured is packed before the device call's limit. ROUTER_FAMILIES (default none; e.g.
+# oryx-tg) then trains each one's router and measures perplexity, NIAH and record recall against the budget.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 RUNS=${RUNS:-/tmp/lm-gpu}
@@ -173,14 +172,14 @@ for family in $FAMILIES; do
      timeout "$(left)" "${ORYX[@]}" eval ppl "$run" --data "${split#*:}" --schedule $modes \
        --max-tokens "$EVAL_TOKENS" --device "$DEVICE" --json "$ev/ppl-${split%%:*}.json"
    done
-   # The same at the checkpoint of the lowest validation perplexity (mean over the modes): the corpus is seen many
-   # times over, and the families overfit at different speeds.
+   # The same at the checkpoint of the lowest validation perplexity (lm_gpu_tables.best_record): the corpus is seen
+   # many times over, and the families overfit at different speeds.
    best=$(python3 -c "
-import json, statistics, sys
+import json, sys
+sys.path.insert(0, 'benchmarks')
+from lm_gpu_tables import best_record
 records = [json.loads(line) for line in open(sys.argv[1] + '/metrics.jsonl')]
-checks = [r for r in records if r['kind'] in ('eval', 'final')]
-best = min(checks, key=lambda r: statistics.mean(v for k, v in r.items() if k.startswith('val_ppl_')))
-print(f\"{sys.argv[1]}/checkpoints/step-{best['step']:08d}\")" "$run")
+print(f\"{sys.argv[1]}/checkpoints/step-{best_record(records).get('step', 0):08d}\")" "$run")
    for split in test:prose:test ood:brown:test; do
      [ -d "$best" ] && timeout "$(left)" "${ORYX[@]}" eval ppl "$best" --data "${split#*:}" --schedule $modes \
        --max-tokens "$EVAL_TOKENS" --device "$DEVICE" --json "$ev/ppl-best-${split%%:*}.json"

@@ -34,15 +34,13 @@ def read_run(run: Path) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").open()]
     final = next((r for r in records if r["kind"] == "final"), {})  # absent: the run was cut (lm_gpu.sh said FAILED)
     modes: dict[str, dict[str, float]] = {}
-    for prefix, split in (("", "test"), ("", "ood"), ("best ", "test"), ("best ", "ood")):
-        path = run / "eval" / f"ppl-{'best-' if prefix else ''}{split}.json"
+    for stem, split in (("ppl-test", "test"), ("ppl-ood", "ood"), ("ppl-best-test", "best test"),
+                        ("ppl-best-ood", "best ood")):  # fmt: skip
+        path = run / "eval" / f"{stem}.json"
         for result in json.loads(path.read_text())["results"] if path.is_file() else []:
             cell = modes.setdefault(result["schedule"], {})
-            cell[f"{prefix}{split} ppl"], cell[f"{prefix}{split} bpb"] = result["perplexity"], result["bits_per_byte"]
-    # The best checkpoint, as lm_gpu.sh picks it: the lowest validation perplexity (mean over the modes). On a small
-    # corpus seen many times over, the last step measures how fast a family overfits as much as how well it models.
-    checks = [r for r in records if any(k.startswith("val_ppl_") for k in r)]
-    best = min(checks, key=lambda r: mean(v for k, v in r.items() if k.startswith("val_ppl_")), default={})
+            cell[f"{split} ppl"], cell[f"{split} bpb"] = result["perplexity"], result["bits_per_byte"]
+    best = best_record(records)
     for mode, cell in modes.items():
         if f"val_ppl_{mode}" in final:
             cell["val ppl"] = final[f"val_ppl_{mode}"]
@@ -54,6 +52,14 @@ def read_run(run: Path) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     for row in _rows(run / "eval" / "retrieval", "retrieval"):
         recalls.setdefault(row["protocol"], []).append(row["metrics"]["recall"])
     return modes, {protocol: mean(values) for protocol, values in recalls.items()}
+
+
+def best_record(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's validation record of the lowest perplexity (mean over its modes; {} if it has none): the checkpoint
+    lm_gpu.sh evaluates as the run's best. On a small corpus seen many times over, the last step measures how fast a
+    family overfits as much as how well it models."""
+    checks = [r for r in records if any(k.startswith("val_ppl_") for k in r)]
+    return min(checks, key=lambda r: mean(v for k, v in r.items() if k.startswith("val_ppl_")), default={})
 
 
 def split_name(name: str) -> tuple[str, str]:

@@ -27,8 +27,8 @@
 # router (`oryx train-router`, regression on measured gains) and its attention-budget table (`oryx eval budget --tasks
 # mqar`: router, entropy, random, head, tail, even and the `queries` oracle at 0-100 % attention), written with the
 # model and router into $OUT/budget.tar.gz (one file: the device returns at most eight). ROUTER_WINDOWS (rows per
-# setting, default 64), BUDGETS (default 0 2.5 5 10 25 100 %), BUDGET_SETTINGS (L:K, default the whole grid) and the time bounds SWEEP_SECONDS (570, or 420 with
-# routers), ROUTER_SECONDS (90) and BUDGET_SECONDS (300: the oryx-tg model needed more than 150 s for six of the ten
+# setting, default 64), BUDGETS (default 0 2.5 5 10 25 100 %), BUDGET_SETTINGS (L:K, default the whole grid) and
+# the time bounds SWEEP_SECONDS (570, or 420 with routers), ROUTER_SECONDS (90) and BUDGET_SECONDS (300: the oryx-tg model needed more than 150 s for six of the ten
 # settings at 64 rows per forward; the stage now runs 256) shape it.
 set -euo pipefail
 OUT=${OUT:-out}
@@ -52,7 +52,8 @@ for family in $ROUTER_FAMILIES; do
   timeout "${ROUTER_SECONDS:-90}" python3 -m oryx.cli train-router "$model" --device cuda \
     --windows "${ROUTER_WINDOWS:-64}" || echo "FAILED: train-router $model"
   timeout "${BUDGET_SECONDS:-300}" python3 -m oryx.cli eval budget "$model" --tasks mqar --device cuda --batch-size 256 \
-    --label "$family" --out "$model/budget" ${BUDGETS:+--budgets $BUDGETS} ${BUDGET_SETTINGS:+--settings $BUDGET_SETTINGS} || echo "FAILED: eval budget $model"
+    --label "$family" --out "$model/budget" ${BUDGETS:+--budgets $BUDGETS} \
+    ${BUDGET_SETTINGS:+--settings $BUDGET_SETTINGS} || echo "FAILED: eval budget $model"
 done 2>&1 | tee "$OUT/router.log"
 # Only the routed families' folders (about 6 MB each compressed): a file the device returns holds at most 16 MiB.
 if [ -n "$ROUTER_FAMILIES" ]; then
