@@ -13,6 +13,7 @@ policy of the library.
 from __future__ import annotations
 
 import argparse
+import re
 
 import torch
 
@@ -44,11 +45,13 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=["512:128", "1024:64"], help="L:K settings")
     parser.add_argument("--rows", type=int, default=64, help="rows per setting")
     args = parser.parse_args()
+    settings = [tuple(map(int, s.split(":"))) for s in args.settings if re.fullmatch(r"[1-9]\d*:[1-9]\d*", s)]
+    if len(settings) != len(args.settings):
+        parser.error(f"--settings must be L:K pairs of positive integers such as 512:128, got {args.settings}")
     model, config = load_mqar_model(args.model)
     if model.router is None:
         parser.error(f"{args.model} has no router: run oryx train-router on it first")
-    for setting in args.settings:
-        length, pairs = map(int, setting.split(":"))
+    for length, pairs in settings:
         batch = make_mqar(args.rows, length, pairs, vocab=config.vocab, seed=[SEED, length, pairs])
         delta, features = gains(model, batch.input_ids, batch.labels)
         with torch.no_grad():
