@@ -17,6 +17,7 @@ import re
 
 import torch
 
+from oryx.checkpoint import CheckpointError
 from oryx.eval.mqar_run import load_mqar_model
 from oryx.eval.tasks.mqar import make_mqar
 from oryx.routing.training import gains
@@ -48,7 +49,10 @@ def main() -> None:
     settings = [tuple(map(int, s.split(":"))) for s in args.settings if re.fullmatch(r"[1-9]\d*:[1-9]\d*", s)]
     if len(settings) != len(args.settings):
         parser.error(f"--settings must be L:K pairs of positive integers such as 512:128, got {args.settings}")
-    model, config = load_mqar_model(args.model)
+    try:
+        model, config = load_mqar_model(args.model)
+    except CheckpointError as err:
+        parser.error(str(err))
     if model.router is None:
         parser.error(f"{args.model} has no router: run oryx train-router on it first")
     for length, pairs in settings:
