@@ -28,7 +28,9 @@
 # export_models). SIZE (default small), BATCH (32), SEQ_LEN (512), TRAIN_MINUTES (4), PROBE_SECONDS (150), SEED (0),
 # EVAL_TOKENS (131072 per split and mode), ZEROSHOT_N (500), RETRIEVAL_N (50), RETRIEVAL_LENGTHS (512 1024) and DEVICE
 # (cuda; `DEVICE=cpu SIZE=tiny` with small counts is this script's dry run) shape it; WALL_SECONDS (570) bounds every
-# stage, so that what was measured is packed before the device call's limit. ROUTER_FAMILIES (default none; e.g.
+# stage, so that what was measured is packed before the device call's limit. EVALS (default "ppl switching retrieval
+# zeroshot") names the evaluations to run: an LR point needs only `ppl` (it chooses on validation, and reports test
+# and out-of-domain perplexity at the best checkpoint). ROUTER_FAMILIES (default none; e.g.
 # oryx-tg) then trains each one's router and measures perplexity, NIAH and record recall against the budget.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
@@ -38,6 +40,12 @@ TRAIN_MINUTES=${TRAIN_MINUTES:-4} PROBE_SECONDS=${PROBE_SECONDS:-150}
 EVAL_TOKENS=${EVAL_TOKENS:-131072} ZEROSHOT_N=${ZEROSHOT_N:-500} RETRIEVAL_N=${RETRIEVAL_N:-50}
 RETRIEVAL_LENGTHS=${RETRIEVAL_LENGTHS:-512 1024}  # prompt tokens; the models train on 512
 FAMILIES=${FAMILIES:-oryx-tg oryx-tm transformer gdn mamba2}
+EVALS=${EVALS:-ppl switching retrieval zeroshot}
+for name in $EVALS; do
+  case $name in ppl|switching|retrieval|zeroshot) ;; *)
+    echo "error: EVALS takes ppl, switching, retrieval and zeroshot, got '$name'" >&2; exit 2;; esac
+done
+wants() { case " $EVALS " in *" $1 "*) return 0;; esac; return 1; }
 # Runs are <family>-$TAG. An LR point needs its own tag, or its runs would be read as the recipe's seed.
 TAG=${TAG:-s$SEED}
 if [ -n "${LRS:-}" ] && [ "$TAG" = "s$SEED" ]; then
@@ -62,7 +70,7 @@ pack() { (cd "$RUNS" && tar -czf "$OUT/results.tar.gz" --exclude='checkpoints' .
 # 64 MiB in all: three small fp32 models (~17.5 MB each compressed) fit, five do not (seed 1 lost two that way).
 export_models() {
   local family
-  for family in ${EXPORT_FAMILIES:-oryx-tg oryx-tm transformer}; do
+  for family in ${EXPORT_FAMILIES-oryx-tg oryx-tm transformer}; do  # EXPORT_FAMILIES= exports none
     case " $FAMILIES " in *" $family "*) ;; *) continue;; esac  # a family this call did not train
     python3 -c "
 import sys
@@ -168,30 +176,32 @@ pids=()
 for family in $FAMILIES; do
   run=$RUNS/$family-$TAG; ev=$run/eval; mkdir -p "$ev"
   case $family in oryx-*) modes="attn linear";; transformer) modes=attn;; *) modes=linear;; esac
-  (for split in test:prose:test ood:brown:test; do
-     timeout "$(left)" "${ORYX[@]}" eval ppl "$run" --data "${split#*:}" --schedule $modes \
-       --max-tokens "$EVAL_TOKENS" --device "$DEVICE" --json "$ev/ppl-${split%%:*}.json"
-   done
-   # The same at the checkpoint of the lowest validation perplexity (lm_gpu_tables.best_record): the corpus is seen
-   # many times over, and the families overfit at different speeds.
-   best=$(python3 -c "
+  (if wants ppl; then
+     for split in test:prose:test ood:brown:test; do
+       timeout "$(left)" "${ORYX[@]}" eval ppl "$run" --data "${split#*:}" --schedule $modes \
+         --max-tokens "$EVAL_TOKENS" --device "$DEVICE" --json "$ev/ppl-${split%%:*}.json"
+     done
+     # The same at the checkpoint of the lowest validation perplexity (lm_gpu_tables.best_record): the corpus is seen
+     # many times over, and the families overfit at different speeds.
+     best=$(python3 -c "
 import json, sys
 sys.path.insert(0, 'benchmarks')
 from lm_gpu_tables import best_record
 records = [json.loads(line) for line in open(sys.argv[1] + '/metrics.jsonl')]
 print(f\"{sys.argv[1]}/checkpoints/step-{best_record(records).get('step', 0):08d}\")" "$run")
-   for split in test:prose:test ood:brown:test; do
-     [ -d "$best" ] && timeout "$(left)" "${ORYX[@]}" eval ppl "$best" --data "${split#*:}" --schedule $modes \
-       --max-tokens "$EVAL_TOKENS" --device "$DEVICE" --json "$ev/ppl-best-${split%%:*}.json"
-   done
-   case $family in oryx-*) timeout "$(left)" "${ORYX[@]}" eval switching "$run" --data prose:test \
-     "${SWITCHING[@]}" --device "$DEVICE" --out "$ev/switching";; esac
+     for split in test:prose:test ood:brown:test; do
+       [ -d "$best" ] && timeout "$(left)" "${ORYX[@]}" eval ppl "$best" --data "${split#*:}" --schedule $modes \
+         --max-tokens "$EVAL_TOKENS" --device "$DEVICE" --json "$ev/ppl-best-${split%%:*}.json"
+     done
+   fi
+   case $family in oryx-*) wants switching && timeout "$(left)" "${ORYX[@]}" eval switching "$run" \
+     --data prose:test "${SWITCHING[@]}" --device "$DEVICE" --out "$ev/switching";; esac
    # Recall was 0 for every family at the small size (seed 1, 2026-12-02): after switching, which measures something.
-   timeout "$(left)" "${ORYX[@]}" eval retrieval "$run" --n "$RETRIEVAL_N" --lengths $RETRIEVAL_LENGTHS \
-     --device "$DEVICE" --out "$ev/retrieval"
+   wants retrieval && timeout "$(left)" "${ORYX[@]}" eval retrieval "$run" --n "$RETRIEVAL_N" \
+     --lengths $RETRIEVAL_LENGTHS --device "$DEVICE" --out "$ev/retrieval"
    # Last: near chance at this scale (seed 0: lambada 2-5 %), and the slowest for Oryx on the card.
-   timeout "$(left)" "${ORYX[@]}" eval zeroshot "$run" --modes $modes --n "$ZEROSHOT_N" --device "$DEVICE" \
-     --out "$ev/zeroshot") > "$run.eval.log" 2>&1 &
+   wants zeroshot && timeout "$(left)" "${ORYX[@]}" eval zeroshot "$run" --modes $modes --n "$ZEROSHOT_N" \
+     --device "$DEVICE" --out "$ev/zeroshot") > "$run.eval.log" 2>&1 &
   pids+=($!)
 done
 wait "${pids[@]}"
