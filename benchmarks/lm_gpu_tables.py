@@ -6,14 +6,18 @@
 Per run (`<family>-<tag>`) and single mode: the final validation perplexity (prose:validation, what chooses an LR),
 perplexity and bits per byte on prose:test (in domain) and brown:test (another domain), the zero-shot accuracies, and
 NIAH / record recall per protocol (mean over tasks and lengths); then each Oryx mode against its baselines as
-perplexity ratios (< 1: Oryx better), run against run of the same tag; last, each family and mode over its seeds
-(mean ± half the range), with the lowest validation perplexity any of the run's evaluations saw.
+perplexity ratios (< 1: Oryx better), run against run of the same tag; then each family and mode over its seeds
+(mean ± half the range), with the lowest validation perplexity any of the run's evaluations saw. Where LR points of
+seed 0 exist (`<family>-lr<LR>-s0`, `TAG=lr<LR>-s0 LRS=...`), the LR sweep: each point's lowest validation perplexity
+(a run that failed, e.g. diverged, says at which step), each family's best LR by it, and the Oryx / baseline ratios
+at the best checkpoints, at the paper's LRs and at each family's own best.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -22,6 +26,8 @@ BASELINES = {"oryx-tg": ("transformer", "gdn"), "oryx-tm": ("transformer", "mamb
 MODE_OF = {"transformer": "attn", "gdn": "linear", "mamba2": "linear"}
 FAMILIES = (*BASELINES, *MODE_OF)
 SEED_COLUMNS = ("val ppl", "test ppl", "ood ppl", "best val ppl", "best test ppl", "best ood ppl")
+PAPER_LR = {f: 6e-3 if f in BASELINES else 3e-3 for f in FAMILIES}  # 10x / 5x GPT-3's peak LR at these sizes
+LR_TAG = re.compile(r"lr(\d+(?:\.\d+)?(?:e-?\d+)?)-s0")
 
 
 def _rows(folder: Path, name: str) -> list[dict[str, Any]]:
@@ -98,7 +104,7 @@ def tables(root: Path) -> str:
                     for s in ("val", "test", "ood")
                 )
                 lines.append(f"| {name} {mode} / {baseline}-{tag} | {ratios} |")
-    return "\n".join([*lines, "", *seed_table(runs)]) + "\n"
+    return "\n".join([*lines, "", *seed_table(runs), *lr_sweep_tables(root)]) + "\n"
 
 
 def seed_table(runs: dict[str, tuple[dict[str, dict[str, float]], dict[str, float]]]) -> list[str]:
@@ -118,6 +124,86 @@ def seed_table(runs: dict[str, tuple[dict[str, dict[str, float]], dict[str, floa
         cells = [f"{mean(v):.2f} ± {(max(v) - min(v)) / 2:.2f}" if (v := metrics.get(m)) else "–" for m in SEED_COLUMNS]
         steps = "/".join(str(int(step)) for step in metrics.get("best step", []))
         lines.append(f"| {family} | {mode} | {len(metrics['test ppl'])} | " + " | ".join(cells) + f" | {steps} |")
+    return lines
+
+
+def modes_of(family: str) -> tuple[str, ...]:
+    return ("attn", "linear") if family in BASELINES else (MODE_OF[family],)
+
+
+def lr_points(root: Path) -> dict[str, dict[float, dict[str, dict[str, float]] | int]]:
+    """family -> LR -> (mode -> the run's cells, `read_run`'s) of the seed-0 LR points under `root`, or the last
+    step a run that did not finish reached."""
+    points: dict[str, dict[float, dict[str, dict[str, float]] | int]] = {}
+    for run in sorted(root.glob("*-lr*-s0")):
+        family, tag = split_name(run.name)
+        match = LR_TAG.fullmatch(tag)
+        if family not in FAMILIES or match is None or not (run / "metrics.jsonl").is_file():
+            continue
+        records = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+        finished = any(r["kind"] == "final" for r in records)
+        last = max((r["step"] for r in records if r["kind"] == "train"), default=0)
+        points.setdefault(family, {})[float(match.group(1))] = read_run(run)[0] if finished else last
+    return points
+
+
+def best_lrs(points: dict[str, dict[float, Any]]) -> dict[str, float]:
+    """Each family's LR of the lowest best-checkpoint validation perplexity (mean over its modes), finished runs."""
+    best = {}
+    for family, by_lr in points.items():
+        scores = {
+            lr: mean(cells[m]["best val ppl"] for m in modes_of(family))
+            for lr, cells in by_lr.items()
+            if isinstance(cells, dict) and all("best val ppl" in cells.get(m, {}) for m in modes_of(family))
+        }
+        if scores:
+            best[family] = min(scores, key=scores.get)
+    return best
+
+
+def lr_sweep_tables(root: Path) -> list[str]:
+    """The LR sweep's tables (see the module docstring); none without LR points."""
+    points = lr_points(root)
+    if not points:
+        return []
+    grid = sorted({lr for by_lr in points.values() for lr in by_lr})
+    best = best_lrs(points)
+    lines = ["", "LR sweep, seed 0: each run's lowest validation perplexity (at step); (paper): the recipe's LR",
+             "", "| family | mode | " + " | ".join(f"lr {lr:g}" for lr in grid) + " | best lr |",
+             "|---|---|" + "---:|" * len(grid) + "---:|"]  # fmt: skip
+    for family in FAMILIES:
+        for mode in modes_of(family) if family in points else ():
+            cells = []
+            for lr in grid:
+                found = points[family].get(lr)
+                if isinstance(found, int):
+                    cells.append(f"failed at step {found}")
+                    continue
+                cell = (found or {}).get(mode, {})
+                text = f"{cell['best val ppl']:.2f} ({int(cell['best step'])})" if "best val ppl" in cell else "–"
+                cells.append(text + (" (paper)" if lr == PAPER_LR[family] and cell else ""))
+            chosen = f"{best[family]:g}" if family in best else "–"
+            lines.append(f"| {family} | {mode} | " + " | ".join(cells) + f" | {chosen} |")
+    lines += ["", "Oryx mode / baseline at the best checkpoints (perplexity; < 1: Oryx better), seed 0",
+              "", "| Oryx mode / baseline | LRs | val | test | ood |", "|---|---|---:|---:|---:|"]  # fmt: skip
+    for family, baselines in BASELINES.items():
+        for baseline in baselines:
+            for rule, lr_of in (("paper", PAPER_LR), ("each its best", best)):
+                ours, theirs = (
+                    points.get(family, {}).get(lr_of.get(family)),
+                    points.get(baseline, {}).get(lr_of.get(baseline)),
+                )
+                if not (isinstance(ours, dict) and isinstance(theirs, dict)):
+                    continue
+                base = theirs.get(MODE_OF[baseline], {})
+                for mode in modes_of(family):
+                    cell = ours.get(mode, {})
+                    ratios = " | ".join(
+                        _cell(cell[k] / base[k] if k in cell and k in base else None, 3)
+                        for k in ("best val ppl", "best test ppl", "best ood ppl")
+                    )
+                    lrs = f"{rule}: {lr_of[family]:g} / {lr_of[baseline]:g}"
+                    lines.append(f"| {family} {mode} / {baseline} | {lrs} | {ratios} |")
     return lines
 
 

@@ -5,9 +5,9 @@
 MODEL is an MQAR model folder with a router (`oryx eval mqar --save-models`, then `oryx train-router`). For fresh
 rows of each setting (a seed apart from the sweep's training and test seeds), it measures the gain of attention
 Δ_t = nll_linear(t) − nll_attention(t) (`oryx.routing.training.gains`; 0 where nothing is predicted), the seen-before
-bit of every token (a plain loop over the row), and prints how the bit covers the query tokens and how it and the
-router's scores correlate with the gain. A diagnostic for the router's features (benchmarks/RESULTS.md), not a
-policy of the library.
+bit of every token (`oryx.routing.seen_before`, which routers now read too), and prints how the bit covers the query
+tokens and how it and the router's scores correlate with the gain. A diagnostic for the router's features
+(benchmarks/RESULTS.md), not a policy of the library.
 """
 
 from __future__ import annotations
@@ -20,20 +20,10 @@ import torch
 from oryx.checkpoint import CheckpointError
 from oryx.eval.mqar_run import load_mqar_model
 from oryx.eval.tasks.mqar import make_mqar
+from oryx.routing import seen_before
 from oryx.routing.training import gains
 
 SEED = 12345  # neither the sweep's training seed nor its test seed
-
-
-def seen_before(ids: torch.Tensor) -> torch.Tensor:
-    """[B, T] 1.0 where the row's token id occurred at an earlier position, else 0.0."""
-    seen = torch.zeros(ids.shape, dtype=torch.float)
-    for b, row in enumerate(ids.tolist()):
-        met: set[int] = set()
-        for t, token in enumerate(row):
-            seen[b, t] = float(token in met)
-            met.add(token)
-    return seen
 
 
 def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -57,10 +47,10 @@ def main() -> None:
         parser.error(f"{args.model} has no router: run oryx train-router on it first")
     for length, pairs in settings:
         batch = make_mqar(args.rows, length, pairs, vocab=config.vocab, seed=[SEED, length, pairs])
-        delta, features = gains(model, batch.input_ids, batch.labels)
+        delta, features = gains(model, batch.input_ids, batch.labels, seen=model.router.config.seen_before)
         with torch.no_grad():
             scores = model.router.score_features(features)
-        seen, query = seen_before(batch.input_ids), batch.labels != -100
+        seen, query = seen_before(batch.input_ids).float(), batch.labels != -100
         print(
             f"{length}x{pairs}: queries {query.float().mean():.3f} of the tokens, seen-before {seen.mean():.3f}; "
             f"P(query | seen) {query[seen.bool()].float().mean():.3f}, P(seen | query) {seen[query].mean():.3f}; "

@@ -97,3 +97,49 @@ def test_an_lr_point_pairs_with_its_own_tag_and_stays_out_of_the_seed_table(tmp_
     assert "| oryx-tg-lr2x-s0 attn / gdn-lr2x-s0 | " + " | ".join(f"{r:.3f}" for r in want) + " |" in text
     seeds = text.split("| family | mode | seeds |")[1]
     assert "| gdn | linear | 1 |" in seeds and "oryx-tg" not in seeds and "lr2x" not in seeds
+
+
+def _lr_point(root: Path, name: str, modes: list[str], rng: random.Random) -> dict:
+    """An LR point as `TAG=lr<LR>-s0 EVALS=ppl lm_gpu.sh` leaves it: validation lowest at step 4 (below the final
+    step's), test and out-of-domain perplexity at that checkpoint; returns mode -> split -> value."""
+    run = root / name
+    (run / "eval").mkdir(parents=True)
+    values = {m: {"best val": rng.uniform(50, 100), "test": rng.uniform(50, 500), "ood": rng.uniform(50, 500)}
+              for m in modes}  # fmt: skip
+    best = {"kind": "eval", "step": 4, **{f"val_ppl_{m}": values[m]["best val"] for m in modes}}
+    final = {"kind": "final", "step": 9, **{f"val_ppl_{m}": rng.uniform(200, 500) for m in modes}}
+    records = [{"kind": "train", "step": 1}, best, final]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    for stem, split in (("ppl-test", "test"), ("ppl-best-test", "test"), ("ppl-best-ood", "ood")):
+        results = [{"schedule": m, "perplexity": values[m][split], "bits_per_byte": 2.5} for m in modes]
+        (run / "eval" / f"{stem}.json").write_text(json.dumps({"results": results}))
+    return values
+
+
+def test_lr_sweep_chooses_on_validation_and_compares_at_the_best_checkpoints(tmp_path):
+    rng = random.Random(3)
+    lrs = ("0.003", "0.006", "0.012")
+    families = {"oryx-tg": ["attn", "linear"], "transformer": ["attn"], "gdn": ["linear"]}
+    points = {(f, lr): _lr_point(tmp_path, f"{f}-lr{lr}-s0", modes, rng) for f, modes in families.items() for lr in lrs}
+    diverged = tmp_path / "gdn-lr0.024-s0"  # a run that stopped at step 7 without its final record
+    diverged.mkdir()
+    (diverged / "metrics.jsonl").write_text("".join(json.dumps({"kind": "train", "step": s}) + "\n" for s in range(8)))
+    text = lm_gpu_tables.tables(tmp_path).split("LR sweep, seed 0")[1]
+
+    def best_lr(family: str) -> str:  # by the mean over the family's modes of each point's lowest validation
+        return min(lrs, key=lambda lr: sum(v["best val"] for v in points[family, lr].values()))
+
+    line = next(row for row in text.splitlines() if row.startswith("| transformer | attn |"))
+    assert line.endswith(f"| {float(best_lr('transformer')):g} |")
+    assert f"{points['transformer', '0.003']['attn']['best val']:.2f} (4) (paper)" in line
+    assert "failed at step 7" in next(row for row in text.splitlines() if row.startswith("| gdn | linear |"))
+    ours, theirs = (
+        points["oryx-tg", best_lr("oryx-tg")]["linear"],
+        points["transformer", best_lr("transformer")]["attn"],
+    )
+    want = " | ".join(f"{ours[k] / theirs[k]:.3f}" for k in ("best val", "test", "ood"))
+    lrs_cell = f"each its best: {float(best_lr('oryx-tg')):g} / {float(best_lr('transformer')):g}"
+    assert f"| oryx-tg linear / transformer | {lrs_cell} | {want} |" in text
+    paper = points["oryx-tg", "0.006"]["attn"]["test"] / points["gdn", "0.003"]["linear"]["test"]
+    row = next(row for row in text.splitlines() if row.startswith("| oryx-tg attn / gdn | paper: 0.006 / 0.003 |"))
+    assert row.split(" | ")[3] == f"{paper:.3f}"  # the test column

@@ -44,10 +44,11 @@ def tiny_model(variant_name: str = "tg", seed: int = 0) -> oryx.OryxForCausalLM:
     return oryx.OryxForCausalLM(config).eval()
 
 
-def random_router(model: oryx.OryxForCausalLM, gen: torch.Generator) -> Router:
+def random_router(model: oryx.OryxForCausalLM, gen: torch.Generator, seen_before: bool = True) -> Router:
     """A router with random weights, calibrated on the scores of random windows (so every budget has a threshold)."""
     torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
-    router = Router(RouterConfig(hidden_size=model.config.hidden_size, variant=model.config.variant)).eval()
+    config = RouterConfig(hidden_size=model.config.hidden_size, variant=model.config.variant, seen_before=seen_before)
+    router = Router(config).eval()
     ids = torch.randint(VOCAB, (8, T), generator=gen)
     batches = [(ids, torch.full_like(ids, -100))]
     router.set_calibration(_scores(model, router, batches))
@@ -55,16 +56,29 @@ def random_router(model: oryx.OryxForCausalLM, gen: torch.Generator) -> Router:
 
 
 def _scores(model, router, batches) -> torch.Tensor:
-    _, features = gains(model, *batches[0])
+    _, features = gains(model, *batches[0], seen=router.config.seen_before)
     with torch.no_grad():
         return router.score_features(features)
 
 
-@pytest.fixture
-def model_with_router(gen):
+@pytest.fixture(params=[True, False], ids=["seen-before", "no-seen-before"])
+def model_with_router(gen, request):
+    """A tiny Oryx-TG model with a random router: one that reads the seen-before bits, and one from before them."""
     model = tiny_model()
-    model.attach_router(random_router(model, gen))
+    model.attach_router(random_router(model, gen, seen_before=request.param))
     return model
+
+
+def seen_reference(ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The seen-before bits as a plain loop: a set of the ids each row has read, padding skipped."""
+    out = torch.zeros(ids.shape, dtype=torch.bool)
+    for b in range(ids.shape[0]):
+        met: set[int] = set()
+        for t in range(ids.shape[1]):
+            if mask is None or mask[b, t]:
+                out[b, t] = int(ids[b, t]) in met
+                met.add(int(ids[b, t]))
+    return out
 
 
 # --- the budget rule ----------------------------------------------------------------------------------------------
@@ -227,6 +241,71 @@ def test_generate_under_a_router_equals_stepping_by_hand(model_with_router, gen)
     assert torch.equal(generated.modes, cache.modes[:, : generated.modes.shape[1]])
 
 
+@pytest.mark.parametrize("pieces", [[T], [7, 1, 20, 1, 1, 18]])
+def test_seen_before_bits_equal_a_plain_loop_across_forwards(gen, pieces):
+    """Ids from a small range (many repeats), left padding in one row, the sequence cut into forwards that carry the
+    table: the bits equal the plain loop's over the whole rows."""
+    from oryx.routing import seen_before
+
+    ids = torch.randint(12, (3, T), generator=gen)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[2, :9] = False
+    table, got, start = torch.zeros(3, 12, dtype=torch.bool), [], 0
+    for length in pieces:
+        part = slice(start, start + length)
+        got.append(seen_before(ids[:, part], mask[:, part], table if len(pieces) > 1 else None))
+        start += length
+    expected = seen_reference(ids, mask)
+    assert expected.any() and torch.equal(torch.cat(got, dim=1), expected)
+    worked = torch.tensor([[3, 1, 3, 2, 1, 3], [5, 5, 5, 0, 1, 0]])  # by hand
+    want = torch.tensor([[0, 0, 1, 0, 1, 1], [0, 1, 1, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(seen_before(worked), want)
+
+
+def seen_only_router(model: oryx.OryxForCausalLM, monkeypatch) -> Router:
+    """A seen-before router whose score is GELU(r_t) (0.84 for a repeated id, 0 otherwise), with τ = 0.5 at every
+    budget: at budget 1 it puts exactly the repeated ids in attention."""
+    D = model.config.hidden_size
+    router = Router(RouterConfig(hidden_size=D, variant=model.config.variant, width=1, seen_before=True)).eval()
+    with torch.no_grad():
+        router.net[0].weight.zero_()
+        router.net[0].weight[0, 2 * D] = 1.0
+        router.net[0].bias.zero_()
+        router.net[2].weight.fill_(1.0)
+        router.net[2].bias.zero_()
+    monkeypatch.setattr(router, "threshold", lambda budget, chunk=1: 0.5)
+    return router
+
+
+def test_a_seen_before_router_attends_at_repeated_ids_through_prefill_decode_and_beams(gen, monkeypatch):
+    """The modes are the plain loop's seen-before bits in one forward (left padding included), in a prefill followed
+    by decoding (the cache keeps the ids read), and after the cache's rows are reordered (beam search); a routed
+    forward of inputs_embeds is refused, naming input_ids."""
+    model = tiny_model()
+    model.attach_router(seen_only_router(model, monkeypatch))
+    spec = "router:budget=1.0"
+    ids = torch.randint(10, (2, T), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    out = model(ids, schedule=spec, attention_mask=mask)
+    repeated = seen_reference(ids, mask.bool())
+    assert repeated.any() and torch.equal(out.modes, torch.where(repeated, ATTN, LINEAR))
+
+    prefill = 21
+    step = model(ids[:, :prefill], schedule=spec, use_cache=True)
+    cache, modes = getattr(step, CACHE_FIELD), [step.modes]
+    cache.reorder_cache(torch.tensor([1, 0]))  # the rows swap: the continuation is the other row's
+    swapped = ids.flip(0)
+    for t in range(prefill, T):
+        modes.append(model(swapped[:, t : t + 1], schedule=spec, cache=cache).modes)
+    mixed = torch.cat([ids[:, :prefill].flip(0), swapped[:, prefill:]], dim=1)
+    expected = torch.where(seen_reference(mixed), ATTN, LINEAR)
+    assert torch.equal(torch.cat([modes[0].flip(0), *modes[1:]], dim=1), expected)
+
+    with pytest.raises(ValueError, match="needs input_ids"):
+        model(inputs_embeds=model.get_input_embeddings()(ids), schedule=spec)
+
+
 def test_entropy_modes_follow_the_linear_entropy_of_the_position_before(gen):
     """Without a budget, position t is attention iff the all-linear forward's next-token entropy at t − 1 is above the
     threshold (computed here from its logits)."""
@@ -279,7 +358,10 @@ def test_gains_are_the_difference_of_two_plain_forwards(gen):
 
     expected = torch.where(labels == -100, 0.0, nll(LINEAR) - nll(ATTN))
     torch.testing.assert_close(delta.double(), expected, rtol=1e-4, atol=1e-4)
-    assert features.shape == (2, T, 2 * model.config.hidden_size)
+    assert features.shape == (2, T, 2 * model.config.hidden_size + 1)
+    assert torch.equal(features[..., -1].bool(), seen_reference(ids))
+    _, without = gains(model, ids, labels, seen=False)
+    assert torch.equal(without, features[..., :-1])
 
 
 @pytest.mark.parametrize("method", ["regression", "straight-through"])

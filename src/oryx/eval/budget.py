@@ -221,7 +221,7 @@ def oracle_perplexity(
         total, used = 0.0, []
         k = round(budget * seq_len)
         for ids, labels in batches:
-            delta, _ = gains(model, ids, labels)
+            delta, _ = gains(model, ids, labels, seen=False)
             modes = torch.full_like(ids, LINEAR).scatter_(1, delta.topk(k, dim=1).indices.cpu(), ATTN)
             total += float(token_losses(model(ids.to(model.device), modes=modes.to(model.device)).logits,
                                         labels.to(model.device)).double().sum())  # fmt: skip
@@ -235,8 +235,8 @@ def oracle_perplexity(
 
 def _mqar_router_scores(model: Any, router: Any, batch: Any, rows: int) -> torch.Tensor:
     """The router's scores [rows, L] of the first rows of an MQAR batch."""
-    capture = FeatureCapture()
     ids = batch.input_ids[:rows].to(model.device)
+    capture = FeatureCapture(ids if router.config.seen_before else None)
     with torch.no_grad():
         model.model(ids, modes=torch.full_like(ids, LINEAR), route=capture)
         return router.score_features(capture.features).cpu()

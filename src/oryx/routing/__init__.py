@@ -11,7 +11,7 @@ training with the language model frozen (`training`). docs/design.md §15 explai
 """
 
 from oryx.routing.budget import RoutingState, calibrate_threshold, decide
-from oryx.routing.router import ROUTER_FILE, Router, RouterConfig, load_router, save_router
+from oryx.routing.router import ROUTER_FILE, Router, RouterConfig, load_router, save_router, seen_before
 
 __all__ = [
     "ROUTER_FILE",
@@ -22,4 +22,5 @@ __all__ = [
     "decide",
     "load_router",
     "save_router",
+    "seen_before",
 ]

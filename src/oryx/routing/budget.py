@@ -36,7 +36,9 @@ class RoutingState:
 
     attention [B]: attention-mode tokens so far; unit_mode [B]: the mode of the unit in progress; chunk_sum,
     chunk_count [B]: the scores of the chunk in progress (`previous` units); next_score [B]: the score of the next
-    position when it is known one forward early (the entropy schedule's), −inf when none.
+    position when it is known one forward early (the entropy schedule's), −inf when none; seen_ids [B, V] bool: the
+    token ids each row has read so far (a seen-before router's, `oryx.routing.router.seen_before`), None until one
+    needs it.
     """
 
     attention: np.ndarray
@@ -44,6 +46,7 @@ class RoutingState:
     chunk_sum: np.ndarray
     chunk_count: np.ndarray
     next_score: np.ndarray
+    seen_ids: torch.Tensor | None = None
 
     @classmethod
     def new(cls, batch: int) -> RoutingState:
@@ -59,6 +62,8 @@ class RoutingState:
         """Select rows (beam search)."""
         for name in ("attention", "unit_mode", "chunk_sum", "chunk_count", "next_score"):
             setattr(self, name, getattr(self, name)[rows])
+        if self.seen_ids is not None:
+            self.seen_ids = self.seen_ids[torch.as_tensor(rows, device=self.seen_ids.device)]
 
 
 def budget_cap(budget: float, end: int, chunk: int) -> int:

@@ -4,8 +4,8 @@ Every adaptive schedule (`oryx.schedule.Adaptive`) becomes a `BudgetRoute`: laye
 branch, it scores the forward's tokens, applies the budget rule (`oryx.routing.budget.decide`, counting on from the
 cache's `RoutingState`) and sets the modes for that layer's attention and every later layer. The scores:
 
-    router:   the attached `Router` on layer 0's input and linear output (token units: a token's own score; chunks:
-              the mean score of the chunk before)
+    router:   the attached `Router` on layer 0's input and linear output, and which token ids came before (token
+              units: a token's own score; chunks: the mean score of the chunk before)
     random:   a uniform draw per unit from a generator seeded by (seed, batch row), the same for a unit however the
               sequence is cut into forwards
     entropy:  position t's score is the next-token entropy at t − 1: of the linear mode, from a look-ahead forward of
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from oryx.routing.budget import OWN, PREVIOUS, RoutingState, calibrate_threshold, decide
+from oryx.routing.router import seen_before
 from oryx.schedule import Adaptive, Entropy, Random, Router
 from oryx.variants import LINEAR, variant
 
@@ -103,10 +104,17 @@ def random_scores(seed: int, chunk: int) -> Scores:
     return scores
 
 
-def router_scores(router: torch.nn.Module) -> Scores:
+def router_scores(router: torch.nn.Module, input_ids: torch.Tensor | None, state: RoutingState, vocab: int) -> Scores:
+    """The router's scores; a seen-before router marks this forward's ids in `state.seen_ids` ([B, vocab])."""
+
     def scores(x: torch.Tensor, o_linear: torch.Tensor, ctx: Any) -> np.ndarray:
+        seen = None
+        if router.config.seen_before:
+            if state.seen_ids is None:
+                state.seen_ids = torch.zeros(len(input_ids), vocab, dtype=torch.bool, device=input_ids.device)
+            seen = seen_before(input_ids, ctx.pad_mask, state.seen_ids)
         with torch.no_grad():
-            return router.to(x.device)(x, o_linear).double().cpu().numpy()
+            return router.to(x.device)(x, o_linear, seen).double().cpu().numpy()
 
     return scores
 
@@ -183,10 +191,15 @@ def prepare(
 
     if isinstance(schedule, Router):
         router = model.router
+        if router.config.seen_before and input_ids is None:
+            raise ValueError(
+                f"schedule '{schedule}': this router reads whether each token id occurred earlier in the row, so it "
+                "needs input_ids; inputs_embeds do not say which tokens they are"
+            )
         threshold = router.threshold(schedule.budget, schedule.chunk)
         score_from = OWN if schedule.chunk == 1 else PREVIOUS
-        route = BudgetRoute(router_scores(router), state, threshold, schedule.budget, schedule.chunk, score_from)
-        return route, None
+        scores = router_scores(router, input_ids, state, model.config.vocab_size)
+        return BudgetRoute(scores, state, threshold, schedule.budget, schedule.chunk, score_from), None
     if isinstance(schedule, Random):
         threshold = random_threshold(schedule.budget, schedule.chunk)
         scores = random_scores(schedule.seed, schedule.chunk)

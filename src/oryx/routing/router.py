@@ -4,9 +4,16 @@ It reads layer 0 of an Oryx model, where nothing depends on any token's mode: th
 both states advance on every token, so the linear branch's output (the recurrence over every token) is the same
 whatever the modes. Token t's features are therefore causal and free to compute in parallel:
 
-    f_t = [x_t ; o_t]      x_t [D]: layer 0's mixer input (the normed embedding), o_t [D]: its linear branch's
-                           output (all heads, before the gated norm), which has seen tokens 0 … t
-    s_t = MLP((f_t − μ) / σ) · σ_Δ + μ_Δ      Linear(2D → width) → GELU → Linear(width → 1)
+    f_t = [x_t ; o_t ; r_t]   x_t [D]: layer 0's mixer input (the normed embedding), o_t [D]: its linear branch's
+                              output (all heads, before the gated norm), which has seen tokens 0 … t, and r_t: 1
+                              if token t's id occurred earlier in the row, else 0 (`seen_before`; routers trained
+                              before it, `seen_before=False`, read [x_t ; o_t])
+    s_t = MLP((f_t − μ) / σ) · σ_Δ + μ_Δ      Linear(2D + 1 → width) → GELU → Linear(width → 1)
+
+Why r_t: a fixed-size state forgets, and what it forgets most is an exact earlier token, which attention reads back
+at once. A repeated id (a query key on MQAR, a name again in prose: the cue of an induction head) marks where that
+read pays, and neither x_t nor o_t says reliably that the id came before. Across the forwards of one sequence (prefill,
+then decoding) the ids seen so far are kept in the cache's routing state (`RoutingState.seen_ids`).
 
 With the default training (`oryx.routing.training`), s_t predicts Δ_t = nll_linear(t) − nll_attention(t), in nats:
 the gain of reading position t in attention for the prediction made there. μ, σ standardise the features and μ_Δ,
@@ -37,7 +44,7 @@ from oryx.routing.budget import OWN, PREVIOUS, calibrate_threshold, calibration_
 ROUTER_FILE = "router.safetensors"
 FORMAT = "oryx-router-1"
 
-__all__ = ["ROUTER_FILE", "Router", "RouterConfig", "load_router", "save_router", "store_router"]
+__all__ = ["ROUTER_FILE", "Router", "RouterConfig", "load_router", "save_router", "seen_before", "store_router"]
 
 
 @dataclass
@@ -45,25 +52,52 @@ class RouterConfig:
     """What a router is and how it was made.
 
     hidden_size: D of the model it reads; variant: that model's variant; width: the head's hidden width;
-    method: "regression" or "straight-through" (`oryx.routing.training`); trained: a record of its training (data,
-    windows, steps, final loss), for reports.
+    method: "regression" or "straight-through" (`oryx.routing.training`); seen_before: whether it reads r_t (False
+    in the files written before it); trained: a record of its training (data, windows, steps, final loss), for
+    reports.
     """
 
     hidden_size: int
     variant: str
     width: int = 32
     method: str = "regression"
+    seen_before: bool = False
     trained: dict[str, Any] = field(default_factory=dict)
 
 
+def seen_before(
+    input_ids: torch.Tensor, real: torch.Tensor | None = None, seen_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[B, T] bool: True where the row's token id occurred at an earlier real position of the row.
+
+    input_ids [B, T]; real [B, T] bool (False at padding, which is never seen and marks nothing; None: all real);
+    seen_ids [B, V] bool: the ids of the row's earlier forwards (a prefill before this decoding step), updated in
+    place with this forward's real ids; None for a forward that starts its sequences.
+    """
+    B, T = input_ids.shape
+    ids = input_ids.long()
+    real = torch.ones_like(ids, dtype=torch.bool) if real is None else real.bool()
+    # Sort each row by (id, position): an id's later occurrences then follow its first one. Padding sorts last.
+    key = torch.where(real, ids * T + torch.arange(T, device=ids.device), torch.iinfo(torch.long).max)
+    ordered, index = key.sort(dim=1)
+    repeat = torch.zeros_like(real)
+    repeat[:, 1:] = ordered[:, 1:] // T == ordered[:, :-1] // T
+    seen = torch.zeros_like(real).scatter(1, index, repeat) & real
+    if seen_ids is not None:
+        seen |= seen_ids.gather(1, ids) & real
+        rows = torch.arange(B, device=ids.device)[:, None].expand(B, T)
+        seen_ids[rows[real], ids[real]] = True
+    return seen
+
+
 class Router(nn.Module):
-    """Scores [B, T] (predicted nats of gain from attention) of layer 0's input x [B, T, D] and linear output
-    o [B, T, H, d]; see the module docstring."""
+    """Scores [B, T] (predicted nats of gain from attention) of layer 0's input x [B, T, D], linear output
+    o [B, T, H, d] and, when `config.seen_before`, the seen-before bits [B, T]; see the module docstring."""
 
     def __init__(self, config: RouterConfig):
         super().__init__()
         self.config = config
-        width = 2 * config.hidden_size
+        width = 2 * config.hidden_size + int(config.seen_before)
         self.net = nn.Sequential(nn.Linear(width, config.width), nn.GELU(), nn.Linear(config.width, 1))
         self.register_buffer("feature_mean", torch.zeros(width))
         self.register_buffer("feature_std", torch.ones(width))
@@ -73,9 +107,13 @@ class Router(nn.Module):
         self._thresholds: dict[tuple[float, int], float] = {}
 
     @staticmethod
-    def features(x: torch.Tensor, o_linear: torch.Tensor) -> torch.Tensor:
-        """[B, T, 2D] float32: the mixer input x [B, T, D] beside the linear branch's output o [B, T, H, d]."""
-        return torch.cat([x.float(), o_linear.flatten(2).float()], dim=-1)
+    def features(x: torch.Tensor, o_linear: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T, 2D (+ 1)] float32: the mixer input x [B, T, D] beside the linear branch's output o [B, T, H, d]
+        (and the seen-before bits [B, T], when given)."""
+        parts = [x.float(), o_linear.flatten(2).float()]
+        if seen is not None:
+            parts.append(seen.to(device=x.device, dtype=torch.float32)[..., None])
+        return torch.cat(parts, dim=-1)
 
     def score_features(self, features: torch.Tensor) -> torch.Tensor:
         """Scores [...] of raw features [..., 2D]."""
@@ -84,8 +122,11 @@ class Router(nn.Module):
         standard = self.net((features - self.feature_mean) / self.feature_std).squeeze(-1)
         return standard * self.target_std + self.target_mean
 
-    def forward(self, x: torch.Tensor, o_linear: torch.Tensor) -> torch.Tensor:
-        return self.score_features(self.features(x, o_linear))
+    def forward(self, x: torch.Tensor, o_linear: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+        if self.config.seen_before != (seen is not None):
+            needs = "needs the seen-before bits" if self.config.seen_before else "reads no seen-before bits"
+            raise ValueError(f"this router {needs} (RouterConfig.seen_before={self.config.seen_before})")
+        return self.score_features(self.features(x, o_linear, seen))
 
     def set_calibration(self, scores: torch.Tensor) -> None:
         """Keep `scores` [n, T] (NaN after a row's end) as the calibration windows; forgets cached thresholds."""

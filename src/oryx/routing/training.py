@@ -6,7 +6,8 @@ prediction made at position t, −100 where nothing is predicted (MQAR's non-que
 
 **Regression** (`train_router`). Per batch, two no-grad forwards of the frozen model, all-attention and all-linear,
 give Δ_t = nll_linear(t) − nll_attention(t) (0 where nothing is predicted), and the all-linear forward also yields
-the router's layer-0 features (which no mode changes). The head is fitted to Δ with a Huber loss on standardised
+the router's layer-0 features (which no mode changes; with `seen_before`, the default, also each token's
+seen-before bit, `oryx.routing.router.seen_before`). The head is fitted to Δ with a Huber loss on standardised
 features and targets; a tenth of the tokens is held out to report how well it ranks.
 
 **Straight-through** (`train_router_straight_through`). The router decides each batch's modes with the batch's
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from oryx.losses import IGNORE_INDEX, token_losses
-from oryx.routing.router import Router, RouterConfig
+from oryx.routing.router import Router, RouterConfig, seen_before
 from oryx.variants import ATTN, LINEAR
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -44,8 +45,9 @@ class RouterTraining:
 
     steps: optimizer steps; lr: AdamW's learning rate; width: the head's hidden width; batch_tokens: token rows per
     regression step; huber_delta: in standard deviations of Δ; calibration_rows: windows whose scores calibrate the
-    thresholds; budget, penalty, joint, lm_lr: straight-through only (the training budget, the weight of the budget
-    penalty, whether the language model trains too, and its learning rate); seed: of the minibatches and the init.
+    thresholds; seen_before: whether the router reads the seen-before bits; budget, penalty, joint, lm_lr:
+    straight-through only (the training budget, the weight of the budget penalty, whether the language model trains
+    too, and its learning rate); seed: of the minibatches and the init.
     """
 
     steps: int = 500
@@ -54,6 +56,7 @@ class RouterTraining:
     batch_tokens: int = 4096
     huber_delta: float = 1.0
     calibration_rows: int = 64
+    seen_before: bool = True
     budget: float = 0.1
     penalty: float = 1.0
     joint: bool = False
@@ -62,22 +65,28 @@ class RouterTraining:
 
 
 class FeatureCapture:
-    """A routing decision that decides nothing: it keeps layer 0's router features [B, T, 2D] and leaves the modes."""
+    """A routing decision that decides nothing: it keeps layer 0's router features [B, T, 2D (+ 1)] and leaves the
+    modes. Given the forward's `input_ids` [B, T], the features end with their seen-before bits."""
 
-    def __init__(self) -> None:
+    def __init__(self, input_ids: torch.Tensor | None = None) -> None:
+        self.input_ids = input_ids
         self.features: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, o_linear: torch.Tensor, ctx: Any) -> None:
-        self.features = Router.features(x, o_linear)
+        seen = None if self.input_ids is None else seen_before(self.input_ids, ctx.pad_mask)
+        self.features = Router.features(x, o_linear, seen)
 
 
 @torch.no_grad()
-def gains(model: Any, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Δ [B, T], router features [B, T, 2D]) of one batch: Δ_t = nll_linear(t) − nll_attention(t) of the frozen
-    model (0 where the label is −100), from one all-attention and one all-linear forward."""
+def gains(
+    model: Any, input_ids: torch.Tensor, labels: torch.Tensor, seen: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Δ [B, T], router features [B, T, 2D + 1], or [B, T, 2D] without `seen`) of one batch:
+    Δ_t = nll_linear(t) − nll_attention(t) of the frozen model (0 where the label is −100), from one all-attention
+    and one all-linear forward."""
     device = model.device
     ids, labels = input_ids.to(device), labels.to(device)
-    capture = FeatureCapture()
+    capture = FeatureCapture(ids if seen else None)
     linear = torch.full_like(ids, LINEAR)
     hidden = model.model(ids, modes=linear, route=capture).last_hidden_state
     nll_linear = token_losses(model.lm_head(hidden), labels)
@@ -131,7 +140,7 @@ def train_router(
     model.eval()
     features, deltas = [], []
     for ids, labels in batches:
-        delta, feats = gains(model, ids, labels)
+        delta, feats = gains(model, ids, labels, seen=settings.seen_before)
         features.append(feats.cpu())
         deltas.append(delta.cpu())
     model.train(was_training)
@@ -140,8 +149,9 @@ def train_router(
     order = torch.randperm(len(flat_delta), generator=generator)
     held_out, fit = order[: len(order) // 10], order[len(order) // 10 :]
 
-    router = Router(RouterConfig(hidden_size=model.config.hidden_size, variant=model.config.variant,
-                                 width=settings.width, method="regression"))  # fmt: skip
+    config = RouterConfig(hidden_size=model.config.hidden_size, variant=model.config.variant, width=settings.width,
+                          method="regression", seen_before=settings.seen_before)  # fmt: skip
+    router = Router(config)
     router.feature_mean = flat_features[fit].mean(0)
     router.feature_std = flat_features[fit].std(0).clamp_min(1e-6)
     router.target_mean = flat_delta[fit].mean()
@@ -179,15 +189,17 @@ def _rows(features: list[torch.Tensor], n: int) -> list[torch.Tensor]:
 
 
 class SoftRoute:
-    """The straight-through routing decision of one training forward (see the module docstring)."""
+    """The straight-through routing decision of one training forward (see the module docstring); a seen-before
+    router needs the forward's `input_ids` [B, T]."""
 
-    def __init__(self, router: Router, budget: float) -> None:
-        self.router, self.budget = router, budget
+    def __init__(self, router: Router, budget: float, input_ids: torch.Tensor | None = None) -> None:
+        self.router, self.budget, self.input_ids = router, budget, input_ids
         self.probability: torch.Tensor | None = None
         self.features: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, o_linear: torch.Tensor, ctx: Any) -> None:
-        self.features = Router.features(x, o_linear).detach()
+        seen = seen_before(self.input_ids, ctx.pad_mask) if self.router.config.seen_before else None
+        self.features = Router.features(x, o_linear, seen).detach()
         scores = self.router.score_features(self.features)  # [B, T]
         real = torch.ones_like(scores, dtype=torch.bool) if ctx.pad_mask is None else ctx.pad_mask
         threshold = torch.quantile(scores.detach()[real].float(), 1.0 - self.budget)
@@ -214,10 +226,11 @@ def train_router_straight_through(
     torch.manual_seed(settings.seed)
     device = model.device
     router = Router(RouterConfig(hidden_size=model.config.hidden_size, variant=model.config.variant,
-                                 width=settings.width, method="straight-through")).to(device)  # fmt: skip
+                                 width=settings.width, method="straight-through",
+                                 seen_before=settings.seen_before)).to(device)  # fmt: skip
     with torch.no_grad():  # standardise the features by the first batch's
-        capture = FeatureCapture()
         ids = batches[0][0].to(device)
+        capture = FeatureCapture(ids if settings.seen_before else None)
         model.model(ids, modes=torch.full_like(ids, LINEAR), route=capture)
         flat = capture.features.flatten(0, 1)
         router.feature_mean, router.feature_std = flat.mean(0), flat.std(0).clamp_min(1e-6)
@@ -234,7 +247,7 @@ def train_router_straight_through(
     try:
         for step, (ids, labels) in zip(range(settings.steps), _cycle(batches), strict=False):
             ids, labels = ids.to(device), labels.to(device)
-            route = SoftRoute(router, settings.budget)
+            route = SoftRoute(router, settings.budget, ids)
             hidden = model.model(ids, route=route).last_hidden_state
             lm_loss = F.cross_entropy(
                 model.lm_head(hidden).flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX

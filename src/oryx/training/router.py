@@ -68,6 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", default=None, help="with --joint: the folder to save the model and router to")
     parser.add_argument("--seed", type=seed, default=0, help="seed of the router's init and minibatches")
+    parser.add_argument(
+        "--no-seen-before",
+        dest="seen_before",
+        action="store_false",
+        help="leave out the feature 'this token id occurred earlier in the row' (the routers before it; an ablation)",
+    )
     add_device_argument(parser)
     add_no_verify_argument(parser, "the checkpoint")
 
@@ -128,7 +134,8 @@ def train_checkpoint_router(args: argparse.Namespace, log: Callable[[str], None]
         raise UsageError(f"{folder} holds a {model.config.variant!r} baseline, which has one mode: nothing to route")
     straight = args.method == "straight-through"
     steps = args.steps or (200 if straight else 500)
-    settings = RouterTraining(steps=steps, lr=args.lr, budget=args.budget, joint=args.joint, seed=args.seed)
+    settings = RouterTraining(steps=steps, lr=args.lr, budget=args.budget, joint=args.joint, seed=args.seed,
+                              seen_before=args.seen_before)  # fmt: skip
     log(f"{folder}: training a {args.method} router on {sum(len(b[0]) for b in batches)} windows of up to {seq_len} "
         f"tokens of {train_data}")  # fmt: skip
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
