@@ -82,6 +82,7 @@ model.save_pretrained(sys.argv[2])
   done
   [ -d "$RUNS/models" ] && (cd "$RUNS" && tar -czf - models) | split -b 15M -d - "$OUT/models-$TAG.tar.gz.part"
 }
+finished() { grep -qs '"kind": "final"' "$RUNS/$1-${2:-$TAG}/metrics.jsonl"; }  # FAMILY [TAG]: its run ended
 # train_all STEPS TAG: every family at once, STEPS steps each, into $RUNS/<family>-<TAG>; fails if one does. The probe
 # (TAG probe) instead runs until PROBE_SECONDS stop all five at once.
 train_all() {
@@ -90,7 +91,7 @@ train_all() {
     # A probe starts afresh; a real run that stopped goes on from its last checkpoint, and a finished one is kept.
     again=(); limit=$(left); [ "$tag" = probe ] && again=(--overwrite) limit=$PROBE_SECONDS
     if [ "$tag" != probe ] && [ -d "$RUNS/$family-$tag/checkpoints" ]; then again=(--resume); fi
-    if [ "$tag" != probe ] && grep -qs '"kind": "final"' "$RUNS/$family-$tag/metrics.jsonl"; then continue; fi
+    if [ "$tag" != probe ] && finished "$family" "$tag"; then continue; fi
     timeout "$limit" "${ORYX[@]}" train --preset "$family-$SIZE" --steps "$steps" --batch-size "$BATCH" \
       --seq-len "$SEQ_LEN" --seed "$SEED" $(lr_of "$family") --device "$DEVICE" --eval-every "$eighth" \
       --save-every "$eighth" --keep-checkpoints 9 --no-report --no-progress \
@@ -160,7 +161,6 @@ echo "=== train: $STEPS steps, seed $SEED, runs <family>-$TAG $(date +%T)"
 # A run that failed (diverged at a high LR, or was cut by the wall time) is reported and left out of the evaluation;
 # the others are evaluated. Rerun the script with the same RUNS to resume a cut one.
 train_all "$STEPS" "$TAG" || echo "FAILED: a training run (its log above); the finished ones are evaluated"
-finished() { grep -qs '"kind": "final"' "$RUNS/$1-$TAG/metrics.jsonl"; }
 
 echo "=== evaluate $(date +%T)"
 # The switch positions (aligned to 128 and not) and multi-switch schedules of the CPU scale (benchmarks/lm_cpu.py),

@@ -18,15 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 from statistics import mean
 from typing import Any
 
-BASELINES = {"oryx-tg": ("transformer", "gdn"), "oryx-tm": ("transformer", "mamba2")}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lm_cpu import BASELINES, FAMILIES, PAPER_LR  # the CPU scale's families and recipe: one definition
+
 MODE_OF = {"transformer": "attn", "gdn": "linear", "mamba2": "linear"}
-FAMILIES = (*BASELINES, *MODE_OF)
 SEED_COLUMNS = ("val ppl", "test ppl", "ood ppl", "best val ppl", "best test ppl", "best ood ppl")
-PAPER_LR = {f: 6e-3 if f in BASELINES else 3e-3 for f in FAMILIES}  # 10x / 5x GPT-3's peak LR at these sizes
 LR_TAG = re.compile(r"lr(\d+(?:\.\d+)?(?:e-?\d+)?)-s0")
 
 

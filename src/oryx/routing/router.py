@@ -116,7 +116,7 @@ class Router(nn.Module):
         return torch.cat(parts, dim=-1)
 
     def score_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Scores [...] of raw features [..., 2D]."""
+        """Scores [...] of raw features [..., 2D (+ 1)] (`features`)."""
         head = self.net[0]
         features = features.to(device=head.weight.device, dtype=head.weight.dtype)
         standard = self.net((features - self.feature_mean) / self.feature_std).squeeze(-1)
